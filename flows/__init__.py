@@ -1,0 +1,1 @@
+"""dataengine Prefect flows and deployments."""

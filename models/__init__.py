@@ -1,0 +1,1 @@
+"""dataengine model builders (SAM, detector, VAE, U-Net) and checkpoint I/O."""

@@ -1,0 +1,1 @@
+"""dataengine: the library — storage, sharding, masks, annotation stages, training, latents."""

@@ -1,0 +1,65 @@
+"""Where dataengine meets Ray: connecting, and mapping per-shard work over the cluster.
+
+Stages are plain callables over one image shard; this module runs them as Ray tasks (or on an
+actor pool for model inference), retries failed units, and reports the ones that still fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to the cluster named by ``address`` / ``RAY_ADDRESS``, or start a local one.
+
+    Does nothing when Ray is already initialised (tests, ``ray job submit``).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind 127.0.0.1 locally
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    logger.info("ray: %s", ray.cluster_resources())
+
+
+def map_tasks(fn: Callable[..., dict[str, Any]], items: Iterable[Any], *,
+              num_cpus: float = 1.0, num_gpus: float = 0.0, retries: int = 2,
+              progress: Callable[[dict[str, Any]], None] | None = None,
+              **kwargs: Any) -> list[dict[str, Any]]:
+    """Run ``fn(item, **kwargs)`` as one Ray task per item; returns results in item order.
+
+    ``fn`` returns a status dict; an exception becomes ``{"item": item, "error": "..."}`` after
+    ``retries`` retries, so one bad unit never stops the others.
+    """
+    import ray
+
+    ensure_ray()
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=retries,
+                        retry_exceptions=True)(fn)
+    items = list(items)
+    refs = {remote.remote(item, **kwargs): i for i, item in enumerate(items)}
+    results: list[dict[str, Any] | None] = [None] * len(items)
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ref = done[0]
+        i = refs[ref]
+        try:
+            results[i] = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - failures are data
+            logger.error("work unit %r failed: %s", items[i], exc)
+            results[i] = {"item": items[i], "error": f"{type(exc).__name__}: {exc}"}
+        if progress is not None:
+            progress(results[i])  # type: ignore[arg-type]
+    return results  # type: ignore[return-value]

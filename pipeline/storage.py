@@ -1,0 +1,264 @@
+"""Storage over any fsspec URL: local paths, ``file://``, ``s3://``, ``memory://``.
+
+Every path is resolved once through :func:`fsspec.core.url_to_fs`; there is no per-cloud code.
+Writes are atomic (a reader never sees half a file): local files are written to a temporary
+name and renamed, remote objects are uploaded in a single PUT. Remote I/O is retried with
+exponential backoff and jitter on transient errors.
+
+S3 settings come from the standard AWS environment and config files (credentials, region,
+``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``); ``DATAENGINE_S3_ENDPOINT`` overrides the
+endpoint for S3-compatible stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, TypeVar
+
+import fsspec
+from braceexpand import braceexpand
+from fsspec.implementations.local import LocalFileSystem
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                  FileExistsError, ValueError, TypeError, KeyError)
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``: an S3 endpoint override from ``DATAENGINE_S3_ENDPOINT``."""
+    if url.startswith(("s3://", "s3a://")):
+        endpoint = os.environ.get("DATAENGINE_S3_ENDPOINT")
+        if endpoint:
+            return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
+def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Resolve ``url`` to ``(filesystem, path)``; local paths become absolute."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    """True when ``url`` names the local filesystem."""
+    return isinstance(get_fs(url)[0], LocalFileSystem)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL parts with ``/`` (also for local paths)."""
+    out = base.rstrip("/")
+    for p in parts:
+        p = str(p).strip("/")
+        if p:
+            out = f"{out}/{p}"
+    return out
+
+
+def expand(pattern: str) -> list[str]:
+    """Expand brace patterns (``shard-{000000..000099}.tar``) into a list of URLs."""
+    return list(braceexpand(pattern))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error is worth retrying (network, throttling, 5xx), not a user error."""
+    if isinstance(exc, _NOT_TRANSIENT):
+        return False
+    name = type(exc).__name__
+    if isinstance(exc, (ConnectionError, TimeoutError)) or name in {
+        "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+        "ServerDisconnectedError", "ClientOSError", "ResponseStreamingError",
+    }:
+        return True
+    text = str(exc)
+    return bool(re.search(r"\b(SlowDown|Throttl|RequestTimeout|InternalError|ServiceUnavailable|"
+                          r"50[0-4])\b", text)) or isinstance(exc, OSError)
+
+
+def retry(fn: Callable[[], T], *, what: str = "", attempts: int = 5, base: float = 0.2,
+          cap: float = 8.0) -> T:
+    """Call ``fn`` and retry transient failures with exponential backoff and full jitter."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if attempt == attempts or not is_transient(exc):
+                raise
+            delay = random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+            logger.warning("transient error on %s (attempt %d/%d): %s; retrying in %.2fs",
+                           what or "storage", attempt, attempts, type(exc).__name__, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def exists(url: str) -> bool:
+    """Whether a file or directory exists at ``url``."""
+    fs, path = get_fs(url)
+    return retry(lambda: fs.exists(path), what=url)
+
+
+def read_bytes(url: str) -> bytes:
+    """Read a whole file."""
+    fs, path = get_fs(url)
+    return retry(lambda: fs.cat_file(path), what=url)
+
+
+def read_json(url: str) -> Any:
+    """Read a JSON file."""
+    return json.loads(read_bytes(url))
+
+
+def listdir(url: str, pattern: str | None = None) -> list[str]:
+    """Sorted URLs of the entries directly under ``url`` (empty when it does not exist).
+
+    ``pattern`` is a regular expression matched against each entry's basename.
+    """
+    fs, path = get_fs(url)
+    try:
+        entries = retry(lambda: fs.ls(path, detail=False), what=url)
+    except FileNotFoundError:
+        return []
+    names = sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
+    if pattern is not None:
+        names = [n for n in names if re.fullmatch(pattern, n)]
+    return [join(url, n) for n in names]
+
+
+def makedirs(url: str) -> None:
+    """Create a directory (a no-op on object stores)."""
+    fs, path = get_fs(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def _local_atomic_path(path: str) -> str:
+    d, base = os.path.split(path)
+    return os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def write_bytes(url: str, data: bytes, *, overwrite: bool = True) -> None:
+    """Publish ``data`` at ``url`` atomically.
+
+    With ``overwrite=False`` an existing file is an error (append-only areas use this).
+    """
+    fs, path = get_fs(url)
+    if not overwrite and retry(lambda: fs.exists(path), what=url):
+        raise FileExistsError(f"{url} already exists and this area is append-only")
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = _local_atomic_path(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return
+    # Object stores: one PUT is atomic to readers.
+    retry(lambda: fs.pipe_file(path, data), what=url)
+
+
+def write_json(url: str, obj: Any, *, overwrite: bool = True) -> None:
+    """Publish ``obj`` as indented JSON atomically."""
+    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(),
+                overwrite=overwrite)
+
+
+def put_file(local_path: str, url: str) -> None:
+    """Publish a finished local file at ``url`` atomically (rename locally, one upload remotely)."""
+    fs, path = get_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = _local_atomic_path(path)
+        try:
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return
+    retry(lambda: fs.put_file(local_path, path), what=url)
+
+
+@contextlib.contextmanager
+def open_atomic(url: str) -> Iterator[BinaryIO]:
+    """Open ``url`` for writing; the file is published whole when the block exits cleanly.
+
+    The content is staged in a local temporary file, so large shards never sit in memory.
+    """
+    fd, tmp = tempfile.mkstemp(prefix="dataengine-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f  # type: ignore[misc]
+        put_file(tmp, url)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def open_read(url: str) -> BinaryIO:
+    """Open ``url`` for streaming reads."""
+    fs, path = get_fs(url)
+    return retry(lambda: fs.open(path, "rb"), what=url)
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    """Delete a file or tree if it exists (used for temporary areas only)."""
+    fs, path = get_fs(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=recursive)
+
+
+def check_writable(url: str) -> None:
+    """Fail at once with a clear message when ``url`` cannot be written."""
+    probe = join(url, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        makedirs(url)
+        write_bytes(probe, b"ok")
+        remove(probe)
+    except Exception as exc:
+        raise PermissionError(f"corpus root {url!r} is not writable: {exc}") from exc
+
+
+def read_table(url: str):  # -> pyarrow.Table
+    """Read a parquet file as a pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(read_bytes(url)))
+
+
+def write_table(url: str, table, *, overwrite: bool = True) -> None:
+    """Publish a pyarrow Table as parquet atomically."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(url, buf.getvalue(), overwrite=overwrite)
+
+
+def read_tables(urls: list[str]):  # -> pyarrow.Table
+    """Concatenate parquet files (schemas unified); an empty table when there are none."""
+    import pyarrow as pa
+
+    tables = [read_table(u) for u in urls]
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables, promote_options="permissive")
