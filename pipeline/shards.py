@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import webdataset as wds
-from webdataset import gopen as _gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline import storage
 
 logger = logging.getLogger(__name__)
+# ``webdataset.gopen`` is shadowed by the function of that name; take the module itself.
+_gopen = sys.modules["webdataset.gopen"]
 
 Sample = dict[str, Any]
 FSSPEC_SCHEMES = ("s3", "s3a", "memory", "file", "gcs", "abfs", "az")
