@@ -1,0 +1,346 @@
+"""SAM registry and checkpoint I/O, built from Meta's ``segment_anything`` classes.
+
+One registry of named configs (as ``segment_anything.build_sam``): the published ``vit_b``,
+``vit_l``, ``vit_h`` (1024 px, load Meta's official ``.pth`` checkpoints) and small configs
+``tiny`` (the 3.8M-parameter model of ``../shared/findings/``: ViT at 256 px, patch 16, embed 192,
+depth 6, 4 heads, window 8, global attention at 2 layers, 128-d prompt/decoder) and
+``tiny-test`` (128 px, for unit tests). Every config builds the real ``Sam`` /
+``ImageEncoderViT`` / ``PromptEncoder`` / ``MaskDecoder`` classes, so Meta's ``SamPredictor``
+and ``SamAutomaticMaskGenerator`` work on every model unchanged.
+
+Our own versions are saved as ``model.safetensors`` + ``config.json`` in a directory (any fsspec
+URL) and load back bit-exact; official ``.pth`` files load with ``torch.load(weights_only=True)``
+from a local path or S3. The device is chosen at run time (:func:`pick_device`); bf16 autocast
+only on CUDA (:func:`autocast`). :func:`export_onnx_decoder` exports the prompt encoder + mask
+decoder as Meta's ``scripts/export_onnx_model.py`` does (``SamOnnxModel``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
+                                       TwoWayTransformer)
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Architecture of one SAM model (every field maps onto a ``segment_anything`` argument)."""
+
+    name: str = "tiny"
+    image_size: int = 256
+    patch_size: int = 16
+    encoder_embed_dim: int = 192
+    encoder_depth: int = 6
+    encoder_num_heads: int = 4
+    encoder_global_attn_indexes: tuple[int, ...] = (2, 5)
+    window_size: int = 8
+    mlp_ratio: float = 4.0
+    prompt_embed_dim: int = 128   # = encoder out_chans = decoder transformer dim
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 512
+    decoder_num_heads: int = 8
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 128
+    num_multimask_outputs: int = 3
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encoder_global_attn_indexes",
+                           tuple(int(i) for i in self.encoder_global_attn_indexes))
+        object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
+        object.__setattr__(self, "pixel_std", tuple(float(v) for v in self.pixel_std))
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} must be a multiple of "
+                             f"patch_size={self.patch_size}")
+        if self.encoder_embed_dim % self.encoder_num_heads:
+            raise ValueError(f"encoder_embed_dim={self.encoder_embed_dim} must be divisible by "
+                             f"encoder_num_heads={self.encoder_num_heads}")
+        bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
+        if bad:
+            raise ValueError(f"encoder_global_attn_indexes={bad} outside depth "
+                             f"{self.encoder_depth}")
+        if (self.prompt_embed_dim // 2) % self.decoder_num_heads:
+            raise ValueError(f"prompt_embed_dim/2={self.prompt_embed_dim // 2} must be divisible "
+                             f"by decoder_num_heads={self.decoder_num_heads}")
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the image embedding grid (``image_size / patch_size``)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the low-res mask logits (``4 x embedding_size``)."""
+        return 4 * self.embedding_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("encoder_global_attn_indexes", "pixel_mean", "pixel_std"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamConfig:
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"SAM config: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        return cls(**data)
+
+
+def _published(name: str, dim: int, depth: int, heads: int, glob: tuple[int, ...]) -> SamConfig:
+    return SamConfig(name=name, image_size=1024, patch_size=16, encoder_embed_dim=dim,
+                     encoder_depth=depth, encoder_num_heads=heads,
+                     encoder_global_attn_indexes=glob, window_size=14, prompt_embed_dim=256,
+                     decoder_mlp_dim=2048, decoder_num_heads=8, iou_head_hidden_dim=256)
+
+
+SAM_CONFIGS: dict[str, SamConfig] = {
+    "vit_h": _published("vit_h", 1280, 32, 16, (7, 15, 23, 31)),
+    "vit_l": _published("vit_l", 1024, 24, 16, (5, 11, 17, 23)),
+    "vit_b": _published("vit_b", 768, 12, 12, (2, 5, 8, 11)),
+    "tiny": SamConfig(),
+    "tiny-test": SamConfig(name="tiny-test", image_size=128, encoder_embed_dim=64,
+                           encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
+                           window_size=4, prompt_embed_dim=64, decoder_mlp_dim=128,
+                           decoder_num_heads=4, iou_head_hidden_dim=64),
+}
+
+
+def get_config(config: str | SamConfig | dict[str, Any]) -> SamConfig:
+    """A registry name, a dict (e.g. a ``config.json``) or a config -> :class:`SamConfig`."""
+    if isinstance(config, SamConfig):
+        return config
+    if isinstance(config, dict):
+        return SamConfig.from_dict(config)
+    if config not in SAM_CONFIGS:
+        raise ValueError(f"SAM config {config!r} is unknown; allowed: {sorted(SAM_CONFIGS)}")
+    return SAM_CONFIGS[config]
+
+
+def config_of(model: Sam) -> SamConfig:
+    """The :class:`SamConfig` a model was built from (attribute set by :func:`build_sam`)."""
+    cfg = getattr(model, "sam_config", None)
+    if cfg is None:
+        raise ValueError("model was not built by models.sam.build_sam (no sam_config attribute)")
+    return cfg
+
+
+def build_sam(config: str | SamConfig | dict[str, Any] = "tiny", checkpoint: str | None = None,
+              *, seed: int | None = 0, device: str | torch.device | None = None) -> Sam:
+    """Build a SAM model in eval mode; random init (deterministic for ``seed``) or a checkpoint.
+
+    ``checkpoint`` is an official ``.pth`` state dict, a ``.safetensors`` file, or a directory
+    written by :func:`save_sam`; any local path or fsspec URL (``s3://...``).
+    """
+    cfg = get_config(config)
+    emb = cfg.embedding_size
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                depth=cfg.encoder_depth, embed_dim=cfg.encoder_embed_dim,
+                img_size=cfg.image_size, mlp_ratio=cfg.mlp_ratio,
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                num_heads=cfg.encoder_num_heads, patch_size=cfg.patch_size, qkv_bias=True,
+                use_rel_pos=True, global_attn_indexes=cfg.encoder_global_attn_indexes,
+                window_size=cfg.window_size, out_chans=cfg.prompt_embed_dim),
+            prompt_encoder=PromptEncoder(
+                embed_dim=cfg.prompt_embed_dim, image_embedding_size=(emb, emb),
+                input_image_size=(cfg.image_size, cfg.image_size),
+                mask_in_chans=cfg.mask_in_chans),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=cfg.num_multimask_outputs,
+                transformer=TwoWayTransformer(depth=cfg.decoder_depth,
+                                              embedding_dim=cfg.prompt_embed_dim,
+                                              mlp_dim=cfg.decoder_mlp_dim,
+                                              num_heads=cfg.decoder_num_heads),
+                transformer_dim=cfg.prompt_embed_dim, iou_head_depth=cfg.iou_head_depth,
+                iou_head_hidden_dim=cfg.iou_head_hidden_dim),
+            pixel_mean=list(cfg.pixel_mean), pixel_std=list(cfg.pixel_std),
+        )
+    sam.sam_config = cfg  # type: ignore[attr-defined]
+    sam.eval()
+    if checkpoint is not None:
+        load_weights(sam, checkpoint)
+    return sam.to(pick_device(device))
+
+
+# registry in segment_anything's style: sam_model_registry["vit_b"](checkpoint=...)
+sam_model_registry = {name: partial(build_sam, name) for name in SAM_CONFIGS}
+sam_model_registry["default"] = sam_model_registry["vit_h"]
+
+
+def read_state_dict(url: str) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint: ``.safetensors``, a :func:`save_sam` directory, or a torch
+    ``.pth`` state dict (``torch.load(weights_only=True)``; never unpickles code)."""
+    from safetensors.torch import load as st_load
+
+    from pipeline import storage
+
+    if storage.exists(storage.join(url, WEIGHTS_FILE)):
+        url = storage.join(url, WEIGHTS_FILE)
+    if not storage.exists(url):
+        raise FileNotFoundError(f"SAM checkpoint {url!r} does not exist")
+    data = storage.read_bytes(url)
+    if url.endswith(".safetensors"):
+        return st_load(data)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"SAM checkpoint {url!r} is not a weights-only torch state dict: "
+                         f"{exc}") from exc
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"SAM checkpoint {url!r} does not hold a state dict")
+    return state
+
+
+def load_weights(model: Sam, checkpoint: str) -> Sam:
+    """Load a checkpoint into ``model`` (strict: every key must match, with a clear error)."""
+    state = read_state_dict(checkpoint)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"SAM checkpoint {checkpoint!r} does not fit config "
+                         f"{config_of(model).name!r}: {str(exc)[:500]}") from exc
+    return model
+
+
+def save_sam(model: Sam, url: str, *, extra: dict[str, Any] | None = None) -> None:
+    """Write ``model.safetensors`` + ``config.json`` (``{"sam": config, **extra}``) under ``url``.
+
+    Weights are written first, the config last; both atomically.
+    """
+    from safetensors.torch import save as st_save
+
+    from pipeline import storage
+
+    cfg = config_of(model)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    storage.write_bytes(storage.join(url, WEIGHTS_FILE), st_save(state))
+    storage.write_json(storage.join(url, CONFIG_FILE), {"sam": cfg.to_dict(), **(extra or {})})
+
+
+def load_sam(url: str, device: str | torch.device | None = None) -> Sam:
+    """Load a model written by :func:`save_sam` (bit-exact weights), in eval mode."""
+    from pipeline import storage
+
+    cfg_url = storage.join(url, CONFIG_FILE)
+    if not storage.exists(cfg_url):
+        raise FileNotFoundError(f"{url!r} has no {CONFIG_FILE}: not a saved SAM model")
+    meta = storage.read_json(cfg_url)
+    if "sam" not in meta:
+        raise ValueError(f"{cfg_url} has no 'sam' section")
+    model = build_sam(meta["sam"], seed=None, device="cpu")
+    load_weights(model, storage.join(url, WEIGHTS_FILE))
+    return model.to(pick_device(device))
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` when given, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's parameters."""
+    return next(model.parameters()).device
+
+
+def autocast(device: str | torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU inference stays fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx_decoder` wrote: the path and the input shapes it expects."""
+
+    path: str
+    embed_dim: int
+    embed_size: int
+    mask_input_size: int
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+
+
+def export_onnx_decoder(model: Sam, path: str, *, opset: int = 17,
+                        return_single_mask: bool = True, use_stability_score: bool = False,
+                        return_extra_metrics: bool = False) -> OnnxExport:
+    """Export prompt encoder + mask decoder to ONNX (a local file) like Meta's export script.
+
+    Inputs: ``image_embeddings`` 1xCxSxS float32, ``point_coords`` 1xNx2 (input-frame xy,
+    N dynamic), ``point_labels`` 1xN, ``mask_input`` 1x1x4Sx4S, ``has_mask_input`` (1,),
+    ``orig_im_size`` (2,) float32 [H, W]. Outputs ``masks`` (logits at the original size),
+    ``iou_predictions``, ``low_res_masks``.
+    """
+    import warnings
+
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    cfg = config_of(model)
+    cpu_model = build_sam(cfg, seed=None, device="cpu")
+    cpu_model.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    onnx_model = SamOnnxModel(cpu_model, return_single_mask=return_single_mask,
+                              use_stability_score=use_stability_score,
+                              return_extra_metrics=return_extra_metrics)
+    s, c, m = cfg.embedding_size, cfg.prompt_embed_dim, cfg.low_res_size
+    dummy = {
+        "image_embeddings": torch.randn(1, c, s, s, dtype=torch.float),
+        "point_coords": torch.randint(0, cfg.image_size, (1, 5, 2), dtype=torch.float),
+        "point_labels": torch.randint(0, 4, (1, 5), dtype=torch.float),
+        "mask_input": torch.randn(1, 1, m, m, dtype=torch.float),
+        "has_mask_input": torch.tensor([1], dtype=torch.float),
+        "orig_im_size": torch.tensor([480, 640], dtype=torch.float),
+    }
+    output_names = ["masks", "iou_predictions", "low_res_masks"]
+    dynamic_axes = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        torch.onnx.export(onnx_model, tuple(dummy.values()), path, export_params=True,
+                          verbose=False, opset_version=opset, do_constant_folding=True,
+                          input_names=list(dummy), output_names=output_names,
+                          dynamic_axes=dynamic_axes, dynamo=False)
+    logger.info("exported SAM decoder (%s) to %s", cfg.name, path)
+    return OnnxExport(path=path, embed_dim=c, embed_size=s, mask_input_size=m,
+                      input_names=list(dummy), output_names=output_names)
+
+
+def model_info(model: Sam) -> dict[str, Any]:
+    """A small JSON-safe summary (config name, parameters, device)."""
+    return {"config": config_of(model).name, "parameters": count_parameters(model),
+            "device": str(model_device(model))}
+
+
+def dumps_config(model: Sam) -> str:
+    """The model's config as a JSON string."""
+    return json.dumps(config_of(model).to_dict(), sort_keys=True)
