@@ -120,6 +120,50 @@ def ray_session(ray_cluster):
     return ray_cluster
 
 
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """ONE real ``prefect server start`` on 127.0.0.1 for the session (SQLite in a temp
+    PREFECT_HOME, scheduler every 2 s); yields ``{"url": API URL, "env": env for clients}``."""
+    import subprocess
+    import time
+
+    import httpx
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+           "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "wb")  # noqa: SIM115 - closed in teardown
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
+                             "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            log.close()
+            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    client_env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": url,
+                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    yield {"url": url, "env": client_env, "home": str(home)}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -1,0 +1,100 @@
+"""Flow ``pipeline``: every stage in order from one YAML config.
+
+The YAML has a ``pipeline`` section (this module's :class:`PipelineConfig`: steps, sources, Ray)
+and one section per stage (``shard``, ``annotate``, ``train_sam``, ``engine``, ``train_vae``,
+``latents``, ``train_ldm``, ``sample``), each mapping to that stage's config dataclass through
+``pipeline.config.load_config(section=...)``. Overrides are ``section.key=value``.
+
+A step whose stage is not part of this checkout is skipped with a warning (and listed in the
+result), so the flow runs what exists. A re-run skips finished work: the stages resume from their
+own done records; training steps keep an existing version unless ``retrain: true``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows import stages, state
+from flows.annotate import annotate_flow
+from flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray,
+                          publish, run_logger)
+from flows.engine import engine_flow
+from flows.latents import latents_flow
+from flows.shard import shard_flow
+from flows.settings import PipelineConfig, load_pipeline_config, split_overrides
+from flows.tasks import corpus_state_task, run_stage_task
+from flows.train_ldm import train_ldm_flow
+from flows.train_sam import train_sam_flow
+from flows.train_vae import train_vae_flow
+
+logger = logging.getLogger(__name__)
+
+
+@flow(name="pipeline", **FLOW_OPTIONS)
+def pipeline_flow(config: str | None = None, root: str | None = None, data: str | None = None,
+                  overrides: list[str] | None = None,
+                  steps: list[str] | None = None) -> dict[str, Any]:
+    """Run the configured steps on ``root``; returns what ran, what was skipped, and the state."""
+    bridge_logging()
+    log = run_logger()
+    cfg = load_pipeline_config(config, overrides, root)
+    if steps is not None:
+        cfg = PipelineConfig(**{**cfg.__dict__, "steps": list(steps)})
+    per = split_overrides(overrides)
+    root_url = cfg.root
+    apply_aws_credentials()
+    connect_ray(cfg.ray_address, num_cpus=cfg.ray_num_cpus)
+    ran: list[str] = []
+    missing: list[str] = []
+    results: dict[str, Any] = {}
+    for step in cfg.steps:
+        needed = ["annotate", "train_sam"] if step == "annotate" else [step]
+        absent = [s for s in needed if not stages.available(s)]
+        if step == "annotate" and "train_sam" in absent and stages.available("annotate"):
+            absent = []  # rounds without retraining still make sense
+        if absent:
+            log.warning("step %s skipped: stage(s) %s not built in this checkout", step, absent)
+            missing.append(step)
+            continue
+        o = per.get(step)
+        if step == "shard":
+            sources = [s.replace("{data}", str(data or "")) for s in cfg.sources]
+            if any("{data}" in s for s in cfg.sources) and not data:
+                raise ValueError("pipeline.sources use {data} but the flow got no data parameter")
+            results[step] = shard_flow(root_url, sources, config, o, cfg.ray_address)
+        elif step == "annotate":
+            results[step] = []
+            for i, stage_name in enumerate(cfg.rounds, start=1):
+                r = annotate_flow(root_url, config, per.get("annotate"), stage=stage_name,
+                                  round=i, ray_address=cfg.ray_address)
+                t = (train_sam_flow(root_url, config, per.get("train_sam"),
+                                    skip_if_current=not cfg.retrain, ray_address=cfg.ray_address)
+                     if stages.available("train_sam") else None)
+                results[step].append({"round": r, "train_sam": t})
+        elif step == "train_sam":
+            results[step] = train_sam_flow(root_url, config, o, skip_if_current=not cfg.retrain,
+                                           ray_address=cfg.ray_address)
+        elif step == "engine":
+            results[step] = engine_flow(root_url, config, o, cfg.ray_address)
+        elif step == "train_vae":
+            results[step] = train_vae_flow(root_url, config, o, skip_if_exists=not cfg.retrain,
+                                           ray_address=cfg.ray_address)
+        elif step == "latents":
+            results[step] = latents_flow(root_url, config, o, ray_address=cfg.ray_address)
+        elif step == "train_ldm":
+            results[step] = train_ldm_flow(root_url, config, o, skip_if_exists=not cfg.retrain,
+                                           ray_address=cfg.ray_address)
+        elif step == "sample":
+            ldm = state.latest_version(root_url, "ldm")
+            results[step] = run_stage_task("sample", root_url, config, o,
+                                           {"model": ldm, "version": ldm, "ldm": ldm})
+        ran.append(step)
+    final = corpus_state_task(root_url)
+    rows = [{"step": s, "status": "ran" if s in ran else "not built"} for s in cfg.steps]
+    publish("pipeline", "Pipeline run", rows=rows,
+            links={"corpus": root_url if "://" in root_url else str(Path(root_url).resolve())})
+    return {"root": root_url, "ran": ran, "missing": missing, "results": results, "state": final}

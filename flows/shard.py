@@ -1,0 +1,35 @@
+"""Flow ``shard``: raw images -> WebDataset image shards, index and splits (+ round 0 imports).
+
+A re-run skips the shards that already have a done record (the stage's own resume unit).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.common import FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray, publish
+from flows.settings import load_pipeline_config
+from flows.tasks import corpus_state_task, run_stage_task
+
+
+@flow(name="shard", **FLOW_OPTIONS)
+def shard_flow(root: str | None = None, sources: list[str] | None = None,
+               config: str | None = None, overrides: list[str] | None = None,
+               ray_address: str | None = None) -> dict[str, Any]:
+    """Shard ``sources`` into corpus ``root`` (defaults: the config's ``pipeline`` section)."""
+    bridge_logging()
+    settings = load_pipeline_config(config)
+    root = root or settings.root
+    sources = list(sources) if sources else list(settings.sources)
+    if not sources:
+        raise ValueError("shard: no sources given (parameter `sources` or pipeline.sources)")
+    apply_aws_credentials()
+    connect_ray(ray_address)
+    summary = run_stage_task("shard", root, config, overrides, {"sources": list(sources)})
+    done = corpus_state_task(root)
+    publish("shard", "Sharding", metrics=summary if isinstance(summary, dict) else {"result": summary},
+            links={"images": f"{done['root']}/images", "index": f"{done['root']}/images/index.parquet",
+                   "quarantine": f"{done['root']}/quarantine"})
+    return {"summary": summary, "image_shards": len(done["image_shards"])}

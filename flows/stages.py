@@ -1,0 +1,143 @@
+"""The stages as flows and jobs see them: which pipeline function runs each, with which config.
+
+No Prefect here: :func:`run_stage` builds a stage's config dataclass from a YAML section
+(``pipeline.config.load_config(section=...)``) plus ``key=value`` overrides and calls the stage's
+pipeline function directly. Flows wrap it in tasks; ``python -m flows.jobs`` calls it under
+``ray job submit``. A stage whose module has not been installed is reported as unavailable
+(:func:`available`) instead of failing at import time, so the pipeline runs what exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import load_config
+from pipeline.layout import Corpus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Where a stage lives: module, config dataclass, entry function, YAML section."""
+
+    name: str
+    module: str
+    config_class: str
+    function: str
+    section: str
+    doc: str = ""
+
+
+#: Every stage the flows know, in pipeline order.
+STAGES: dict[str, StageSpec] = {s.name: s for s in [
+    StageSpec("shard", "pipeline.shard", "ShardConfig", "run_shard", "shard",
+              "raw images -> WebDataset image shards + index + splits (+ round 0 imports)"),
+    StageSpec("annotate", "pipeline.annotate", "AnnotateConfig", "run_round", "annotate",
+              "one annotation round (manual | semi | auto) with SAM in the loop"),
+    StageSpec("train_sam", "pipeline.train_sam", "TrainSamConfig", "train_sam", "train_sam",
+              "retrain SAM on the accepted rounds (Ray Train)"),
+    StageSpec("eval_sam", "pipeline.eval_sam", "EvalSamConfig", "evaluate", "eval_sam",
+              "held-out interactive and automatic metrics of a SAM version"),
+    StageSpec("engine", "pipeline.engine", "EngineConfig", "run_engine", "engine",
+              "the data engine: rounds and retraining in order, with a promotion gate"),
+    StageSpec("train_vae", "pipeline.train_vae", "TrainVaeConfig", "train_vae", "train_vae",
+              "first-stage KL autoencoder (Ray Train)"),
+    StageSpec("latents", "pipeline.latents", "LatentsConfig", "compute_latents", "latents",
+              "precompute latent shards with the VAE on a Ray actor pool"),
+    StageSpec("train_ldm", "pipeline.train_ldm", "TrainLdmConfig", "train_ldm", "train_ldm",
+              "latent diffusion U-Net, multi-node (Ray Train)"),
+    StageSpec("sample", "pipeline.sample", "SampleConfig", "sample", "sample",
+              "sample grids from an LDM version"),
+]}
+
+
+def spec(name: str) -> StageSpec:
+    """The spec of stage ``name``; ValueError naming the known stages otherwise."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise ValueError(f"stage {name!r} is not one of {sorted(STAGES)}") from None
+
+
+def _module(name: str):
+    s = spec(name)
+    return importlib.import_module(s.module)
+
+
+def available(name: str) -> bool:
+    """True when stage ``name``'s module, config class and entry function exist."""
+    s = spec(name)
+    try:
+        if importlib.util.find_spec(s.module) is None:
+            return False
+        mod = importlib.import_module(s.module)
+    except Exception as exc:  # noqa: BLE001 - a half-written module is "not available"
+        logger.warning("stage %s: module %s does not import: %s", name, s.module, exc)
+        return False
+    return hasattr(mod, s.config_class) and callable(getattr(mod, s.function, None))
+
+
+def available_stages() -> list[str]:
+    """Names of the stages that exist in this checkout, in pipeline order."""
+    return [n for n in STAGES if available(n)]
+
+
+def config_class(name: str) -> type:
+    """The config dataclass of stage ``name``."""
+    return getattr(_module(name), spec(name).config_class)
+
+
+def build_config(name: str, config_path: str | None = None, overrides: list[str] | None = None,
+                 values: dict[str, Any] | None = None) -> Any:
+    """Stage ``name``'s config: defaults <- YAML section <- ``overrides`` <- ``values``."""
+    cls = config_class(name)
+    explicit = {k: v for k, v in (values or {}).items()
+                if k in {f.name for f in dataclasses.fields(cls)}}
+    return load_config(cls, config_path, overrides, section=spec(name).section, **explicit)
+
+
+def _bind(fn: Any, root: str, cfg: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for ``fn`` by parameter name (root/corpus, config, then ``extra``)."""
+    kwargs: dict[str, Any] = {}
+    for pname, p in inspect.signature(fn).parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if pname in ("root", "root_url"):
+            kwargs[pname] = root
+        elif pname == "corpus":
+            kwargs[pname] = Corpus(root)
+        elif pname in ("config", "cfg") or (isinstance(p.annotation, str)
+                                           and p.annotation == type(cfg).__name__):
+            kwargs[pname] = cfg
+        elif pname in extra:
+            kwargs[pname] = extra[pname]
+        elif p.default is p.empty:
+            raise ValueError(f"stage function {fn.__qualname__} needs {pname!r}, which the "
+                             f"flow does not provide")
+    return kwargs
+
+
+def run_stage(name: str, root: str, config_path: str | None = None,
+              overrides: list[str] | None = None, **extra: Any) -> Any:
+    """Run stage ``name`` on corpus ``root`` with its config; returns the stage's result.
+
+    ``extra`` holds values for the entry function's other parameters (e.g. ``sources``) and for
+    config fields (a config field named in ``extra`` overrides the YAML).
+    """
+    s = spec(name)
+    cfg = build_config(name, config_path, overrides, extra)
+    fn = getattr(_module(name), s.function)
+    logger.info("stage %s: %s(%s)", name, s.function, cfg)
+    return call_with(fn, root, cfg, extra)
+
+
+def call_with(fn: Any, root: str, cfg: Any, extra: dict[str, Any] | None = None) -> Any:
+    """Call a pipeline function with the corpus, the config and ``extra``, bound by name."""
+    return fn(**_bind(fn, root, cfg, extra or {}))
