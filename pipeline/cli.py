@@ -38,6 +38,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 COMMAND_MODULES = [
     "pipeline.commands.corpus",
     "pipeline.commands.flows",
+    "pipeline.commands.dashboard",
 ]
 
 

@@ -1,0 +1,1 @@
+// annotation page (issue 9) is filled in below
