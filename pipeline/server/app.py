@@ -98,6 +98,7 @@ def create_app(root: str, config: ServerConfig | None = None) -> FastAPI:
     os.makedirs(cache_dir, exist_ok=True)
     view = CorpusView(corpus, refresh_seconds=cfg.refresh_seconds)
     renderer = Renderer(corpus, cache_dir)
+    view.refresh(force=True)  # load index, manifests and decisions before the first request
     tokens = auth.TokenStore(corpus)
     bound_loopback = auth.is_loopback(cfg.host)
 

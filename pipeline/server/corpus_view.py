@@ -391,9 +391,12 @@ class CorpusView:
                 started = info.get("started") or {}
                 masks = r["mask_id_count"]
                 imgs = metrics.get("images") or r["key_count_distinct"]
-                clicked = masks - (r["prefilled_sum"] or 0)
+                stage = started.get("stage") or metrics.get("stage")
+                # clicks and seconds only mean something where people (or the simulated
+                # annotator) clicked: manual and semi rounds, pre-filled masks excluded
+                clicked = masks - (r["prefilled_sum"] or 0) if stage in ("manual", "semi") else 0
                 per_round.append({
-                    "round": n, "stage": started.get("stage") or metrics.get("stage"),
+                    "round": n, "stage": stage,
                     "model_version": started.get("model_version") or metrics.get("model_version"),
                     "complete": "metrics" in info, "images": imgs, "masks": masks,
                     "masks_per_image": masks / imgs if imgs else None,

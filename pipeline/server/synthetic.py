@@ -44,22 +44,27 @@ def generated_jpeg(i: int, width: int = 640, height: int = 480) -> bytes:
     return buf.getvalue()
 
 
-def ellipse_masks(rng: np.random.Generator, n: int, height: int, width: int) -> list[np.ndarray]:
-    """``n`` random ellipse masks (HxW bool)."""
-    out = []
-    yy, xx = np.mgrid[0:height, 0:width]
-    for _ in range(n):
+def ellipse_masks(rng: np.random.Generator, n: int, height: int, width: int) -> np.ndarray:
+    """``n`` random ellipse masks as one HxWxN uint8 Fortran-ordered array (pycocotools')."""
+    out = np.zeros((height, width, n), np.uint8, order="F")
+    for i in range(n):
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
         ax, ay = rng.uniform(4, width / 5), rng.uniform(4, height / 5)
         x0, x1 = int(max(0, cx - ax)), int(min(width, cx + ax + 1))
         y0, y1 = int(max(0, cy - ay)), int(min(height, cy + ay + 1))
-        m = np.zeros((height, width), bool)
-        sub = ((xx[y0:y1, x0:x1] - cx) / ax) ** 2 + ((yy[y0:y1, x0:x1] - cy) / ay) ** 2 <= 1
-        m[y0:y1, x0:x1] = sub
-        if not m.any():
-            m[int(min(cy, height - 1)), int(min(cx, width - 1))] = True
-        out.append(m)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        out[y0:y1, x0:x1, i] = ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 <= 1
+        if not out[:, :, i].any():
+            out[min(int(cy), height - 1), min(int(cx), width - 1), i] = 1
     return out
+
+
+def _encode_all(ms: np.ndarray) -> list[dict]:
+    from pycocotools import mask as mask_utils
+
+    rles = mask_utils.encode(ms)
+    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode()}
+            for r in rles]
 
 
 def _yolo_masks(label: Path, height: int, width: int) -> list[tuple[int, dict]]:
@@ -115,8 +120,9 @@ def build_corpus(root: str, *, images: Sequence[Path] | None = None, n_generated
                 imported.setdefault(shard, []).append({"image": image, "annotations": anns})
             if masks_per_image:
                 anns = []
-                for a, m in enumerate(ellipse_masks(rng, masks_per_image, h, w), start=1):
-                    anns.append(_ann(a, masklib.encode(m), auto_round, "auto", "v0001",
+                for a, rle in enumerate(_encode_all(ellipse_masks(rng, masks_per_image, h, w)),
+                                        start=1):
+                    anns.append(_ann(a, rle, auto_round, "auto", "v0001",
                                      predicted_iou=float(rng.uniform(0.5, 1.0)),
                                      stability_score=float(rng.uniform(0.6, 1.0))))
                 auto.setdefault(shard, []).append({"image": image, "annotations": anns})

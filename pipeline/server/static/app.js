@@ -5,6 +5,7 @@ const $ = (sel, el = document) => el.querySelector(sel);
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const fmt = (v, d = 3) => v === null || v === undefined ? "–" : (typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(d)) : esc(v));
 const main = () => $("#main");
+const PAST = {approve: "approved", reject: "rejected"};
 
 async function api(path, opts = {}) {
   const init = {credentials: "same-origin", ...opts};
@@ -165,7 +166,7 @@ async function pageBrowse(params) {
       tile.className = "tile " + st;
       tile.querySelector(".meta span").className = "state-" + st;
       tile.querySelector(".meta span").textContent = st;
-      toast(`${b.dataset.act}d ${tile.dataset.mask}`);
+      toast(`${PAST[b.dataset.act]} ${tile.dataset.mask}`);
     } catch (e) { toast(e.message, true); }
   });
 }
@@ -187,13 +188,13 @@ async function pageSample(key, params) {
   <div class="sample">
     <div class="stage"><canvas id="cv" width="${W}" height="${H}"></canvas><div id="detail" class="muted">Hover a mask to highlight it; click to pin and see its clicks.</div></div>
     <div class="side">
-      <p>Image: ${dec ? `<span class="state-${dec.decision}d">${dec.decision}d</span> by ${esc(dec.who)} ${dec.reason ? "(" + esc(dec.reason) + ")" : ""}` : `<span class="muted">no image decision</span>`}</p>
+      <p>Image: ${dec ? `<span class="state-${PAST[dec.decision]}">${PAST[dec.decision]}</span> by ${esc(dec.who)} ${dec.reason ? "(" + esc(dec.reason) + ")" : ""}` : `<span class="muted">no image decision</span>`}</p>
       <p><label>Reason <input type="text" id="reason" size="30" placeholder="why (optional)"></label>
       <button class="ok" id="img-approve">Approve image</button> <button class="no" id="img-reject">Reject image</button></p>
       <p><button id="show-all">show all</button> <button id="hide-all">hide all</button> <button id="hide-rej">hide rejected</button> <span class="muted">${masks.length} masks</span></p>
-      <table class="masklist"><tr><th></th><th></th><th>mask</th><th>round</th><th>stage</th><th>model</th><th>annot.</th><th>IoU</th><th>stab</th><th>area</th><th>clicks</th><th>state</th><th></th></tr>
+      <table class="masklist"><tr><th></th><th></th><th>mask</th><th>round</th><th>stage</th><th>model</th><th>IoU</th><th>stab</th><th>area</th><th>clicks</th><th>state</th><th></th></tr>
       ${masks.map((m, i) => `<tr data-i="${i}" id="row-${i}"><td><input type="checkbox" data-vis="${i}" ${m.visible ? "checked" : ""}></td><td><span class="swatch" style="background:rgb(${m.rgb})"></span></td>
-      <td>${esc(m.mask_id.split("/").pop())}</td><td>${m.round}</td><td>${esc(m.stage)}</td><td>${esc(m.model_version)}</td><td>${esc(m.annotator)}</td><td>${fmt(m.predicted_iou, 2)}</td><td>${fmt(m.stability_score, 2)}</td><td>${m.area}</td><td>${m.n_clicks}</td>
+      <td>${esc(m.mask_id.split("/").pop())}</td><td>${m.round}</td><td>${esc(m.stage)}</td><td>${esc(m.model_version)}</td><td>${fmt(m.predicted_iou, 2)}</td><td>${fmt(m.stability_score, 2)}</td><td>${m.area}</td><td>${m.n_clicks}</td>
       <td class="state-${m.state}" id="st-${i}" title="${m.decision ? esc(m.decision.who + ": " + m.decision.reason) : ""}">${m.state}</td>
       <td><button class="ok" data-dec="approve" data-i="${i}">✓</button><button class="no" data-dec="reject" data-i="${i}">✗</button></td></tr>`).join("")}
       </table>
@@ -261,7 +262,7 @@ async function pageSample(key, params) {
         const r = await api("/api/decisions", {body: {decisions: [{target_type: "mask", target: m.mask_id, decision: b.dataset.dec, reason: $("#reason").value}]}});
         m.state = r.states[m.mask_id];
         const td = $(`#st-${b.dataset.i}`); td.textContent = m.state; td.className = "state-" + m.state;
-        toast(`${b.dataset.dec}d mask ${m.mask_id}`);
+        toast(`${PAST[b.dataset.dec]} mask ${m.mask_id}`);
       } catch (e) { toast(e.message, true); }
       return;
     }
@@ -276,7 +277,7 @@ async function pageSample(key, params) {
     $(`#img-${d}`).onclick = async () => {
       try {
         await api("/api/decisions", {body: {decisions: [{target_type: "image", target: key, decision: d, reason: $("#reason").value}]}});
-        toast(`${d}d image ${key}`);
+        toast(`${PAST[d]} image ${key}`);
         route();
       } catch (e) { toast(e.message, true); }
     };
