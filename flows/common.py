@@ -1,8 +1,8 @@
 """What every dataengine flow shares: task options, the logging bridge, Ray, artifacts, S3 credentials.
 
-- Tasks persist their results as JSON (``result_serializer="json"``), never pickle, and use
-  ``NO_CACHE``: whether work is done is decided by the stages' own done records in storage, not by
-  a Prefect cache that could drift from storage.
+- Tasks persist their results as JSON (``result_serializer="json"``), never pickle, under a key
+  unique to the task run: no run reuses another's result. Whether work is done is decided by the
+  stages' own done records in storage, not by a Prefect cache that could drift from storage.
 - ``pipeline``/``models``/``flows`` log through ``logging``; :func:`bridge_logging` forwards those
   records to Prefect's run logger while a flow or task runs, so they show in the Prefect UI.
 - :func:`connect_ray` joins the cluster named by ``RAY_ADDRESS`` (or starts a local Ray) with a
@@ -23,20 +23,25 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "models", "flows")
 
-#: Options for every task: retries with a delay, JSON results, no input cache.
+def run_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Result key of a task run: its own id, so a result is stored but never reused by another run
+    (whether work is done is the stages' done records' business, not a cache's)."""
+    return f"dataengine-task-{context.task_run.id}"
+
+
+#: Options for every task: retries with a delay, JSON results keyed by task run (no input cache).
 TASK_OPTIONS: dict[str, Any] = {
     "retries": 2,
     "retry_delay_seconds": [5, 20],
     "persist_result": True,
     "result_serializer": "json",
-    "cache_policy": NO_CACHE,
+    "cache_key_fn": run_key,
 }
 
 #: Options for every flow: JSON results, and the flow's parameters validated by Prefect.

@@ -62,10 +62,7 @@ def pipeline_flow(config: str | None = None, root: str | None = None, data: str 
             continue
         o = per.get(step)
         if step == "shard":
-            sources = [s.replace("{data}", str(data or "")) for s in cfg.sources]
-            if any("{data}" in s for s in cfg.sources) and not data:
-                raise ValueError("pipeline.sources use {data} but the flow got no data parameter")
-            results[step] = shard_flow(root_url, sources, config, o, cfg.ray_address)
+            results[step] = shard_flow(root_url, cfg.sources, config, o, cfg.ray_address, data)
         elif step == "annotate":
             results[step] = []
             for i, stage_name in enumerate(cfg.rounds, start=1):

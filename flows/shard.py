@@ -11,23 +11,30 @@ from prefect import flow
 
 from flows.common import FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray, publish
 from flows.settings import load_pipeline_config
+from flows.stages import substitute
 from flows.tasks import corpus_state_task, run_stage_task
 
 
 @flow(name="shard", **FLOW_OPTIONS)
 def shard_flow(root: str | None = None, sources: list[str] | None = None,
                config: str | None = None, overrides: list[str] | None = None,
-               ray_address: str | None = None) -> dict[str, Any]:
-    """Shard ``sources`` into corpus ``root`` (defaults: the config's ``pipeline`` section)."""
+               ray_address: str | None = None, data: str | None = None) -> dict[str, Any]:
+    """Shard ``sources`` into corpus ``root`` (defaults: the config's ``pipeline`` section).
+
+    ``data`` replaces ``{data}`` in the sources and in the shard config's paths.
+    """
     bridge_logging()
     settings = load_pipeline_config(config)
     root = root or settings.root
-    sources = list(sources) if sources else list(settings.sources)
+    variables = {"data": data} if data else None
+    sources = substitute(list(sources) if sources else list(settings.sources), variables)
+    if any("{data}" in s for s in sources):
+        raise ValueError(f"shard: sources {sources} use {{data}} but no `data` was given")
     if not sources:
         raise ValueError("shard: no sources given (parameter `sources` or pipeline.sources)")
     apply_aws_credentials()
     connect_ray(ray_address)
-    summary = run_stage_task("shard", root, config, overrides, {"sources": list(sources)})
+    summary = run_stage_task("shard", root, config, overrides, {"sources": sources}, variables)
     done = corpus_state_task(root)
     publish("shard", "Sharding", metrics=summary if isinstance(summary, dict) else {"result": summary},
             links={"images": f"{done['root']}/images", "index": f"{done['root']}/images/index.parquet",

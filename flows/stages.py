@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import load_config
+from pipeline.config import from_dict, load_config, to_dict
 from pipeline.layout import Corpus
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class StageSpec:
 
 #: Every stage the flows know, in pipeline order.
 STAGES: dict[str, StageSpec] = {s.name: s for s in [
-    StageSpec("shard", "pipeline.shard", "ShardConfig", "run_shard", "shard",
+    StageSpec("shard", "pipeline.shard", "ShardConfig", "shard", "shard",
               "raw images -> WebDataset image shards + index + splits (+ round 0 imports)"),
     StageSpec("annotate", "pipeline.annotate", "AnnotateConfig", "run_round", "annotate",
               "one annotation round (manual | semi | auto) with SAM in the loop"),
@@ -94,13 +94,36 @@ def config_class(name: str) -> type:
     return getattr(_module(name), spec(name).config_class)
 
 
+def substitute(value: Any, variables: dict[str, str] | None) -> Any:
+    """``{name}`` in every string of ``value`` replaced by ``variables[name]`` (recursively)."""
+    if not variables:
+        return value
+    if isinstance(value, str):
+        for k, v in variables.items():
+            if v is not None:
+                value = value.replace("{" + k + "}", str(v))
+        return value
+    if isinstance(value, dict):
+        return {k: substitute(v, variables) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [substitute(v, variables) for v in value]
+    return value
+
+
 def build_config(name: str, config_path: str | None = None, overrides: list[str] | None = None,
-                 values: dict[str, Any] | None = None) -> Any:
-    """Stage ``name``'s config: defaults <- YAML section <- ``overrides`` <- ``values``."""
+                 values: dict[str, Any] | None = None,
+                 variables: dict[str, str] | None = None) -> Any:
+    """Stage ``name``'s config: defaults <- YAML section <- ``overrides`` <- ``values``.
+
+    ``variables`` fill ``{name}`` placeholders in string fields (e.g. ``{data}`` in paths).
+    """
     cls = config_class(name)
     explicit = {k: v for k, v in (values or {}).items()
                 if k in {f.name for f in dataclasses.fields(cls)}}
-    return load_config(cls, config_path, overrides, section=spec(name).section, **explicit)
+    cfg = load_config(cls, config_path, overrides, section=spec(name).section, **explicit)
+    if variables:
+        cfg = from_dict(cls, substitute(to_dict(cfg), variables))
+    return cfg
 
 
 def _bind(fn: Any, root: str, cfg: Any, extra: dict[str, Any]) -> dict[str, Any]:
@@ -125,14 +148,16 @@ def _bind(fn: Any, root: str, cfg: Any, extra: dict[str, Any]) -> dict[str, Any]
 
 
 def run_stage(name: str, root: str, config_path: str | None = None,
-              overrides: list[str] | None = None, **extra: Any) -> Any:
+              overrides: list[str] | None = None, variables: dict[str, str] | None = None,
+              **extra: Any) -> Any:
     """Run stage ``name`` on corpus ``root`` with its config; returns the stage's result.
 
     ``extra`` holds values for the entry function's other parameters (e.g. ``sources``) and for
-    config fields (a config field named in ``extra`` overrides the YAML).
+    config fields (a config field named in ``extra`` overrides the YAML); ``variables`` fill
+    ``{name}`` placeholders in the config's strings.
     """
     s = spec(name)
-    cfg = build_config(name, config_path, overrides, extra)
+    cfg = build_config(name, config_path, overrides, extra, variables)
     fn = getattr(_module(name), s.function)
     logger.info("stage %s: %s(%s)", name, s.function, cfg)
     return call_with(fn, root, cfg, extra)

@@ -15,12 +15,13 @@ from flows.common import bridge_logging, jsonable, publish, run_logger, stage_ta
 @stage_task("run-stage", task_run_name="{stage}")
 def run_stage_task(stage: str, root: str, config_path: str | None = None,
                    overrides: list[str] | None = None,
-                   extra: dict[str, Any] | None = None) -> Any:
+                   extra: dict[str, Any] | None = None,
+                   variables: dict[str, str] | None = None) -> Any:
     """Run one pipeline stage (its own done records make a re-run skip finished units)."""
     bridge_logging()
     log = run_logger()
     log.info("stage %s on %s (config %s, overrides %s)", stage, root, config_path, overrides)
-    result = stages.run_stage(stage, root, config_path, overrides, **(extra or {}))
+    result = stages.run_stage(stage, root, config_path, overrides, variables, **(extra or {}))
     return jsonable(result)
 
 
