@@ -57,7 +57,8 @@ def write_tar(url: str, samples: Iterable[Sample]) -> int:
 def iter_tar(url: str) -> Iterator[Sample]:
     """Yield the raw samples of one tar (``__key__``, ``__url__`` and extension -> bytes)."""
     with storage.open_read(url) as stream:
-        files = tar_file_iterator(stream)
+        # group_by_keys needs each file's ``__url__``
+        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
         for sample in group_by_keys(files):
             sample["__url__"] = url
             yield sample
