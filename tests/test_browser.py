@@ -68,3 +68,64 @@ def test_dashboard_filter_sample_reject(corpus_root, tmp_path):
     log = curation.load_log(corpus_root)
     assert log.mask_decision(mask_id)["reason"] == "leaks into the background"
     assert log.mask_decision(mask_id)["who"] == "local"
+
+
+def test_annotate_click_negative_accept_submit(tmp_path, shared_data):
+    """Issue 9: click inside an object, see the mask, add a negative click, accept, submit; the
+    mask is in the round's shard with the clicks recorded."""
+    require_chromium()
+    from models.sam import build_sam, save_sam
+    from pipeline import storage
+    from pipeline.rounds import iter_round_shard, read_round_manifest
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    imgs = sorted((shared_data / "coco128-seg/images/train2017").glob("*.jpg"))[:2]
+    corpus = build_corpus(str(tmp_path / "c"), images=imgs,
+                          yolo_labels=shared_data / "coco128-seg/labels/train2017")
+    url = corpus.model_dir("sam", "v0001")
+    save_sam(build_sam("tiny-test"), url)
+    storage.write_json(storage.join(url, "version.json"), {"version": "v0001"})
+    # the first imported object of the first image: click at its box centre
+    gt = read_round_manifest(corpus, 0).to_pylist()
+    index = storage.read_table(corpus.index).to_pylist()
+    key = index[0]["key"]
+    obj = max((r for r in gt if r["key"] == key), key=lambda r: r["area"])
+    cx, cy = obj["bbox_x"] + obj["bbox_w"] / 2, obj["bbox_y"] + obj["bbox_h"] / 2
+    nx, ny = obj["bbox_x"] + 3, obj["bbox_y"] + 3
+    app = create_app(corpus.root, ServerConfig(cache_dir=str(tmp_path / "cache"),
+                                               refresh_seconds=0))
+    from fastapi.testclient import TestClient
+
+    api = TestClient(app, base_url="http://127.0.0.1:8080", client=("127.0.0.1", 1))
+    n = api.post("/api/annotate/rounds", json={"stage": "manual", "model_version": "v0001",
+                                               "keys": [key]}).json()["round"]
+    W, H = index[0]["width"], index[0]["height"]
+    with serve(app) as base, chromium_page() as page:
+        page.goto(f"{base}/#/annotate")
+        page.click(f"#start-{n}")
+        page.wait_for_selector("#acv")
+        box = page.locator("#acv").bounding_box()
+        to_page = lambda x, y: (box["x"] + x * box["width"] / W,  # noqa: E731
+                                box["y"] + y * box["height"] / H)
+        page.mouse.click(*to_page(cx, cy))
+        page.wait_for_function("document.querySelector('#acv').dataset.masks === '3'")
+        assert int(page.get_attribute("#acv", "data-area")) > 0
+        assert page.locator("#choices button").count() == 3      # multimask choices shown
+        page.mouse.click(*to_page(nx, ny), button="right")
+        page.wait_for_function("document.querySelector('#acv').dataset.masks === '1'")
+        page.wait_for_selector("text=2 points")
+        page.screenshot(path=str(ARTIFACTS / "annotate-mask.png"), full_page=True)
+        page.keyboard.press("a")                                    # accept = next object
+        page.wait_for_selector("#nacc:text('1')")
+        page.click("#b-submit")
+        page.wait_for_selector("#round-done")
+        page.screenshot(path=str(ARTIFACTS / "annotate-submitted.png"), full_page=True)
+        assert not page.errors, page.errors
+
+    (rec,) = list(iter_round_shard(corpus, n, index[0]["shard"]))
+    (ann,) = rec["annotations"]
+    assert ann["annotator"] == "local" and ann["stage"] == "manual"
+    assert [c["label"] for c in ann["clicks"]] == [1, 0]
+    assert abs(ann["clicks"][0]["x"] - cx) <= 2 and abs(ann["clicks"][0]["y"] - cy) <= 2
+    assert abs(ann["clicks"][1]["x"] - nx) <= 2 and abs(ann["clicks"][1]["y"] - ny) <= 2
+    assert ann["seconds"] > 0 and ann["area"] > 0
