@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline_flow import pipeline_flow
 
     t0 = time.monotonic()
     result = pipeline_flow(config=args.config, root=args.root, data=str(data.resolve()),

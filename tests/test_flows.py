@@ -106,7 +106,7 @@ def test_shard_flow_runs_and_rerun_skips_done_shards(prefect_api, ray_cluster, t
 
 @pytest.mark.timeout(300)
 def test_pipeline_flow_runs_only_built_stages(prefect_api, ray_cluster, tmp_path):
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline_flow import pipeline_flow
 
     if not stages.available("shard"):
         pytest.skip("shard stage not built")

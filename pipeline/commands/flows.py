@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         step: list[str] = typer.Option(None, "--step", help="Run only these steps (repeatable)."),
     ) -> None:
         """Run the pipeline flow once from a YAML config."""
-        from flows.pipeline import pipeline_flow
+        from flows.pipeline_flow import pipeline_flow
 
         result = pipeline_flow(config=config, root=root, data=data,
                                overrides=list(overrides or []) or None,

@@ -1,6 +1,7 @@
-"""Flow ``pipeline``: every stage in order from one YAML config.
+"""Flow ``pipeline``: every stage in order from one YAML config (module name avoids shadowing
+the ``pipeline`` package when Prefect loads this file as a script).
 
-The YAML has a ``pipeline`` section (this module's :class:`PipelineConfig`: steps, sources, Ray)
+The YAML has a ``pipeline`` section (:class:`flows.settings.PipelineConfig`: steps, sources, Ray)
 and one section per stage (``shard``, ``annotate``, ``train_sam``, ``engine``, ``train_vae``,
 ``latents``, ``train_ldm``, ``sample``), each mapping to that stage's config dataclass through
 ``pipeline.config.load_config(section=...)``. Overrides are ``section.key=value``.
