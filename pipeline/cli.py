@@ -39,6 +39,7 @@ COMMAND_MODULES = [
     "pipeline.commands.corpus",
     "pipeline.commands.flows",
     "pipeline.commands.dashboard",
+    "pipeline.commands.ldm",
 ]
 
 
