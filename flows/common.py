@@ -213,8 +213,9 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
         where = f"cluster {address}"
     else:
         os.environ["PYTHONPATH"] = ray_runtime_env(remote=False)["env_vars"]["PYTHONPATH"]
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env=ray_runtime_env(remote=False))
+        # the dashboard serves the State API that Ray Train's controller polls
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True, runtime_env=ray_runtime_env(remote=False))
         where = "local"
     logger.info("ray (%s): %s", where, ray.cluster_resources())
     return where

@@ -9,7 +9,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray, publish
+from flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray,
+                          publish, run_logger)
 from flows.settings import load_pipeline_config
 from flows.stages import substitute
 from flows.tasks import corpus_state_task, run_stage_task
@@ -35,6 +36,9 @@ def shard_flow(root: str | None = None, sources: list[str] | None = None,
     apply_aws_credentials()
     connect_ray(ray_address)
     summary = run_stage_task("shard", root, config, overrides, {"sources": sources}, variables)
+    if isinstance(summary, dict) and summary.get("failed_shards"):
+        run_logger().warning("shard: %d shard(s) failed and will be retried by the next run: %s",
+                             len(summary["failed_shards"]), summary["failed_shards"])
     done = corpus_state_task(root)
     publish("shard", "Sharding", metrics=summary if isinstance(summary, dict) else {"result": summary},
             links={"images": f"{done['root']}/images", "index": f"{done['root']}/images/index.parquet",

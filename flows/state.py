@@ -44,10 +44,10 @@ def round_metrics(root: str, number: int) -> dict[str, Any]:
 
 
 def version_info(root: str, kind: str, version: str) -> dict[str, Any]:
-    """The ``version.json`` of a model version merged with its ``metrics.json`` when present."""
+    """A model version's ``version.json`` merged with its ``training.json`` and ``metrics.json``."""
     d = Corpus(root).model_dir(kind, version)
     info: dict[str, Any] = {}
-    for name in ("version.json", "metrics.json"):
+    for name in ("version.json", "training.json", "metrics.json"):
         url = storage.join(d, name)
         if storage.exists(url):
             data = storage.read_json(url)

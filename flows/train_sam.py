@@ -36,8 +36,9 @@ def train_sam_flow(root: str, config: str | None = None, overrides: list[str] | 
     before = corpus_state_task(root)
     latest = state.latest_version(root, "sam")
     if skip_if_current and latest:
-        rounds_done = [r for r in before["rounds_complete"] if r != 0]
-        if trained_rounds(state.version_info(root, "sam", latest)) == rounds_done:
+        rounds_done = {r for r in before["rounds_complete"] if r != 0}
+        trained = trained_rounds(state.version_info(root, "sam", latest))
+        if trained is not None and rounds_done <= set(trained):
             run_logger().info("sam %s already trained on rounds %s: skipped", latest, rounds_done)
             return {"version": latest, "skipped": True}
     connect_ray(ray_address)
