@@ -93,7 +93,7 @@ def test_annotate_click_negative_accept_submit(tmp_path, shared_data):
     cx, cy = obj["bbox_x"] + obj["bbox_w"] / 2, obj["bbox_y"] + obj["bbox_h"] / 2
     nx, ny = obj["bbox_x"] + 3, obj["bbox_y"] + 3
     app = create_app(corpus.root, ServerConfig(cache_dir=str(tmp_path / "cache"),
-                                               refresh_seconds=0))
+                                               refresh_seconds=0, precompute="local"))
     from fastapi.testclient import TestClient
 
     api = TestClient(app, base_url="http://127.0.0.1:8080", client=("127.0.0.1", 1))

@@ -30,9 +30,10 @@ def corpus(tmp_path, shared_data) -> Corpus:
     return c
 
 
-def make_client(c: Corpus, tmp_path, *, host="127.0.0.1", peer=LOOP, lease_seconds=600.0):
+def make_client(c: Corpus, tmp_path, *, host="127.0.0.1", peer=LOOP, lease_seconds=600.0,
+                precompute="off"):
     cfg = ServerConfig(host=host, cache_dir=str(tmp_path / "cache"), refresh_seconds=0,
-                       lease_seconds=lease_seconds)
+                       lease_seconds=lease_seconds, precompute=precompute)
     return TestClient(create_app(c.root, cfg), base_url="http://127.0.0.1:8080", client=peer)
 
 
@@ -239,3 +240,47 @@ def test_semi_round_prefill_keep_remove(corpus, tmp_path):
     assert sorted(r["prefilled"] for r in m) == [False, True, True, True]
     assert {r["stage"] for r in m} == {"semi"}
     assert [r["annotator"] for r in m if not r["prefilled"]] == ["local"]
+
+
+def test_embeddings_ahead_of_time_are_used(corpus, tmp_path):
+    """Opening a round computes the embeddings into ROOT/embeddings/<version>/ (issue 3's
+    cache format); clicks then need no encoder pass in the server."""
+    from pipeline.embeddings import EmbeddingCache
+    from pipeline.server.sam_session import precompute
+
+    api = make_client(corpus, tmp_path)
+    keys = train_keys(corpus)[:2]
+    n = open_round(api, keys=keys)
+    index = {r["key"]: r["shard"] for r in storage.read_table(corpus.index).to_pylist()}
+    shard_keys: dict[str, list[str]] = {}
+    for k in keys:
+        shard_keys.setdefault(index[k], []).append(k)
+    res = precompute(corpus, "v0001", shard_keys, mode="local")
+    assert sum(r["computed"] for r in res) == 2
+    cache = EmbeddingCache(corpus, "v0001")
+    assert all(cache.has_shard(s) for s in shard_keys)
+    lid = api.post(f"/api/annotate/{n}/lease", json={}).json()["lease"]["lease_id"]
+    r = api.post(f"/api/annotate/{n}/predict", json={"lease_id": lid, "points": [P1]})
+    assert r.status_code == 200
+    stats = api.app.state.sam.stats
+    assert stats["embeddings_from_cache"] >= 1 and stats["embeddings_encoded"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_precompute_on_ray(corpus, ray_cluster):
+    from pipeline.embeddings import EmbeddingCache
+    from pipeline.server import people
+    from pipeline.server.sam_session import precompute
+
+    n = people.open_round(corpus, stage="manual", model_version="v0001", n_images=3)
+    r = people.PeopleRound(corpus, n)
+    shard_keys: dict[str, list[str]] = {}
+    for k in r.order:
+        shard_keys.setdefault(r.images[k].shard, []).append(k)
+    res = precompute(corpus, "v0001", shard_keys, mode="ray", num_cpus=0.5)
+    assert not [x for x in res if "error" in x], res
+    assert sum(x["computed"] for x in res) == 3
+    cache = EmbeddingCache(corpus, "v0001")
+    for shard, keys in shard_keys.items():
+        assert list(cache.load_shard(shard)) == keys

@@ -113,6 +113,52 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(str(exc)) from exc
         typer.echo(f"revoked {token_id}")
 
+    people_app = typer.Typer(help="Rounds annotated by people in the browser tool.",
+                             no_args_is_help=True)
+    app.add_typer(people_app, name="people")
+
+    @people_app.command("open")
+    def people_open(
+        root: str = typer.Option(..., "--root", help=ROOT_HELP),
+        stage: str = typer.Option("manual", "--stage", help="manual | semi"),
+        model: str = typer.Option(..., "--model", help="SAM version in the loop (vNNNN)."),
+        images: int = typer.Option(None, "--images", help="The next N train-split images."),
+        keys_file: str = typer.Option(None, "--keys", help="A text file of image keys, one "
+                                      "per line (instead of --images)."),
+        prefill: str = typer.Option("none", "--prefill", help="semi rounds: none | amg | "
+                                    "round:N (masks of round N shown for keep/remove/correct)."),
+        precompute: str = typer.Option("ray", "--precompute", help="Embeddings ahead of time: "
+                                       "ray (annotation actors on the cluster) | local | off."),
+        config: str = typer.Option(None, "--config", help=CONFIG_HELP + " (unused)"),
+        overrides: list[str] = typer.Option(None, "--set", help=SET_HELP + " (unused)"),
+    ) -> None:
+        """Open a round for people: queue its images and compute their SAM embeddings."""
+        from pathlib import Path
+
+        from pipeline.layout import Corpus
+        from pipeline.server import people
+        from pipeline.server.sam_session import precompute as run_precompute
+
+        corpus = Corpus(root)
+        keys = None
+        if keys_file:
+            keys = [k.strip() for k in Path(keys_file).read_text().splitlines() if k.strip()]
+        try:
+            number = people.open_round(corpus, stage=stage, model_version=model,
+                                       n_images=images, keys=keys, prefill=prefill)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        r = people.PeopleRound(corpus, number)
+        shard_keys: dict[str, list[str]] = {}
+        for k in r.order:
+            shard_keys.setdefault(r.images[k].shard, []).append(k)
+        results = run_precompute(corpus, model, shard_keys, mode=precompute)
+        computed = sum(x.get("computed", 0) for x in results)
+        failed = [x for x in results if "error" in x]
+        typer.echo(f"round {number} open for people: {len(r.order)} images in "
+                   f"{len(shard_keys)} shards; embeddings computed now: {computed}"
+                   + (f"; {len(failed)} shard(s) failed (encoded on demand)" if failed else ""))
+
     curation_app = typer.Typer(help="The curation decision log.", no_args_is_help=True)
     app.add_typer(curation_app, name="curation")
 

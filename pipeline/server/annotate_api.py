@@ -95,7 +95,8 @@ def register(app: FastAPI, corpus: Corpus, view: Any, renderer: Any, cfg: Any) -
     """Add the annotation routes to the dashboard app."""
     from fastapi.responses import JSONResponse
 
-    sam = SamService(corpus, device=cfg.annotate_device or None)
+    sam = SamService(corpus, device=cfg.annotate_device or None, threads=cfg.torch_threads,
+                     tars=renderer.tars)
     rounds: dict[int, people.PeopleRound] = {}
     lock = threading.Lock()
     # per lease: {object id: [(prompt signature, low_res logits, predictions)]}
@@ -118,7 +119,7 @@ def register(app: FastAPI, corpus: Corpus, view: Any, renderer: Any, cfg: Any) -
         gen = MaskGenerator(model, AmgConfig(points_per_side=16, pred_iou_thresh=0.92,
                                              stability_score_thresh=0.95))
         img = image_fn(key, st.shard)()
-        feats = sam.embedding(r.model_version, key, lambda: img)[0]
+        feats = sam.embedding(r.model_version, key, lambda: img, st.shard)[0]
         return gen.generate(img, features=feats)
 
     def get_round(number: int) -> people.PeopleRound:
@@ -165,7 +166,7 @@ def register(app: FastAPI, corpus: Corpus, view: Any, renderer: Any, cfg: Any) -
         # embeddings of this and the next queued images, ahead of the first click
         nxt = [k for k in r.order if r.images[k].status == "todo"]
         i = nxt.index(lease.key) if lease.key in nxt else 0
-        sam.prefetch(r.model_version, [(k, image_fn(k, r.images[k].shard))
+        sam.prefetch(r.model_version, [(k, image_fn(k, r.images[k].shard), r.images[k].shard)
                                        for k in nxt[i:i + 3]])
         return {"round": r.number, "stage": r.stage, "model_version": r.model_version,
                 "lease": {"lease_id": lease.lease_id, "key": lease.key,
@@ -213,13 +214,16 @@ def register(app: FastAPI, corpus: Corpus, view: Any, renderer: Any, cfg: Any) -
         except ValueError as exc:
             raise _Err(400, str(exc)) from None
         r = get_round(number)
-        shards = sorted({st.shard for st in r.images.values()})
-        threading.Thread(target=_precompute, args=(r.model_version, shards), daemon=True).start()
+        shard_keys: dict[str, list[str]] = {}
+        for k in r.order:
+            shard_keys.setdefault(r.images[k].shard, []).append(k)
+        threading.Thread(target=_precompute, args=(r.model_version, shard_keys),
+                         daemon=True, name="embedding-precompute").start()
         return {"round": number, "progress": r.progress()}
 
-    def _precompute(version: str, shards: list[str]) -> None:
+    def _precompute(version: str, shard_keys: dict[str, list[str]]) -> None:
         try:
-            precompute(corpus, version, shards)
+            precompute(corpus, version, shard_keys, mode=cfg.precompute)
         except Exception as exc:  # noqa: BLE001 - the server encodes on demand instead
             logger.warning("embedding precompute for %s failed: %s", version, exc)
 
@@ -272,7 +276,7 @@ def register(app: FastAPI, corpus: Corpus, view: Any, renderer: Any, cfg: Any) -
         multimask = mask_input is None and box is None and len(points) == 1
         preds = sam.predict(r.model_version, st.key, image_fn(st.key, st.shard),
                             points if len(points) else None, labels if len(points) else None,
-                            box, mask_input, multimask)
+                            box, mask_input, multimask, st.shard)
         best = int(np.argmax([p["score"] for p in preds]))
         hist.append((sig, preds[best]["low_res"], preds))
         del hist[:-32]

@@ -50,6 +50,9 @@ class ServerConfig:
     thumb_size: int = 192
     lease_seconds: float = 600.0  # annotation: an abandoned image returns to the queue after this
     annotate_device: str = ""     # annotation: torch device for the SAM decoder ('' = auto)
+    precompute: str = "ray"       # annotation: embeddings of an opened round: ray | local | off
+    torch_threads: int = 0        # annotation: torch intra-op threads in this process (0 = torch's
+                                  # default; 1 avoids OpenMP stalls on a busy, shared CPU)
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -58,6 +61,10 @@ class ServerConfig:
             raise ValueError(f"refresh_seconds={self.refresh_seconds}: must be >= 0")
         if self.thumb_size not in THUMB_SIZES:
             raise ValueError(f"thumb_size={self.thumb_size}: allowed {THUMB_SIZES}")
+        if self.precompute not in ("ray", "local", "off"):
+            raise ValueError(f"precompute={self.precompute!r}: allowed ray, local, off")
+        if not isinstance(self.torch_threads, int) or self.torch_threads < 0:
+            raise ValueError(f"torch_threads={self.torch_threads!r}: must be an integer >= 0")
         if self.lease_seconds <= 0:
             raise ValueError(f"lease_seconds={self.lease_seconds}: must be > 0")
 

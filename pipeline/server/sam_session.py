@@ -25,42 +25,23 @@ logger = logging.getLogger(__name__)
 Embedding = tuple[Any, tuple[int, int], tuple[int, int]]  # features 1xCxSxS, input, original
 
 
-def _cache_lookup(corpus: Corpus, version: str) -> Callable[[str, np.ndarray | None], Any] | None:
-    """The corpus embedding cache of issue 3 (``pipeline.embeddings``), when installed."""
-    try:
-        from pipeline import embeddings as emb
-    except ImportError:
-        return None
-    for name in ("EmbeddingCache", "EmbeddingStore"):
-        cls = getattr(emb, name, None)
-        if cls is None:
-            continue
-        try:
-            return cls(corpus, version)
-        except TypeError:
-            try:
-                return cls(corpus=corpus, model_version=version)
-            except Exception as exc:  # noqa: BLE001 - fall back to encoding here
-                logger.warning("embedding cache %s unusable: %s", name, exc)
-                return None
-    return None
-
-
 class SamService:
     """Loads SAM versions and answers prompts for one image at a time (thread-safe)."""
 
     def __init__(self, corpus: Corpus, device: str | None = None, max_models: int = 2,
-                 max_embeddings: int = 24) -> None:
+                 max_embeddings: int = 24, threads: int = 0, tars: Any = None) -> None:
         self.corpus = corpus
+        self.threads = threads
         self.device = device or None
         self.max_models = max_models
         self.max_embeddings = max_embeddings
         self._models: OrderedDict[str, Any] = OrderedDict()
         self._emb: OrderedDict[tuple[str, str], Embedding] = OrderedDict()
-        self._caches: dict[str, Any] = {}
+        self.tars = tars
         self._lock = threading.RLock()
         self._encode_lock = threading.Lock()
         self._pending: set[tuple[str, str]] = set()
+        self._inflight: dict[tuple[str, str], threading.Event] = {}
         self.stats = {"embeddings_from_cache": 0, "embeddings_encoded": 0, "encoder_ms": 0.0}
 
     def model(self, version: str) -> Any:
@@ -71,6 +52,10 @@ class SamService:
                 return self._models[version]
         from models.sam import load_sam
 
+        if self.threads > 0:
+            import torch
+
+            torch.set_num_threads(self.threads)
         model = load_sam(self.corpus.model_dir("sam", version), device=self.device)
         model.eval()
         with self._lock:
@@ -79,44 +64,65 @@ class SamService:
                 self._models.popitem(last=False)
         return model
 
-    def embedding(self, version: str, key: str, image_fn: Callable[[], np.ndarray]) -> Embedding:
+    def embedding(self, version: str, key: str, image_fn: Callable[[], np.ndarray],
+                  shard: str | None = None) -> Embedding:
         """Image embedding of ``key`` under ``version`` (memory, corpus cache, or encoder)."""
         k = (version, key)
-        with self._lock:
-            if k in self._emb:
-                self._emb.move_to_end(k)
-                return self._emb[k]
-        emb = self._from_cache(version, key)
-        if emb is None:
-            emb = self._encode(version, key, image_fn)
-        with self._lock:
-            self._emb[k] = emb
-            while len(self._emb) > self.max_embeddings:
-                self._emb.popitem(last=False)
-        return emb
-
-    def _from_cache(self, version: str, key: str) -> Embedding | None:
-        if version not in self._caches:
-            self._caches[version] = _cache_lookup(self.corpus, version)
-        cache = self._caches[version]
-        if cache is None:
-            return None
-        getter = getattr(cache, "get", None)
+        while True:
+            with self._lock:
+                if k in self._emb:
+                    self._emb.move_to_end(k)
+                    return self._emb[k]
+                event = self._inflight.get(k)
+                if event is None:  # nobody computes it: we do
+                    event = self._inflight[k] = threading.Event()
+                    break
+            event.wait()  # another thread (e.g. the prefetch) is computing it
         try:
-            found = getter(key) if getter else None
-        except Exception as exc:  # noqa: BLE001 - a cache miss or a bad entry: encode instead
-            logger.debug("embedding cache miss for %s/%s: %s", version, key, exc)
-            return None
-        if found is None:
-            return None
-        import torch
+            emb = self._from_cache(version, key, shard)
+            if emb is None:
+                emb = self._encode(version, key, image_fn)
+            with self._lock:
+                self._emb[k] = emb
+                while len(self._emb) > self.max_embeddings:
+                    self._emb.popitem(last=False)
+            return emb
+        finally:
+            with self._lock:
+                self._inflight.pop(k, None)
+            event.set()
 
-        feats, input_size, original_size = found
+    def _from_cache(self, version: str, key: str, shard: str | None) -> Embedding | None:
+        """One sample of ``ROOT/embeddings/<version>/<shard>.tar`` (issue 3's format: ``npy``
+        CxSxS float16 + ``json`` sizes), read with a ranged read, never the whole tar."""
+        if shard is None or self.tars is None:
+            return None
+        from pipeline import storage
+
+        url = storage.join(self.corpus.embeddings_dir(version), f"{shard}.tar")
+        try:
+            if not storage.exists(url):
+                return None
+            members = self.tars.sample_members(url, key)
+            if "npy" not in members or "json" not in members:
+                return None
+            import json
+
+            import torch
+
+            from pipeline.embeddings import load_npy
+
+            feats = load_npy(self.tars.read(url, key, "npy"))
+            meta = json.loads(self.tars.read(url, key, "json"))
+        except Exception as exc:  # noqa: BLE001 - a bad cache entry: encode instead
+            logger.warning("embedding cache %s: cannot use %s: %s", url, key, exc)
+            return None
         feats = torch.as_tensor(np.asarray(feats, dtype=np.float32))
         if feats.ndim == 3:
             feats = feats[None]
         self.stats["embeddings_from_cache"] += 1
-        return feats, tuple(int(v) for v in input_size), tuple(int(v) for v in original_size)
+        return (feats, tuple(int(v) for v in meta["input_size"]),
+                tuple(int(v) for v in meta["original_size"]))
 
     def _encode(self, version: str, key: str, image_fn: Callable[[], np.ndarray]) -> Embedding:
         import torch
@@ -137,22 +143,23 @@ class SamService:
         logger.info("encoded %s with %s in %.0f ms", key, version, ms)
         return p.features.float(), tuple(p.input_size), tuple(p.original_size)
 
-    def prefetch(self, version: str, items: list[tuple[str, Callable[[], np.ndarray]]]) -> None:
+    def prefetch(self, version: str,
+                 items: list[tuple[str, Callable[[], np.ndarray], str | None]]) -> None:
         """Encode these images in a background thread (skipping ones already known)."""
         todo = []
         with self._lock:
-            for key, fn in items:
+            for key, fn, shard in items:
                 k = (version, key)
                 if k not in self._emb and k not in self._pending:
                     self._pending.add(k)
-                    todo.append((key, fn))
+                    todo.append((key, fn, shard))
         if not todo:
             return
 
         def run() -> None:
-            for key, fn in todo:
+            for key, fn, shard in todo:
                 try:
-                    self.embedding(version, key, fn)
+                    self.embedding(version, key, fn, shard)
                 except Exception as exc:  # noqa: BLE001 - the foreground path will retry
                     logger.warning("prefetch of %s failed: %s", key, exc)
                 finally:
@@ -164,7 +171,7 @@ class SamService:
     def predict(self, version: str, key: str, image_fn: Callable[[], np.ndarray],
                 points: np.ndarray | None, labels: np.ndarray | None,
                 box: np.ndarray | None, mask_input: np.ndarray | None,
-                multimask: bool) -> list[dict[str, Any]]:
+                multimask: bool, shard: str | None = None) -> list[dict[str, Any]]:
         """Masks for one prompt: a list (3 with ``multimask``) of ``{"mask": HxW bool,
         "score": predicted IoU, "stability": float, "low_res": 1x256x256 float32 logits}``."""
         import torch
@@ -173,7 +180,7 @@ class SamService:
 
         from models.sam import autocast
 
-        feats, input_size, original_size = self.embedding(version, key, image_fn)
+        feats, input_size, original_size = self.embedding(version, key, image_fn, shard)
         model = self.model(version)
         p = SamPredictor(model)
         p.features = feats.to(p.device)
@@ -190,17 +197,44 @@ class SamService:
                 for i in range(len(scores))]
 
 
-def precompute(corpus: Corpus, version: str, shards: list[str]) -> dict[str, Any] | None:
-    """Fill ``ROOT/embeddings/<version>/`` for these image shards with the annotation stage's
-    Ray actor pool (issue 3's ``pipeline.embeddings``); None when that module is not present."""
-    try:
-        from pipeline import embeddings as emb
-    except ImportError:
-        logger.warning("pipeline.embeddings is not installed: embeddings will be computed by "
-                       "the server on demand")
-        return None
-    fn = getattr(emb, "precompute_embeddings", None) or getattr(emb, "compute_embeddings", None)
-    if fn is None:
-        logger.warning("pipeline.embeddings has no precompute function")
-        return None
-    return fn(corpus, version, shards=shards)
+def _embedding_task(item: tuple[str, list[str]], *, root: str, version: str) -> dict[str, Any]:
+    """Ray task: embeddings of the queued keys of one image shard into the corpus cache."""
+    from models.sam import load_sam
+    from pipeline.embeddings import EmbeddingCache, decode_image
+    from pipeline.shards import iter_tar
+
+    shard, keys = item
+    corpus = Corpus(root)
+    cache = EmbeddingCache(corpus, version)
+    if cache.has_shard(shard):  # published once, append-only: keys missing there are encoded
+        return {"shard": shard, "computed": 0, "cached": True}  # by the server on demand
+    cache.model = load_sam(corpus.model_dir("sam", version))
+    wanted = set(keys)
+    images = [(s["__key__"], decode_image(s)) for s in iter_tar(corpus.image_shard(shard))
+              if s["__key__"] in wanted]
+    return {"shard": shard, "computed": cache.ensure_shard(shard, images)}
+
+
+PRECOMPUTE_MODES = ("ray", "local", "off")
+
+
+def precompute(corpus: Corpus, version: str, shard_keys: dict[str, list[str]],
+               mode: str = "ray", num_cpus: float = 1.0) -> list[dict[str, Any]]:
+    """Fill ``ROOT/embeddings/<version>/`` for the queued images of a people round, one task per
+    image shard: on the Ray cluster (``ray``, through :func:`pipeline.distribute.map_tasks`),
+    in this process (``local``) or not at all (``off``: the server encodes on demand)."""
+    if mode not in PRECOMPUTE_MODES:
+        raise ValueError(f"precompute mode {mode!r}: allowed {PRECOMPUTE_MODES}")
+    items = sorted(shard_keys.items())
+    if mode == "off" or not items:
+        return []
+    if mode == "local":
+        return [_embedding_task(i, root=corpus.root, version=version) for i in items]
+    from pipeline.distribute import map_tasks
+
+    results = map_tasks(_embedding_task, items, num_cpus=num_cpus, root=corpus.root,
+                        version=version)
+    for r in results:
+        if "error" in r:
+            logger.warning("embedding precompute failed for %s: %s", r["item"][0], r["error"])
+    return results
