@@ -130,6 +130,10 @@ def build_corpus(root: str, *, images: Sequence[Path] | None = None, n_generated
         storage.write_json(corpus.image_done(shard), {"shard": shard, "keys": keys,
                                                       "ok": len(keys)})
     storage.write_table(corpus.index, pa.Table.from_pylist(index_rows, schema=INDEX_SCHEMA))
+    from pipeline import splits
+
+    splits.record(corpus, "synthetic", ((r["key"], r["split"], r["source"], "synthetic")
+                                        for r in index_rows), splits.load_map(corpus))
     for number, stage, per_shard, version in ((0, "imported", imported, ""),
                                               (auto_round, "auto", auto, "v0001")):
         if not per_shard:
