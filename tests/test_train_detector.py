@@ -1,0 +1,115 @@
+"""Detector training on Ray Train: two workers on two nodes read disjoint shards and end with
+identical weights; the published version has metrics, a data snapshot and a gate decision; no
+held-out key is read; a re-run resumes; curation rejections are honoured by the plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import storage
+from pipeline.hungarian import LossConfig
+from pipeline.layout import Corpus
+from pipeline.train_detector import TrainDetectorConfig, train_detector
+from pipeline.trainer import ScaleConfig
+from pipeline.training_data import DataConfig
+from tests.sam_corpus import add_round, build_corpus
+
+
+def _cfg(**kw) -> TrainDetectorConfig:
+    base = dict(model="tiny-test", init="random", steps=4, batch_images=2, checkpoint_every=2,
+                log_every=2, warmup_steps=1, lr=1e-3, data=DataConfig(), loss=LossConfig())
+    base.update(kw)
+    return TrainDetectorConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def corpus_info(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("det-corpus") / "corpus")
+    info = build_corpus(root, shards=4, per_shard=3, h=64, w=80)
+    # round 1 also (wrongly) holds held-out images: the trainer must never read them
+    add_round(root, 1, info, info["train"] + info["holdout"][:2])
+    info["root"] = root
+    return info
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_two_workers_disjoint_shards_identical_weights(ray_cluster, corpus_info):
+    root = corpus_info["root"]
+    scale = ScaleConfig(num_workers=2, cpus_per_worker=0.5, placement_strategy="STRICT_SPREAD",
+                        torch_threads=1)
+    out = train_detector(root, _cfg(scale=scale))
+    corpus = Corpus(root)
+    logs = [storage.read_json(u) for u in storage.listdir(storage.join(out["run"], "read"))]
+    assert len(logs) == 2
+    a, b = logs
+    assert a["node"] != b["node"], "workers on different nodes"
+    assert set(a["shards"]).isdisjoint(b["shards"]) and a["shards"] and b["shards"]
+    assert set(a["keys"]).isdisjoint(b["keys"])
+    assert a["weights_sha256"] == b["weights_sha256"], "DDP kept the replicas identical"
+    read = set(a["keys"]) | set(b["keys"])
+    assert not read & set(corpus_info["holdout"]), "a held-out key reached the trainer"
+    # the published version
+    v = out["version"]
+    vdir = corpus.model_dir("detector", v)
+    assert corpus.model_versions("detector") == [v]
+    for f in ("model.safetensors", "config.json", "training.json", "metrics.json",
+              "promotion.json", "version.json"):
+        assert storage.exists(storage.join(vdir, f)), f
+    metrics = storage.read_json(storage.join(vdir, "metrics.json"))
+    assert set(metrics["heldout"]) >= {"ap", "ap50", "ar100"}
+    assert metrics["heldout"]["images"] == len(corpus_info["holdout"])
+    training = storage.read_json(storage.join(vdir, "training.json"))
+    assert training["rounds"] == [1] and training["data"]["masks"] > 0
+    assert storage.read_json(storage.join(vdir, "version.json"))["promoted"] == out["promoted"]
+    # the saved weights are the trained replicas'
+    from models.detector import load_detector
+    from pipeline.train_sam import weights_digest
+
+    assert weights_digest(load_detector(vdir, device="cpu")) == a["weights_sha256"]
+
+
+def test_unfinished_version_is_resumed_and_gate_rejects_a_regression(tmp_path):
+    from pipeline import eval_detector
+    from pipeline.train_detector import _fingerprint, _pick_version
+    from pipeline.training_data import plan_training_data
+
+    root = str(tmp_path / "c")
+    info = build_corpus(root, shards=2, per_shard=2, h=64, w=80)
+    add_round(root, 1, info, info["train"])
+    corpus = Corpus(root)
+    cfg = _cfg()
+    plan = plan_training_data(corpus, cfg.data)
+    fp = _fingerprint(cfg, plan, None)
+    assert _pick_version(corpus, fp) == "v0001"
+    # a run that started v0001 and crashed before version.json: the same command resumes it
+    storage.write_json(storage.join(corpus.model_dir("detector", "v0001"), "run.json"),
+                       {"version": "v0001", "fingerprint": fp})
+    assert _pick_version(corpus, fp) == "v0001"
+    assert _pick_version(corpus, _fingerprint(_cfg(steps=9), plan, None)) == "v0002"
+    # the gate: SAM's rule on the detector's held-out metrics, recorded append-only
+    assert eval_detector.current_detector(corpus) is None
+    nothing = {"ap": 0.0, "ap50": 0.0, "ar100": 0.0}
+    assert not eval_detector.gate(corpus, "v0001", nothing)["promoted"]
+    good = {"ap": 0.5, "ap50": 0.8, "ar100": 0.6}
+    bad = {"ap": 0.1, "ap50": 0.2, "ar100": 0.3}
+    storage.write_json(storage.join(corpus.model_dir("detector", "v0002"), "metrics.json"),
+                       {"heldout": good})
+    assert eval_detector.gate(corpus, "v0002", good)["promoted"]
+    assert eval_detector.current_detector(corpus) == "v0002"
+    d = eval_detector.gate(corpus, "v0003", bad)
+    assert not d["promoted"] and "regressed" in d["reason"]
+    assert eval_detector.current_detector(corpus) == "v0002"
+    assert eval_detector.gate(corpus, "v0003", good) == d, "a version is gated once"
+    assert len(eval_detector.decisions(corpus)) == 3
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="categories"):
+        TrainDetectorConfig(categories="some")
+    with pytest.raises(ValueError, match="init"):
+        TrainDetectorConfig(init="latest")
+    with pytest.raises(ValueError, match="steps"):
+        TrainDetectorConfig(steps=0)
+    with pytest.raises(ValueError, match="unknown"):
+        TrainDetectorConfig(model="huge")
