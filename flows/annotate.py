@@ -17,8 +17,9 @@ from flows.tasks import corpus_state_task, publish_round_task, run_stage_task
 @flow(name="annotate-round", **FLOW_OPTIONS)
 def annotate_flow(root: str, config: str | None = None, overrides: list[str] | None = None,
                   stage: str | None = None, round: int | None = None,  # noqa: A002
-                  ray_address: str | None = None) -> dict[str, Any]:
-    """Run one round on ``root`` (``stage``/``round`` override the config); returns its metrics."""
+                  model: str | None = None, ray_address: str | None = None) -> dict[str, Any]:
+    """Run one round on ``root`` (``stage``/``round``/``model`` override the config); returns
+    its metrics."""
     bridge_logging()
     apply_aws_credentials()
     before = corpus_state_task(root)
@@ -31,7 +32,8 @@ def annotate_flow(root: str, config: str | None = None, overrides: list[str] | N
         extra["stage"] = stage
     if round is not None:
         extra["round"] = round
-        extra["round_number"] = round
+    if model is not None:
+        extra["model"] = model
     result = run_stage_task("annotate", root, config, overrides, extra)
     after = corpus_state_task(root)
     new = sorted(set(after["rounds_complete"]) - set(before["rounds_complete"]))

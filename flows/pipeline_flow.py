@@ -20,11 +20,11 @@ from typing import Any
 from prefect import flow
 
 from flows import stages, state
-from flows.annotate import annotate_flow
 from flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray,
                           publish, run_logger)
 from flows.engine import engine_flow
 from flows.latents import latents_flow
+from flows.retrain import engine_round_flow
 from flows.shard import shard_flow
 from flows.settings import PipelineConfig, load_pipeline_config, split_overrides
 from flows.tasks import corpus_state_task, run_stage_task
@@ -53,26 +53,29 @@ def pipeline_flow(config: str | None = None, root: str | None = None, data: str 
     missing: list[str] = []
     results: dict[str, Any] = {}
     for step in cfg.steps:
-        needed = ["annotate", "train_sam"] if step == "annotate" else [step]
-        absent = [s for s in needed if not stages.available(s)]
-        if step == "annotate" and "train_sam" in absent and stages.available("annotate"):
-            absent = []  # rounds without retraining still make sense
-        if absent:
-            log.warning("step %s skipped: stage(s) %s not built in this checkout", step, absent)
+        if (step == "engine" and not stages.available("engine") and stages.available("annotate")
+                and "annotate" not in cfg.steps):
+            log.warning("engine stage not built: running pipeline.rounds %s as single rounds "
+                        "(annotate, train SAM, gate) instead", cfg.rounds)
+            missing.append("engine")
+            step = "annotate"
+        if not stages.available(step):
+            log.warning("step %s skipped: stage %s not built in this checkout", step,
+                        stages.spec(step).module)
+            missing.append(step)
+            continue
+        if step == "sample" and not state.latest_version(root_url, "ldm"):
+            log.warning("step sample skipped: no LDM version in %s", root_url)
             missing.append(step)
             continue
         o = per.get(step)
         if step == "shard":
             results[step] = shard_flow(root_url, cfg.sources, config, o, cfg.ray_address, data)
         elif step == "annotate":
-            results[step] = []
-            for i, stage_name in enumerate(cfg.rounds, start=1):
-                r = annotate_flow(root_url, config, per.get("annotate"), stage=stage_name,
-                                  round=i, ray_address=cfg.ray_address)
-                t = (train_sam_flow(root_url, config, per.get("train_sam"),
-                                    skip_if_current=not cfg.retrain, ray_address=cfg.ray_address)
-                     if stages.available("train_sam") else None)
-                results[step].append({"round": r, "train_sam": t})
+            results[step] = [
+                engine_round_flow(root_url, config, overrides, stage=stage_name, round=i,
+                                  retrain=cfg.retrain, ray_address=cfg.ray_address)
+                for i, stage_name in enumerate(cfg.rounds, start=1)]
         elif step == "train_sam":
             results[step] = train_sam_flow(root_url, config, o, skip_if_current=not cfg.retrain,
                                            ray_address=cfg.ray_address)
@@ -92,7 +95,8 @@ def pipeline_flow(config: str | None = None, root: str | None = None, data: str 
                                            {"model": ldm, "version": ldm, "ldm": ldm})
         ran.append(step)
     final = corpus_state_task(root_url)
-    rows = [{"step": s, "status": "ran" if s in ran else "not built"} for s in cfg.steps]
+    rows = [{"step": s, "status": "ran"} for s in ran] + [
+        {"step": s, "status": "skipped"} for s in missing]
     publish("pipeline", "Pipeline run", rows=rows,
             links={"corpus": root_url if "://" in root_url else str(Path(root_url).resolve())})
     return {"root": root_url, "ran": ran, "missing": missing, "results": results, "state": final}

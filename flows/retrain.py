@@ -16,39 +16,59 @@ from prefect import flow
 from flows import stages, state
 from flows.annotate import annotate_flow
 from flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray,
-                          publish, run_logger)
+                          jsonable, publish, run_logger, stage_task)
 from flows.settings import resolve_root, split_overrides
 from flows.shard import shard_flow
-from flows.tasks import stage_task
 from flows.train_sam import train_sam_flow
 
 
 @stage_task("promotion-gate", retries=1)
 def gate_task(root: str, candidate: str | None, config: str | None,
               overrides: list[str] | None) -> dict[str, Any]:
-    """Ask the engine's promotion gate about ``candidate``; the decision is recorded by the engine."""
-    from flows.common import jsonable
+    """Evaluate ``candidate`` and the current version on the held-out split and record the
+    promotion decision (``pipeline.promotion``); a version already gated keeps its decision."""
+    from dataclasses import replace
+
+    from pipeline import promotion
+    from pipeline.config import load_config
+    from pipeline.eval_sam import evaluate
+    from pipeline.layout import Corpus
 
     if not candidate:
         return {"promoted": False, "reason": "no new version"}
-    if not stages.available("engine"):
-        return {"promoted": False, "reason": "engine stage (promotion gate) not built"}
-    import importlib
+    corpus = Corpus(root)
+    prior = promotion.decision_for(corpus, candidate)
+    if prior is not None:
+        return {**prior, "already_decided": True}
+    ecfg = stages.build_config("eval_sam", config, None, {"model": candidate})
+    cand = evaluate(root, ecfg)
+    current = promotion.current_version(corpus)
+    cur = evaluate(root, replace(ecfg, model=current)) if current else None
+    gcfg = load_config(promotion.GateConfig, config, overrides, section="gate")
+    rec = promotion.gate(corpus, candidate, cand, cur, gcfg, protocol=cand.get("protocol_id", ""),
+                         who="prefect:engine-round")
+    return jsonable({k: v for k, v in rec.items()
+                     if k not in ("candidate_metrics", "current_metrics")})
 
-    engine = importlib.import_module(stages.spec("engine").module)
-    gate = getattr(engine, "promote_if_better", None) or getattr(engine, "gate", None)
-    if gate is None:
-        return {"promoted": False, "reason": "pipeline.engine exposes no promotion gate"}
-    cfg = stages.build_config("engine", config, overrides)
-    return jsonable(stages.call_with(gate, root, cfg, {"candidate": candidate,
-                                                       "version": candidate}))
+
+def current_sam(root: str) -> str | None:
+    """The promoted SAM version (None before the first promotion)."""
+    from pipeline.layout import Corpus
+    from pipeline.promotion import current_version
+
+    return current_version(Corpus(root))
 
 
 @flow(name="engine-round", **FLOW_OPTIONS)
 def engine_round_flow(root: str | None = None, config: str | None = None, overrides: list[str] | None = None,
                       stage: str = "manual", sources: list[str] | None = None,
-                      ray_address: str | None = None) -> dict[str, Any]:
-    """Shard new images (optional), one round with the current model, retrain SAM, gate it."""
+                      round: int | None = None, retrain: bool = True,  # noqa: A002
+                      ray_address: str | None = None, data: str | None = None) -> dict[str, Any]:
+    """Shard new images (optional), one round with the current model, retrain SAM, gate it.
+
+    ``round`` pins the round number (a complete round is skipped); ``retrain=False`` keeps a SAM
+    version that already trained on every complete round.
+    """
     bridge_logging()
     root = resolve_root(root, config)
     apply_aws_credentials()
@@ -56,16 +76,17 @@ def engine_round_flow(root: str | None = None, config: str | None = None, overri
     per = split_overrides(overrides)
     out: dict[str, Any] = {}
     if sources:
-        out["shard"] = shard_flow(root, list(sources), config, per.get("shard"), ray_address)
-    out["round"] = annotate_flow(root, config, per.get("annotate"), stage=stage,
-                                 ray_address=ray_address)
-    if stages.available("train_sam"):
+        out["shard"] = shard_flow(root, list(sources), config, per.get("shard"), ray_address,
+                                  data)
+    out["round"] = annotate_flow(root, config, per.get("annotate"), stage=stage, round=round,
+                                 model=current_sam(root), ray_address=ray_address)
+    if stages.available("train_sam") and stages.available("eval_sam"):
         trained = train_sam_flow(root, config, per.get("train_sam"), evaluate=True,
-                                 ray_address=ray_address)
+                                 skip_if_current=not retrain, ray_address=ray_address)
         out["train_sam"] = trained
-        out["gate"] = gate_task(root, trained.get("version"), config, per.get("engine"))
+        out["gate"] = gate_task(root, trained.get("version"), config, per.get("gate"))
     else:
-        run_logger().warning("train_sam stage not built: round without retraining")
+        run_logger().warning("train_sam/eval_sam stages not built: round without retraining")
     publish("engine-round", "Data-engine round",
             rows=[{"round": out["round"].get("round"), "stage": stage,
                    "sam": state.latest_version(root, "sam"),

@@ -14,6 +14,9 @@ from pipeline.config import load_config
 STEPS = ("shard", "annotate", "train_sam", "engine", "train_vae", "latents", "train_ldm",
          "sample")
 ROUND_STAGES = ("manual", "semi", "auto")
+#: YAML sections that are not stages: this module's and the promotion gate's
+#: (``pipeline.promotion.GateConfig``, used by the engine-round flow).
+SECTIONS = ("pipeline", "gate")
 
 
 @dataclass
@@ -53,11 +56,11 @@ def split_overrides(overrides: list[str] | None) -> dict[str, list[str]]:
         key = item.split("=", 1)[0]
         if "." not in key:
             raise ValueError(f"override {item!r}: expected SECTION.KEY=VALUE "
-                             f"(sections: pipeline, {', '.join(stages.STAGES)})")
+                             f"(sections: {', '.join([*SECTIONS, *stages.STAGES])})")
         section, rest = item.split(".", 1)
-        if section != "pipeline" and section not in stages.STAGES:
+        if section not in SECTIONS and section not in stages.STAGES:
             raise ValueError(f"override {item!r}: section {section!r} is not one of "
-                             f"{['pipeline', *stages.STAGES]}")
+                             f"{[*SECTIONS, *stages.STAGES]}")
         out.setdefault(section, []).append(rest)
     return out
 
