@@ -37,6 +37,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 # A stage adds its module here (one line); the module keeps its command definitions.
 COMMAND_MODULES = [
     "pipeline.commands.corpus",
+    "pipeline.commands.annotate",
+    "pipeline.commands.train",
     "pipeline.commands.flows",
     "pipeline.commands.dashboard",
     "pipeline.commands.ldm",

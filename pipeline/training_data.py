@@ -48,6 +48,7 @@ class DataConfig:
     """Which masks a SAM training run reads."""
 
     train_on_imported: bool = False    # round 0 (imported ground truth) is training data
+    imported_only_annotated: bool = False   # ... only on images the used rounds >= 1 covered
     rounds: list[int] | None = None    # None = every complete round
     stages: list[str] | None = None    # None = every stage
     min_area: int = 0                  # stored-frame px; smaller masks are skipped
@@ -114,6 +115,11 @@ def plan_training_data(corpus: Corpus, cfg: DataConfig | None = None) -> Trainin
     if cfg.stages is not None and table.num_rows:
         table = table.filter(pc.is_in(table["stage"], value_set=pa.array(list(cfg.stages), "string")))
         excluded["stage"] = n0 - table.num_rows
+    if cfg.train_on_imported and cfg.imported_only_annotated and table.num_rows:
+        covered = pc.unique(table.filter(pc.not_equal(table["round"], 0))["key"])
+        keep = pc.or_(pc.not_equal(table["round"], 0), pc.is_in(table["key"], value_set=covered))
+        excluded["imported_not_annotated"] = table.num_rows - int(pc.sum(keep).as_py() or 0)
+        table = table.filter(keep)
     n1 = table.num_rows
     table = curation.exclude_rejected(corpus, table)
     excluded["curation"] = n1 - table.num_rows
