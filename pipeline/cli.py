@@ -42,6 +42,7 @@ COMMAND_MODULES = [
     "pipeline.commands.flows",
     "pipeline.commands.dashboard",
     "pipeline.commands.ldm",
+    "pipeline.commands.detector",
 ]
 
 
