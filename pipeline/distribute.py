@@ -29,7 +29,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": always start our own instance; without it ray.init() silently
+        # attaches to any other Ray instance running on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=True)
     logger.info("ray: %s", ray.cluster_resources())
 
 
