@@ -96,7 +96,7 @@ def register(app: FastAPI, corpus: Corpus, view: Any, renderer: Any, cfg: Any) -
     from fastapi.responses import JSONResponse
 
     sam = SamService(corpus, device=cfg.annotate_device or None, threads=cfg.torch_threads,
-                     tars=renderer.tars)
+                     tars=renderer.tars, decoder=cfg.decoder, cache_dir=renderer.cache_dir)
     rounds: dict[int, people.PeopleRound] = {}
     lock = threading.Lock()
     # per lease: {object id: [(prompt signature, low_res logits, predictions)]}

@@ -51,6 +51,8 @@ class ServerConfig:
     lease_seconds: float = 600.0  # annotation: an abandoned image returns to the queue after this
     annotate_device: str = ""     # annotation: torch device for the SAM decoder ('' = auto)
     precompute: str = "ray"       # annotation: embeddings of an opened round: ray | local | off
+    decoder: str = "auto"         # annotation: SAM decoder per click: auto (ONNX Runtime on CPU
+                                  # when installed, else torch) | onnx | torch
     torch_threads: int = 0        # annotation: torch intra-op threads in this process (0 = torch's
                                   # default; 1 avoids OpenMP stalls on a busy, shared CPU)
 
@@ -61,6 +63,8 @@ class ServerConfig:
             raise ValueError(f"refresh_seconds={self.refresh_seconds}: must be >= 0")
         if self.thumb_size not in THUMB_SIZES:
             raise ValueError(f"thumb_size={self.thumb_size}: allowed {THUMB_SIZES}")
+        if self.decoder not in ("auto", "onnx", "torch"):
+            raise ValueError(f"decoder={self.decoder!r}: allowed auto, onnx, torch")
         if self.precompute not in ("ray", "local", "off"):
             raise ValueError(f"precompute={self.precompute!r}: allowed ray, local, off")
         if not isinstance(self.torch_threads, int) or self.torch_threads < 0:

@@ -23,15 +23,111 @@ from pipeline.layout import Corpus
 logger = logging.getLogger(__name__)
 
 Embedding = tuple[Any, tuple[int, int], tuple[int, int]]  # features 1xCxSxS, input, original
+DECODERS = ("auto", "onnx", "torch")
+
+
+class OnnxDecoder:
+    """The prompt encoder + mask decoder of one SAM version as ONNX Runtime sessions (exported
+    once by :func:`models.sam.export_onnx_decoder`, Meta's export, into the local cache).
+
+    Two graphs: ``multi`` returns all four mask tokens (for a first click's three choices and
+    for a box alone, token 0), ``single`` lets the graph pick one (SAM's own rule: the
+    single-mask token once there are several clicks), so only that mask is upsampled."""
+
+    def __init__(self, model: Any, version: str, cache_dir: str, threads: int = 0) -> None:
+        import os
+
+        import onnxruntime as ort
+
+        from models.sam import export_onnx_decoder
+
+        os.makedirs(cache_dir, exist_ok=True)
+        self.sessions = {}
+        so = ort.SessionOptions()
+        if threads > 0:
+            so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        digest = weights_digest(model)  # same weights -> same graphs, whatever the corpus
+        for name, single in (("multi", False), ("single", True)):
+            path = os.path.join(cache_dir, f"{digest}-{name}.onnx")
+            if not os.path.exists(path):
+                tmp = f"{path}.tmp-{os.getpid()}"
+                export_onnx_decoder(model, tmp, return_single_mask=single)
+                os.replace(tmp, path)
+            self.sessions[name] = ort.InferenceSession(path, so,
+                                                       providers=["CPUExecutionProvider"])
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.low_res = 4 * model.prompt_encoder.image_embedding_size[0]
+        self.threshold = float(model.mask_threshold)
+
+    def predict(self, feats: Any, original_size: tuple[int, int], points: np.ndarray | None,
+                labels: np.ndarray | None, box: np.ndarray | None,
+                mask_input: np.ndarray | None, multimask: bool
+                ) -> list[tuple[np.ndarray, float, np.ndarray]]:
+        """``[(logits HxW, score, low-res 1xSxS)]``: three for ``multimask``, else one."""
+        coords = np.zeros((0, 2), np.float32) if points is None else points.astype(np.float32)
+        labs = np.zeros((0,), np.float32) if labels is None else labels.astype(np.float32)
+        if box is not None:
+            coords = np.concatenate([coords, box.reshape(2, 2).astype(np.float32)])
+            labs = np.concatenate([labs, np.array([2, 3], np.float32)])
+        else:
+            coords = np.concatenate([coords, np.zeros((1, 2), np.float32)])
+            labs = np.concatenate([labs, np.array([-1], np.float32)])
+        coords = self.transform.apply_coords(coords, original_size).astype(np.float32)
+        has_mask = mask_input is not None
+        feed = {
+            "image_embeddings": np.ascontiguousarray(feats.numpy(), dtype=np.float32),
+            "point_coords": coords[None], "point_labels": labs[None],
+            "mask_input": (np.asarray(mask_input, np.float32).reshape(1, 1, self.low_res,
+                                                                     self.low_res)
+                           if has_mask else np.zeros((1, 1, self.low_res, self.low_res),
+                                                     np.float32)),
+            "has_mask_input": np.array([1.0 if has_mask else 0.0], np.float32),
+            "orig_im_size": np.array(original_size, np.float32),
+        }
+        box_only = box is not None and (points is None or not len(points)) and not has_mask
+        if multimask or box_only:
+            masks, scores, low = self.sessions["multi"].run(None, feed)
+            idx = [1, 2, 3] if multimask else [0]
+        else:
+            masks, scores, low = self.sessions["single"].run(None, feed)
+            idx = [0]
+        return [(masks[0, i], float(scores[0, i]), low[0, i][None]) for i in idx]
+
+
+def weights_digest(model: Any) -> str:
+    """sha256 over the prompt encoder + mask decoder weights (what the ONNX graph holds)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (model.prompt_encoder, model.mask_decoder):
+        for name, t in sorted(part.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _stability(logits: np.ndarray, threshold: float, offset: float = 1.0) -> float:
+    hi = np.count_nonzero(logits > threshold + offset)
+    lo = np.count_nonzero(logits > threshold - offset)
+    return float(hi / lo) if lo else 0.0
 
 
 class SamService:
     """Loads SAM versions and answers prompts for one image at a time (thread-safe)."""
 
     def __init__(self, corpus: Corpus, device: str | None = None, max_models: int = 2,
-                 max_embeddings: int = 24, threads: int = 0, tars: Any = None) -> None:
+                 max_embeddings: int = 24, threads: int = 0, tars: Any = None,
+                 decoder: str = "auto", cache_dir: str | None = None) -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder {decoder!r}: allowed {DECODERS}")
         self.corpus = corpus
         self.threads = threads
+        self.decoder = decoder
+        self.cache_dir = cache_dir
+        self._onnx: dict[str, OnnxDecoder | None] = {}
         self.device = device or None
         self.max_models = max_models
         self.max_embeddings = max_embeddings
@@ -143,6 +239,31 @@ class SamService:
         logger.info("encoded %s with %s in %.0f ms", key, version, ms)
         return p.features.float(), tuple(p.input_size), tuple(p.original_size)
 
+    def _onnx_decoder(self, version: str, model: Any) -> OnnxDecoder | None:
+        if self.decoder == "torch" or self.device not in (None, "cpu"):
+            return None
+        with self._lock:
+            if version in self._onnx:
+                return self._onnx[version]
+            try:
+                import os
+                import tempfile
+
+                cache = os.path.join(tempfile.gettempdir(), "dataengine-onnx")
+                dec: OnnxDecoder | None = OnnxDecoder(model, version, cache, self.threads)
+            except ImportError as exc:
+                if self.decoder == "onnx":
+                    raise
+                logger.info("onnxruntime unavailable (%s): torch decoder", exc)
+                dec = None
+            except Exception as exc:  # noqa: BLE001 - export can fail on exotic configs
+                if self.decoder == "onnx":
+                    raise
+                logger.warning("ONNX decoder for %s unavailable: %s; torch decoder", version, exc)
+                dec = None
+            self._onnx[version] = dec
+            return dec
+
     def prefetch(self, version: str,
                  items: list[tuple[str, Callable[[], np.ndarray], str | None]]) -> None:
         """Encode these images in a background thread (skipping ones already known)."""
@@ -182,6 +303,12 @@ class SamService:
 
         feats, input_size, original_size = self.embedding(version, key, image_fn, shard)
         model = self.model(version)
+        onnx = self._onnx_decoder(version, model)
+        if onnx is not None:
+            out = onnx.predict(feats, original_size, points, labels, box, mask_input, multimask)
+            return [{"mask": lg > onnx.threshold, "score": sc,
+                     "stability": _stability(lg, onnx.threshold),
+                     "low_res": low.astype(np.float32)} for lg, sc, low in out]
         p = SamPredictor(model)
         p.features = feats.to(p.device)
         p.input_size, p.original_size = input_size, original_size
