@@ -30,6 +30,8 @@ def _env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    # the ephemeral API is a subprocess server; give it time on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _num(x: Any, fmt: str = "{:.3g}") -> str:

@@ -10,9 +10,29 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray,
-                          publish)
+from flows import stages
+from flows.common import (FLOW_OPTIONS, apply_aws_credentials, artifact_key, bridge_logging,
+                          connect_ray, publish, stage_task)
 from flows.tasks import corpus_state_task, publish_model_task, publish_round_task, run_stage_task
+
+
+@stage_task("publish-engine-report", retries=0)
+def publish_engine_report(root: str, config: str | None, overrides: list[str] | None) -> str:
+    """The engine's own report (``report.md``: per round stage, model, clicks/mask, held-out
+    metrics) as a markdown artifact, with links to the report files."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from pipeline import storage
+
+    cfg = stages.build_config("engine", config, overrides)
+    d = storage.join(root, "engine", cfg.name)
+    md_url = storage.join(d, "report.md")
+    text = storage.read_bytes(md_url).decode() if storage.exists(md_url) else "_(no report yet)_"
+    links = {n: storage.join(d, n) for n in ("report.md", "report.json", "report.png")}
+    create_markdown_artifact(markdown=text, key=artifact_key("engine", cfg.name),
+                             description=f"Data engine {cfg.name}")
+    publish(f"engine-{cfg.name}-files", f"Data engine {cfg.name}: files", links=links)
+    return d
 
 
 @flow(name="data-engine", **FLOW_OPTIONS)
@@ -29,6 +49,5 @@ def engine_flow(root: str, config: str | None = None, overrides: list[str] | Non
         publish_round_task(root, number)
     for version in [v for v in after["models"]["sam"] if v not in before["models"]["sam"]]:
         publish_model_task(root, "sam", version)
-    publish("data-engine", "Data engine", metrics=result if isinstance(result, dict) else None,
-            links={"engine": f"{after['root']}/engine"})
+    publish_engine_report(root, config, overrides)
     return {"result": result, "rounds": after["rounds_complete"], "sam": after["models"]["sam"]}

@@ -26,7 +26,9 @@ from flows.train_sam import train_sam_flow
 def gate_task(root: str, candidate: str | None, config: str | None,
               overrides: list[str] | None) -> dict[str, Any]:
     """Evaluate ``candidate`` and the current version on the held-out split and record the
-    promotion decision (``pipeline.promotion``); a version already gated keeps its decision."""
+    promotion decision; a version already gated keeps its decision. Uses the engine's gate
+    (``pipeline.engine.promote_if_better``: the ``engine`` section's eval protocol and gate) when
+    the engine is built, else ``pipeline.promotion.gate`` with the ``eval_sam``/``gate`` sections."""
     from dataclasses import replace
 
     from pipeline import promotion
@@ -39,7 +41,13 @@ def gate_task(root: str, candidate: str | None, config: str | None,
     corpus = Corpus(root)
     prior = promotion.decision_for(corpus, candidate)
     if prior is not None:
-        return {**prior, "already_decided": True}
+        return jsonable({**_brief(prior), "already_decided": True})
+    if stages.available("engine"):  # the engine's gate: its eval protocol and gate config
+        import importlib
+
+        engine = importlib.import_module(stages.spec("engine").module)
+        ecfg = stages.build_config("engine", config, None)
+        return jsonable(_brief(engine.promote_if_better(root, ecfg, candidate)))
     ecfg = stages.build_config("eval_sam", config, None, {"model": candidate})
     cand = evaluate(root, ecfg)
     current = promotion.current_version(corpus)
@@ -47,8 +55,11 @@ def gate_task(root: str, candidate: str | None, config: str | None,
     gcfg = load_config(promotion.GateConfig, config, overrides, section="gate")
     rec = promotion.gate(corpus, candidate, cand, cur, gcfg, protocol=cand.get("protocol_id", ""),
                          who="prefect:engine-round")
-    return jsonable({k: v for k, v in rec.items()
-                     if k not in ("candidate_metrics", "current_metrics")})
+    return jsonable(_brief(rec))
+
+
+def _brief(decision: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in decision.items() if k not in ("candidate_metrics", "current_metrics")}
 
 
 def current_sam(root: str) -> str | None:
