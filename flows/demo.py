@@ -92,9 +92,18 @@ def summarise(root: str) -> dict[str, Any]:
         for v in versions:
             info = state.version_info(root, kind, v)
             out["models"][kind].append({"version": v, "info": info})
-            d = corpus.model_dir(kind, v)
-            if corpus.root.startswith("/") or "://" not in corpus.root:
-                out["grids"] += sorted(str(p) for p in Path(d).rglob("*.png"))
+            if kind == "ldm" and "://" not in corpus.root:
+                out["grids"] += sorted(str(p) for p in Path(corpus.model_dir(kind, v)).glob(
+                    "*.png"))
+    if "://" not in corpus.root:
+        out["grids"] += sorted(str(p) for p in Path(corpus.runs, "samples").glob("*.png"))
+        out["engine_reports"] = sorted(str(p) for p in Path(corpus.engine).glob("*/report.md"))
+    try:
+        from pipeline.promotion import current_version
+
+        out["sam_promoted"] = current_version(corpus)
+    except ImportError:
+        out["sam_promoted"] = None
     ldm = out["models"].get("ldm") or []
     if ldm:
         info = ldm[-1]["info"]
@@ -130,8 +139,8 @@ def print_report(root: str, result: dict[str, Any], seconds: float) -> None:
             where.add_row(f"{kind} {v['version']}", f"{base}/models/{kind}/{v['version']}")
     for name in s["state"]["latents"]:
         where.add_row("latents", f"{base}/latents/{name}")
-    if Path(str(base), "engine").exists():
-        where.add_row("engine report", f"{base}/engine")
+    for rep in s.get("engine_reports", []):
+        where.add_row("engine report", rep)
     for g in s["grids"]:
         where.add_row("sample grid", g)
     con.print(where)
@@ -145,7 +154,10 @@ def print_report(root: str, result: dict[str, Any], seconds: float) -> None:
                         f"masks {_num(r.get('masks'))} on {_num(r.get('images'))} images, "
                         f"clicks/mask {_num(r.get('clicks/mask'))}, mIoU {_num(r.get('mIoU'))}")
     for kind, versions in s["models"].items():
+        if kind == "detector" and not versions:
+            continue
         summary.add_row(f"{kind} versions", ", ".join(v["version"] for v in versions) or "-")
+    summary.add_row("SAM version in use (promoted)", s.get("sam_promoted") or "-")
     summary.add_row("LDM loss (last version)", _num(s.get("ldm_loss"), "{:.4f}"))
     summary.add_row("sample grid", s["grids"][-1] if s["grids"] else "-")
     con.print(summary)
