@@ -39,6 +39,7 @@ COMMAND_MODULES = [
     "pipeline.commands.corpus",
     "pipeline.commands.annotate",
     "pipeline.commands.train",
+    "pipeline.commands.pretrain",
     "pipeline.commands.flows",
     "pipeline.commands.dashboard",
     "pipeline.commands.ldm",
