@@ -214,8 +214,10 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
     else:
         os.environ["PYTHONPATH"] = ray_runtime_env(remote=False)["env_vars"]["PYTHONPATH"]
         # the dashboard serves the State API that Ray Train's controller polls
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True, runtime_env=ray_runtime_env(remote=False))
+        # address="local": a new Ray for this run, never one that happens to run on the machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True,
+                 runtime_env=ray_runtime_env(remote=False))
         where = "local"
     logger.info("ray (%s): %s", where, ray.cluster_resources())
     return where
