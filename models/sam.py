@@ -59,8 +59,11 @@ class SamConfig:
     num_multimask_outputs: int = 3
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    encoder: str = "vit"          # vit (ImageEncoderViT) | conv (models.sam_small, hybrid CNN)
 
     def __post_init__(self) -> None:
+        if self.encoder not in ("vit", "conv"):
+            raise ValueError(f"encoder={self.encoder!r}: one of ['vit', 'conv']")
         object.__setattr__(self, "encoder_global_attn_indexes",
                            tuple(int(i) for i in self.encoder_global_attn_indexes))
         object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
@@ -120,6 +123,14 @@ SAM_CONFIGS: dict[str, SamConfig] = {
                            encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
                            window_size=4, prompt_embed_dim=64, decoder_mlp_dim=128,
                            decoder_num_heads=4, iou_head_hidden_dim=64),
+    # models.sam_small: hybrid conv encoder (3 conv stages + 2 global attention blocks at 1/16)
+    "tiny-conv": SamConfig(name="tiny-conv", encoder="conv", encoder_depth=2,
+                           encoder_global_attn_indexes=(0, 1)),
+    "tiny-conv-test": SamConfig(name="tiny-conv-test", encoder="conv", image_size=128,
+                                encoder_embed_dim=64, encoder_depth=1, encoder_num_heads=2,
+                                encoder_global_attn_indexes=(0,), prompt_embed_dim=64,
+                                decoder_mlp_dim=128, decoder_num_heads=4,
+                                iou_head_hidden_dim=64),
 }
 
 
@@ -154,14 +165,20 @@ def build_sam(config: str | SamConfig | dict[str, Any] = "tiny", checkpoint: str
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        sam = Sam(
-            image_encoder=ImageEncoderViT(
+        if cfg.encoder != "vit":
+            from models.sam_small import build_encoder
+
+            image_encoder = build_encoder(cfg)
+        else:
+            image_encoder = ImageEncoderViT(
                 depth=cfg.encoder_depth, embed_dim=cfg.encoder_embed_dim,
                 img_size=cfg.image_size, mlp_ratio=cfg.mlp_ratio,
                 norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
                 num_heads=cfg.encoder_num_heads, patch_size=cfg.patch_size, qkv_bias=True,
                 use_rel_pos=True, global_attn_indexes=cfg.encoder_global_attn_indexes,
-                window_size=cfg.window_size, out_chans=cfg.prompt_embed_dim),
+                window_size=cfg.window_size, out_chans=cfg.prompt_embed_dim)
+        sam = Sam(
+            image_encoder=image_encoder,
             prompt_encoder=PromptEncoder(
                 embed_dim=cfg.prompt_embed_dim, image_embedding_size=(emb, emb),
                 input_image_size=(cfg.image_size, cfg.image_size),
