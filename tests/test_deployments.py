@@ -120,3 +120,29 @@ def test_served_shard_deployment_runs_and_cron_schedules_runs(prefect_server, se
             assert all(r.expected_start_time.hour == 2 and r.expected_start_time.minute == 0
                        for r in runs)
             assert runs[0].parameters.get("stage") == "semi"
+
+
+@pytest.mark.timeout(240)
+def test_prefect_deploy_all_registers_every_deployment_on_a_process_pool(prefect_server):
+    """``prefect deploy --all`` accepts prefect.yaml as written (the worker path of infra/)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    env = {**os.environ, **prefect_server["env"], "DATAENGINE_HOME": str(REPO)}
+    prefect = [sys.executable, "-m", "prefect"]
+    pool = subprocess.run([*prefect, "work-pool", "create", "dataengine", "--type", "process",
+                           "--overwrite"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert pool.returncode == 0, pool.stdout + pool.stderr
+    dep = subprocess.run([*prefect, "--no-prompt", "deploy", "--all"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert dep.returncode == 0, dep.stdout[-3000:] + dep.stderr[-3000:]
+    with temporary_settings({PREFECT_API_URL: prefect_server["url"]}):
+        with get_client(sync_client=True) as client:
+            pool_deps = {d.name: d for d in client.read_deployments()
+                         if d.work_pool_name == "dataengine"}
+            assert {"pipeline", "data-engine-round", "nightly-retrain", "shard"} <= set(pool_deps)
+            nightly = pool_deps["nightly-retrain"]
+            assert nightly.entrypoint == "flows/retrain.py:engine_round_flow"
+            assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+            assert pool_deps["pipeline"].parameters == {"config": "configs/pipeline.yaml"}
