@@ -83,6 +83,8 @@ class EngineConfig:
     train: TrainSamConfig = field(default_factory=TrainSamConfig)
     eval: EvalSamConfig = field(default_factory=EvalSamConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    # issue 8: the DETR proposer (pipeline.train_detector.DetectorEngineConfig fields)
+    detector: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.stages = [config_mod.from_dict(StagePlan, s, where="stages") if isinstance(s, dict)
@@ -107,6 +109,9 @@ class EngineConfig:
         if bad:
             raise ValueError(f"annotate.{bad}: set by the engine per round")
         AnnotateConfig(**self.annotate)  # validate early
+        from pipeline.train_detector import DetectorEngineConfig
+
+        config_mod.from_dict(DetectorEngineConfig, self.detector, where="detector")
 
     @property
     def disc_radius(self) -> float:
@@ -306,13 +311,23 @@ def run_engine(root: str, config: EngineConfig | None = None,
             model = (prev or started or {}).get("model_version") or \
                 promotion.current_version(corpus)
 
-            def annotate(plan=plan, todo=todo, model=model) -> dict[str, Any]:
+            semi_extra: dict[str, Any] = {}
+            if plan.stage == "semi" and cfg.detector.get("enabled"):  # issue 8: DETR proposer
+                from pipeline.train_detector import engine_detector_step
+
+                before = sched[idx - 1][1].stage if idx else None
+                semi_extra = step("detector", idx, lambda b=before: engine_detector_step(
+                    root, cfg.detector, b))["annotate"]
+
+            def annotate(plan=plan, todo=todo, model=model, semi_extra=semi_extra
+                         ) -> dict[str, Any]:
                 started = log.find("annotate-start", idx)
                 number = started["round"] if started else rounds.next_round(corpus)
                 if not started:
                     log.add("annotate-start", idx, {"round": number, "keys": todo,
                                                     "model_version": model})
-                acfg = AnnotateConfig(**{**cfg.annotate, "stage": plan.stage, "model": model,
+                acfg = AnnotateConfig(**{**cfg.annotate, **semi_extra, "stage": plan.stage,
+                                         "model": model,
                                          "keys": todo, "round": number,
                                          "disc_radius": cfg.annotate.get("disc_radius",
                                                                          cfg.disc_radius)})

@@ -415,3 +415,52 @@ def train_detector(root: str, config: TrainDetectorConfig | None = None) -> dict
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ---- the engine's hook ---------------------------------------------------------------------
+
+@dataclass
+class DetectorEngineConfig:
+    """The detector in the data engine (``engine --set detector.enabled=true``): trained after
+    the assisted-manual stage (and between semi rounds with ``retrain_between_semi``); the semi
+    stage uses it as its proposer only while a promoted (gate-passed) version exists."""
+
+    enabled: bool = False
+    retrain_between_semi: bool = False
+    train: dict[str, Any] = field(default_factory=dict)     # TrainDetectorConfig fields
+    proposer: dict[str, Any] = field(default_factory=dict)  # DetectorProposerConfig fields
+
+    def __post_init__(self) -> None:
+        from pipeline.proposer import DetectorProposerConfig
+
+        if "version" in self.proposer:
+            raise ValueError("detector.proposer.version: set by the engine (the promoted one)")
+        config_mod.from_dict(TrainDetectorConfig, self.train, where="detector.train")
+        config_mod.from_dict(DetectorProposerConfig, self.proposer, where="detector.proposer")
+
+
+def engine_detector_step(root: str, config: DetectorEngineConfig | dict[str, Any],
+                         previous_stage: str | None) -> dict[str, Any]:
+    """Before a semi round: retrain the detector when the previous round was assisted-manual
+    (or semi, with ``retrain_between_semi``), then pick the round's proposer — ``detector``
+    pinned to the promoted version, else ``amg``. Returns a JSON record whose ``annotate`` holds
+    the :class:`pipeline.annotate.AnnotateConfig` fields to use."""
+    from pipeline.eval_detector import current_detector
+
+    cfg = config if isinstance(config, DetectorEngineConfig) else config_mod.from_dict(
+        DetectorEngineConfig, config, where="detector")
+    out: dict[str, Any] = {"trained": None}
+    if cfg.enabled and (previous_stage == "manual" or
+                        (previous_stage == "semi" and cfg.retrain_between_semi)):
+        tcfg = config_mod.from_dict(TrainDetectorConfig, {"init": "current", **cfg.train},
+                                    where="detector.train")
+        res = train_detector(root, tcfg)
+        out.update(trained=res["version"], promoted=res["promoted"], reason=res["reason"],
+                   heldout=res["heldout"])
+    version = current_detector(root) if cfg.enabled else None
+    out["detector_version"] = version
+    out["annotate"] = ({"proposer": "detector", "detector": {**cfg.proposer, "version": version}}
+                       if version else {"proposer": "amg"})
+    logger.info("semi round proposer: %s", out["annotate"]["proposer"] +
+                (f" ({version})" if version else ""))
+    return out

@@ -38,8 +38,23 @@ def test_two_workers_disjoint_shards_identical_weights(ray_cluster, corpus_info)
     root = corpus_info["root"]
     scale = ScaleConfig(num_workers=2, cpus_per_worker=0.5, placement_strategy="STRICT_SPREAD",
                         torch_threads=1)
-    out = train_detector(root, _cfg(scale=scale))
+    # through the engine's hook: after an assisted-manual round the detector is trained, and
+    # the semi round's proposer is the detector only if the gate promoted it
+    from dataclasses import asdict
+
+    from pipeline.train_detector import engine_detector_step
+
+    cfg = _cfg(scale=scale, gate={"metrics": {"ar100": "max"}, "tolerance": {}})
+    train = {k: v for k, v in asdict(cfg).items()}
+    rec = engine_detector_step(root, {"enabled": True, "train": train}, previous_stage="manual")
     corpus = Corpus(root)
+    out = {"version": rec["trained"], "promoted": rec["promoted"],
+           "run": storage.join(corpus.runs, f"detector-{rec['trained']}")}
+    if rec["promoted"]:
+        assert rec["annotate"] == {"proposer": "detector",
+                                   "detector": {"version": rec["trained"]}}
+    else:
+        assert rec["annotate"] == {"proposer": "amg"}
     logs = [storage.read_json(u) for u in storage.listdir(storage.join(out["run"], "read"))]
     assert len(logs) == 2
     a, b = logs
@@ -102,6 +117,17 @@ def test_unfinished_version_is_resumed_and_gate_rejects_a_regression(tmp_path):
     assert eval_detector.current_detector(corpus) == "v0002"
     assert eval_detector.gate(corpus, "v0003", good) == d, "a version is gated once"
     assert len(eval_detector.decisions(corpus)) == 3
+    # the engine hook without retraining picks the promoted version (or amg when disabled)
+    from pipeline.train_detector import engine_detector_step
+
+    rec = engine_detector_step(root, {"enabled": True, "proposer": {"box_threshold": 0.4}},
+                               previous_stage="semi")
+    assert rec["trained"] is None
+    assert rec["annotate"] == {"proposer": "detector",
+                               "detector": {"box_threshold": 0.4, "version": "v0002"}}
+    assert engine_detector_step(root, {}, "manual")["annotate"] == {"proposer": "amg"}
+    with pytest.raises(ValueError, match="version"):
+        engine_detector_step(root, {"enabled": True, "proposer": {"version": "v1"}}, "semi")
 
 
 def test_config_validation():
