@@ -1,4 +1,4 @@
-"""What every dataengine flow shares: task options, the logging bridge, Ray, artifacts, S3 credentials.
+"""What every dataengine flow shares: task options, logging bridge, Ray, artifacts, S3 credentials.
 
 - Tasks persist their results as JSON (``result_serializer="json"``), never pickle, under a key
   unique to the task run: no run reuses another's result. Whether work is done is decided by the
@@ -8,7 +8,8 @@
 - :func:`connect_ray` joins the cluster named by ``RAY_ADDRESS`` (or starts a local Ray) with a
   ``runtime_env`` that carries the package and ``PREFECT_API_URL`` to the Ray workers.
 - :func:`apply_aws_credentials` prefers the standard AWS environment; when it has no credentials
-  and prefect-aws is installed, an ``AwsCredentials`` block named by ``DATAENGINE_AWS_BLOCK`` fills it.
+  and prefect-aws is installed, the ``AwsCredentials`` block named by ``DATAENGINE_AWS_BLOCK``
+  fills it.
 """
 
 from __future__ import annotations

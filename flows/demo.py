@@ -123,13 +123,15 @@ def print_report(root: str, result: dict[str, Any], seconds: float) -> None:
     con.rule("[bold]dataengine demo")
     con.print(f"steps run: {', '.join(result['ran']) or '-'}")
     if result["missing"]:
-        con.print(f"steps not run (stage not built in this checkout): {', '.join(result['missing'])}")
+        con.print("steps skipped (stage not built, or nothing to work on): "
+                  f"{', '.join(result['missing'])}")
     con.print(f"time: {seconds / 60:.1f} min")
     where = Table(title="Where the outputs are", show_lines=False)
     where.add_column("what")
     where.add_column("path")
     where.add_row("corpus root", str(base))
-    where.add_row("image shards + index", f"{base}/images ({len(s['state']['image_shards'])} shards)")
+    n_shards = len(s["state"]["image_shards"])
+    where.add_row("image shards + index", f"{base}/images ({n_shards} shards)")
     where.add_row("splits", f"{base}/splits")
     where.add_row("quarantine", f"{base}/quarantine")
     for n in s["state"]["rounds_complete"]:

@@ -28,7 +28,8 @@ def gate_task(root: str, candidate: str | None, config: str | None,
     """Evaluate ``candidate`` and the current version on the held-out split and record the
     promotion decision; a version already gated keeps its decision. Uses the engine's gate
     (``pipeline.engine.promote_if_better``: the ``engine`` section's eval protocol and gate) when
-    the engine is built, else ``pipeline.promotion.gate`` with the ``eval_sam``/``gate`` sections."""
+    the engine is built, else ``pipeline.promotion.gate`` with the ``eval_sam``/``gate``
+    sections."""
     from dataclasses import replace
 
     from pipeline import promotion
@@ -71,7 +72,8 @@ def current_sam(root: str) -> str | None:
 
 
 @flow(name="engine-round", **FLOW_OPTIONS)
-def engine_round_flow(root: str | None = None, config: str | None = None, overrides: list[str] | None = None,
+def engine_round_flow(root: str | None = None, config: str | None = None,
+                      overrides: list[str] | None = None,
                       stage: str = "manual", sources: list[str] | None = None,
                       round: int | None = None, retrain: bool = True,  # noqa: A002
                       ray_address: str | None = None, data: str | None = None) -> dict[str, Any]:

@@ -40,7 +40,9 @@ def shard_flow(root: str | None = None, sources: list[str] | None = None,
         run_logger().warning("shard: %d shard(s) failed and will be retried by the next run: %s",
                              len(summary["failed_shards"]), summary["failed_shards"])
     done = corpus_state_task(root)
-    publish("shard", "Sharding", metrics=summary if isinstance(summary, dict) else {"result": summary},
-            links={"images": f"{done['root']}/images", "index": f"{done['root']}/images/index.parquet",
-                   "quarantine": f"{done['root']}/quarantine"})
+    base = done["root"]
+    publish("shard", "Sharding",
+            metrics=summary if isinstance(summary, dict) else {"result": summary},
+            links={"images": f"{base}/images", "index": f"{base}/images/index.parquet",
+                   "quarantine": f"{base}/quarantine"})
     return {"summary": summary, "image_shards": len(done["image_shards"])}

@@ -11,7 +11,8 @@ from typing import Any
 from prefect import flow
 
 from flows import stages, state
-from flows.common import FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray, run_logger
+from flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray,
+                          run_logger)
 from flows.tasks import corpus_state_task, publish_model_task, run_stage_task
 
 

@@ -99,7 +99,8 @@ def test_pinned_versions_match_pyproject():
         if name.lower() in pins and not version.endswith("VERSION"):
             assert version == pins[name.lower()], f"{name}=={version} vs pyproject {pins[name]}"
             checked += 1
-    for mod, version in re.findall(r"(\w+)\.__version__(?:\.split\('\+'\)\[0\])? == '([^']+)'", text):
+    version_checks = r"(\w+)\.__version__(?:\.split\('\+'\)\[0\])? == '([^']+)'"
+    for mod, version in re.findall(version_checks, text):
         assert version == pins[mod], f"{mod} {version} vs pyproject {pins[mod]}"
         checked += 1
     assert checked >= 3
