@@ -29,7 +29,9 @@ def register(app: typer.Typer) -> None:
         root: str = typer.Option(None, "--root", help=ROOT_HELP + " Overrides the deployments'."),
         config: str = typer.Option(None, "--config", help=CONFIG_HELP + " Pipeline YAML passed "
                                    "to every deployment (default: prefect.yaml's)."),
-        overrides: list[str] = typer.Option(None, "--set", help=OVERRIDE_HELP),
+        overrides: list[str] = typer.Option(
+            None, "--set", help=SET_HELP + " Passed as every deployment's `overrides` parameter "
+            "(SECTION.KEY for pipeline / engine-round, KEY for single-stage flows)."),
         deployment: list[str] = typer.Option(None, "--deployment", "-d",
                                              help="Serve only this deployment (repeatable)."),
         prefect_yaml: Path = typer.Option(Path("prefect.yaml"), "--prefect-yaml",
