@@ -1,0 +1,149 @@
+"""Pre-training a small SAM (pipeline/pretrain_sam.py): exact copy-paste composites, the MAE
+and composite losses fall on a fixed batch, and the Ray Train stage publishes a version."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from models.sam import build_sam, load_sam
+from models.sam_small import MaeHead
+from pipeline import storage
+from pipeline.layout import Corpus
+from pipeline.pretrain_sam import (CopyPasteConfig, PretrainModule, PretrainSamConfig,
+                                   composite_batch, copy_paste, mae_loss, pretrain_sam,
+                                   pretrain_step)
+from pipeline.sam_loss import RecipeConfig
+from pipeline.trainer import ScaleConfig
+from pipeline.training_data import Sample
+from tests.sam_corpus import build_corpus
+
+RED = np.array([255, 0, 0], np.uint8)
+
+
+def _donor() -> Sample:
+    img = np.zeros((60, 80, 3), np.uint8)
+    img[:] = (0, 0, 255)
+    yy, xx = np.mgrid[0:60, 0:80]
+    m = (xx - 40) ** 2 / 400 + (yy - 30) ** 2 / 225 <= 1
+    img[m] = RED
+    return Sample("donor", "s", img, [m], ["donor/1"])
+
+
+def _target() -> Sample:
+    img = np.full((96, 128, 3), 40, np.uint8)
+    m = np.zeros((96, 128), bool)
+    m[20:80, 30:100] = True
+    img[m] = (0, 200, 0)
+    return Sample("target", "s", img, [m], ["target/1"])
+
+
+def test_copy_paste_masks_are_exact():
+    donor, target = _donor(), _target()
+    for seed in range(6):
+        comp, pasted = copy_paste(target, [donor], random.Random(seed),
+                                  CopyPasteConfig(max_objects=3, min_kept_area=1))
+        assert pasted and len(comp.masks) == len(comp.mask_ids)
+        union = np.zeros(comp.image.shape[:2], bool)
+        for i in pasted:
+            m = comp.masks[i]
+            assert m.any()
+            # every pixel of a pasted mask is an object (red) pixel; later pastes may cover it
+            assert (comp.image[m] == RED).all()
+            union |= m
+        # nothing outside the pasted objects changed
+        assert (comp.image[~union] == target.image[~union]).all()
+        # masks never overlap; the target's object lost exactly the covered pixels
+        stack = np.stack(comp.masks).astype(int)
+        assert stack.sum(0).max() <= 1
+        if 0 not in pasted and len(comp.masks) > len(pasted):
+            assert (comp.masks[0] == (target.masks[0] & ~union)).all()
+        assert comp.image.dtype == np.uint8 and comp.image.shape == target.image.shape
+
+
+def test_composite_batch_puts_pasted_masks_in_the_model_frame():
+    cfg = PretrainSamConfig(model="tiny-conv-test", masks_per_image=3)
+    batch = composite_batch([_target(), _target()], [_donor()], random.Random(0), cfg, 128,
+                            (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert batch.images.shape == (2, 3, 128, 128)
+    assert batch.masks.shape == (2, 3, 128, 128) and batch.mask_valid[:, 0].all()
+    assert batch.sizes.tolist() == [[96, 128], [96, 128]]
+
+
+def _fixed_batch():
+    cfg = PretrainSamConfig(model="tiny-conv-test", masks_per_image=2)
+    return composite_batch([_target(), _target()], [_donor()], random.Random(1), cfg, 128,
+                           (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+
+
+def test_mae_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    sam = build_sam("tiny-conv-test", device="cpu")
+    head = MaeHead(64)
+    batch = _fixed_batch()
+    params = list(sam.image_encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3)
+    sam.train()
+    losses = []
+    for _ in range(12):
+        loss = mae_loss(sam.image_encoder, head, batch.images, batch.sizes, 0.5,
+                        torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_copy_paste_promptable_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    sam = build_sam("tiny-conv-test", device="cpu")
+    module = PretrainModule(sam, MaeHead(64), RecipeConfig(iterations=3, mask_only_iterations=1))
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    batch = _fixed_batch()
+    losses = [pretrain_step(module, opt, "seg", batch, torch.Generator().manual_seed(0))["loss"]
+              for _ in range(12)]
+    assert min(losses[-3:]) < 0.8 * losses[0], losses
+    with pytest.raises(ValueError, match="kind='x'"):
+        module("x", batch)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        PretrainSamConfig(mask_ratio=1.5)
+    with pytest.raises(ValueError, match="mae_steps \\+ copypaste_steps"):
+        PretrainSamConfig(mae_steps=0, copypaste_steps=0)
+    with pytest.raises(ValueError, match="init='best'"):
+        PretrainSamConfig(init="best")
+    with pytest.raises(ValueError, match="max_objects"):
+        CopyPasteConfig(max_objects=0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pretrain_sam_on_ray_train_publishes_a_startable_version(ray_cluster, tmp_path):
+    from pipeline.eval_sam import trained_disc_radius
+
+    root = str(tmp_path / "corpus")
+    info = build_corpus(root, shards=2, per_shard=4)
+    cfg = PretrainSamConfig(model="tiny-conv-test", mae_steps=2, copypaste_steps=2,
+                            batch_images=2, masks_per_image=2, checkpoint_every=2, log_every=1,
+                            recipe=RecipeConfig(iterations=2, mask_only_iterations=1),
+                            scale=ScaleConfig(num_workers=1, cpus_per_worker=0.5,
+                                              torch_threads=1))
+    out = pretrain_sam(root, cfg)
+    corpus = Corpus(root)
+    vdir = corpus.model_dir("sam", out["version"])
+    assert out["steps"] == 4
+    assert storage.exists(storage.join(vdir, "version.json"))
+    training = storage.read_json(storage.join(vdir, "training.json"))
+    assert training["kind"] == "pretrain" and training["rounds"] == [0]
+    phases = [h["phase"] for h in storage.read_json(storage.join(vdir, "metrics.json"))["history"]]
+    assert phases == ["mae", "mae", "seg", "seg"]
+    assert training["data"]["images"] == len(info["train"])   # held-out images never planned
+    model = load_sam(vdir, device="cpu")
+    assert model.sam_config.name == "tiny-conv-test"
+    assert trained_disc_radius(corpus, out["version"]) == RecipeConfig().click_radius
