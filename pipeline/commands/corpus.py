@@ -68,7 +68,7 @@ def shard_command(
         try:
             summary = shard(sources, root, cfg, progress)
         except (FileNotFoundError, PermissionError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
             raise typer.Exit(2) from exc
     table = Table(title=f"shard summary ({root})")
     for k in ("inputs", "ok", "duplicate", "existing", "quarantined", "shards_written",
@@ -96,7 +96,7 @@ def info_command(
     try:
         info = corpus_info(root)
     except FileNotFoundError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(2) from exc
     if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))
