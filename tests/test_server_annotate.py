@@ -278,7 +278,7 @@ def test_precompute_on_ray(corpus, ray_cluster):
     shard_keys: dict[str, list[str]] = {}
     for k in r.order:
         shard_keys.setdefault(r.images[k].shard, []).append(k)
-    res = precompute(corpus, "v0001", shard_keys, mode="ray", num_cpus=0.5)
+    res = precompute(corpus, "v0001", shard_keys, mode="ray", num_cpus=0.5, num_actors=2)
     assert not [x for x in res if "error" in x], res
     assert sum(x["computed"] for x in res) == 3
     cache = EmbeddingCache(corpus, "v0001")

@@ -324,44 +324,73 @@ class SamService:
                 for i in range(len(scores))]
 
 
-def _embedding_task(item: tuple[str, list[str]], *, root: str, version: str) -> dict[str, Any]:
-    """Ray task: embeddings of the queued keys of one image shard into the corpus cache."""
-    from models.sam import load_sam
-    from pipeline.embeddings import EmbeddingCache, decode_image
-    from pipeline.shards import iter_tar
+class EmbeddingWorker:
+    """Computes one image shard's embeddings into the corpus cache; holds the model (loaded once:
+    a Ray actor wraps it, like the annotation stage's ``ShardAnnotator``)."""
 
-    shard, keys = item
-    corpus = Corpus(root)
-    cache = EmbeddingCache(corpus, version)
-    if cache.has_shard(shard):  # published once, append-only: keys missing there are encoded
-        return {"shard": shard, "computed": 0, "cached": True}  # by the server on demand
-    cache.model = load_sam(corpus.model_dir("sam", version))
-    wanted = set(keys)
-    images = [(s["__key__"], decode_image(s)) for s in iter_tar(corpus.image_shard(shard))
-              if s["__key__"] in wanted]
-    return {"shard": shard, "computed": cache.ensure_shard(shard, images)}
+    def __init__(self, root: str, version: str, torch_threads: int = 0) -> None:
+        from pipeline.embeddings import EmbeddingCache
+
+        if torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        self.corpus = Corpus(root)
+        self.version = version
+        self.cache = EmbeddingCache(self.corpus, version)
+
+    def __call__(self, item: tuple[str, list[str]]) -> dict[str, Any]:
+        from models.sam import load_sam
+        from pipeline.embeddings import decode_image
+        from pipeline.shards import iter_tar
+
+        shard, keys = item
+        try:
+            if self.cache.has_shard(shard):  # published once (append-only); keys missing there
+                return {"shard": shard, "computed": 0, "cached": True}  # are encoded on demand
+            if self.cache.model is None:
+                self.cache.model = load_sam(self.corpus.model_dir("sam", self.version))
+            wanted = set(keys)
+            images = [(s["__key__"], decode_image(s))
+                      for s in iter_tar(self.corpus.image_shard(shard)) if s["__key__"] in wanted]
+            n = self.cache.ensure_shard(shard, images)
+            self.cache.drop_shard(keys)
+            return {"shard": shard, "computed": n}
+        except Exception as exc:  # noqa: BLE001 - failures are data; the server encodes instead
+            return {"shard": shard, "error": f"{type(exc).__name__}: {exc}"}
 
 
 PRECOMPUTE_MODES = ("ray", "local", "off")
 
 
 def precompute(corpus: Corpus, version: str, shard_keys: dict[str, list[str]],
-               mode: str = "ray", num_cpus: float = 1.0) -> list[dict[str, Any]]:
-    """Fill ``ROOT/embeddings/<version>/`` for the queued images of a people round, one task per
-    image shard: on the Ray cluster (``ray``, through :func:`pipeline.distribute.map_tasks`),
-    in this process (``local``) or not at all (``off``: the server encodes on demand)."""
+               mode: str = "ray", num_cpus: float = 1.0, num_gpus: float = 0.0,
+               num_actors: int = 2) -> list[dict[str, Any]]:
+    """Fill ``ROOT/embeddings/<version>/`` for the queued images of a people round, one image
+    shard per work unit: on a Ray actor pool of :class:`EmbeddingWorker` (``ray``), in this
+    process (``local``) or not at all (``off``: the server encodes on demand)."""
     if mode not in PRECOMPUTE_MODES:
         raise ValueError(f"precompute mode {mode!r}: allowed {PRECOMPUTE_MODES}")
     items = sorted(shard_keys.items())
     if mode == "off" or not items:
         return []
     if mode == "local":
-        return [_embedding_task(i, root=corpus.root, version=version) for i in items]
-    from pipeline.distribute import map_tasks
+        worker = EmbeddingWorker(corpus.root, version)
+        return [worker(i) for i in items]
+    import ray
+    from ray.util import ActorPool
 
-    results = map_tasks(_embedding_task, items, num_cpus=num_cpus, root=corpus.root,
-                        version=version)
+    from pipeline.distribute import ensure_ray
+
+    ensure_ray()
+    cls = ray.remote(EmbeddingWorker).options(num_cpus=num_cpus, num_gpus=num_gpus)
+    actors = [cls.remote(corpus.root, version) for _ in range(min(num_actors, len(items)))]
+    try:
+        results = list(ActorPool(actors).map_unordered(lambda a, i: a.__call__.remote(i), items))
+    finally:
+        for a in actors:
+            ray.kill(a)
     for r in results:
         if "error" in r:
-            logger.warning("embedding precompute failed for %s: %s", r["item"][0], r["error"])
-    return results
+            logger.warning("embedding precompute failed for %s: %s", r["shard"], r["error"])
+    return sorted(results, key=lambda r: r["shard"])
