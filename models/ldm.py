@@ -194,7 +194,11 @@ def load_vae(path: str, config: str | None = None):
         vae = build_vae(config)
         state = load_file(path)
         state = {k.removeprefix("vae."): v for k, v in state.items()}
-        missing, unexpected = vae.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = vae.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise ValueError(f"{path}: weights do not fit config {config!r} (missing or "
+                             f"mismatched): {str(exc)[:300]}") from exc
         if missing:
             raise ValueError(f"{path}: {len(missing)} weights missing for config {config!r} "
                              f"(e.g. {missing[:3]}); is it in diffusers layout?")

@@ -109,7 +109,7 @@ def vae_losses(vae, images: torch.Tensor, kl_weight: float,
     rec = vae.decode(z).sample
     l1 = (rec - images).abs().mean()
     kl = dist.kl().mean() / images[0].numel()
-    return l1 + kl_weight * kl, {"l1": float(l1), "kl": float(kl)}, rec
+    return l1 + kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach())}, rec
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -159,10 +159,10 @@ def _train_loop(config: dict[str, Any]) -> None:
             opts["disc_opt"].zero_grad(set_to_none=True)
             d_loss.backward()
             opts["disc_opt"].step()
-            parts["disc"] = float(d_loss)
+            parts["disc"] = float(d_loss.detach())
         last = step == cfg.steps - 1
         ckpt = last or (step + 1) % cfg.checkpoint_every == 0
-        metrics = {"step": step, "loss": float(loss), **parts,
+        metrics = {"step": step, "loss": float(loss.detach()), **parts,
                    "images_per_s": (step + 1 - start) * cfg.batch_size * ctx.world_size
                    / max(time.time() - t0, 1e-9)}
         if ckpt or step % 10 == 0:

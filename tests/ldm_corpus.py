@@ -87,3 +87,31 @@ def make_corpus(root: str, shards: int = 3, per_shard: int = 6, holdout_every: i
     splits.record(corpus, "synthetic", split_rows, {})
     writer.finish({"images": n})
     return out
+
+
+def publish_random_vae(root: str, name: str = "test-f4", resolution: int = 32) -> str:
+    """Publish a random-weight registry VAE as the corpus' next VAE version (no training);
+    returns the version."""
+    import tempfile
+
+    import torch
+
+    from models.ldm import build_vae
+    from pipeline.train_vae import TrainVaeConfig, train_vae
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_vae(name).save_pretrained(tmp)
+        info = train_vae(root, TrainVaeConfig(vae=name, pretrained=tmp, resolution=resolution,
+                                              scale_samples=16, psnr_images=4, batch_size=8))
+    return info["version"]
+
+
+def corpus_with_latents(root: str, **corpus_kw) -> dict:
+    """A synthetic corpus, a published random VAE and its latents (in-process, no Ray)."""
+    from pipeline.latents import LatentsConfig, compute_latents
+
+    keys = make_corpus(root, **corpus_kw)
+    version = publish_random_vae(root)
+    summary = compute_latents(root, LatentsConfig(resolution=32, batch_size=8, use_ray=False))
+    return {"keys": keys, "vae": version, "latents": summary}
