@@ -1,7 +1,9 @@
 """SAM training samples: image shards joined with the annotation shards of the accepted rounds.
 
 :func:`plan_training_data` decides, on the driver, what a SAM training run may read: every
-complete round (round 0, the imported ground truth, only with ``train_on_imported``), minus the
+complete round (round 0, the imported ground truth, only with ``train_on_imported``; with
+``imported_only_annotated`` only on the images the used rounds worked on, the simulated
+counterpart of annotators finishing masks with brush/eraser tools), minus the
 masks and images rejected by curation (:mod:`pipeline.curation`), minus every key whose split in
 ``ROOT/splits/`` is not ``train`` (held-out keys never reach a trainer; keys without a split are
 left out too). The plan is a small JSON-able :class:`TrainingPlan` (rounds, shards, allowed mask
@@ -116,7 +118,11 @@ def plan_training_data(corpus: Corpus, cfg: DataConfig | None = None) -> Trainin
         table = table.filter(pc.is_in(table["stage"], value_set=pa.array(list(cfg.stages), "string")))
         excluded["stage"] = n0 - table.num_rows
     if cfg.train_on_imported and cfg.imported_only_annotated and table.num_rows:
-        covered = pc.unique(table.filter(pc.not_equal(table["round"], 0))["key"])
+        covered = set(table.filter(pc.not_equal(table["round"], 0))["key"].to_pylist())
+        for r in used:  # images a round worked on (even those whose masks were discarded)
+            info = rounds.round_info(corpus, r) if r else None
+            covered.update(((info or {}).get("config") or {}).get("keys") or [])
+        covered = pa.array(sorted(covered), pa.string())
         keep = pc.or_(pc.not_equal(table["round"], 0), pc.is_in(table["key"], value_set=covered))
         excluded["imported_not_annotated"] = table.num_rows - int(pc.sum(keep).as_py() or 0)
         table = table.filter(keep)

@@ -1,0 +1,153 @@
+"""The whole SAM data engine on the real samples, from random weights, on this CPU.
+
+One command::
+
+    python benchmarks/bench_engine.py [--data ../shared/data] [--out /tmp/bench-engine]
+
+Shards ``coco128-seg`` + coco-mini ``train2017`` (training split, 208 images) and coco-mini
+``val2017`` (held out; its 79 annotated images are the evaluation ground truth), then runs the
+engine (:mod:`pipeline.engine`) with the protocol frozen in :data:`PROTOCOL` (written to
+``OUT/protocol.json`` before anything runs; a re-run with ``--out`` of an interrupted run resumes
+and refuses a changed protocol): assisted-manual rounds, then a semi-automatic round, each on the
+next slice of training images, each followed by retraining (Ray Train), held-out evaluation (with
+the no-model reference: discs painted at the clicks, radius tuned on training images) and the
+promotion gate. Prints the per-round table (every row with the no-model reference) and ends with::
+
+    RESULT rounds=N clicks50_first=X clicks50_last=Y reduction50=X/Y clicks75_first=P
+    clicks75_last=Q miou1_first=A miou1_last=B recall50_first=C recall50_last=D nomodel_clicks50=E
+
+``clicks50_*`` / ``clicks75_*`` / ``miou1_*`` are the held-out NoC@50 / NoC@75 / mIoU@1 of the
+model used in the first and in the last assisted round; ``recall50_*`` the held-out automatic
+generation recall at IoU 0.5 of the first model and of the engine's final (promoted) model.
+Target: ``reduction50 >= 1.5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# The protocol, frozen before the run (see the module docstring).
+PROTOCOL = {
+    "shard": {"samples_per_shard": 32, "task_cpus": 0.5,
+              "image": {"resize_mode": "keep_ratio", "image_size": 320}},
+    "engine": {
+        "name": "bench",
+        "stages": [{"stage": "manual", "rounds": 3}, {"stage": "semi", "rounds": 1}],
+        "images_per_round": 52,
+        "only_with_ground_truth": True,
+        "init": "random", "model": "tiny", "seed": 0,
+        "annotate": {
+            "annotator": {"target_iou": 0.75, "max_clicks": 20, "accept_iou": 0.5,
+                          "image_budget_seconds": 120.0, "max_objects_per_image": 8},
+            "num_actors": 2, "num_cpus": 0.5, "torch_threads": 1,
+            "semi_amg": {"points_per_side": 8, "pred_iou_thresh": 0.88,
+                         "stability_score_thresh": 0.92},
+        },
+        "train": {
+            "model": "tiny", "steps": 150, "batch_images": 4, "masks_per_image": 4,
+            "min_mask_area": 64, "lr": 5e-4, "weight_decay": 0.05, "warmup_steps": 20,
+            "min_lr_factor": 0.2, "checkpoint_every": 50, "log_every": 10,
+            "recipe": {"iterations": 6, "mask_only_iterations": 1, "paint_clicks": True,
+                       "click_radius": 10.0, "paint_first_prob": 0.5},
+            "data": {"train_on_imported": True, "imported_only_annotated": True},
+            "scale": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 2},
+        },
+        "eval": {"max_clicks": 20, "thresholds": [0.5, 0.75, 0.85, 0.9],
+                 "at_clicks": [1, 3, 5], "max_objects_per_image": 4,
+                 "amg_points_per_side": 8, "amg_pred_iou_thresh": 0.6,
+                 "amg_stability_score_thresh": 0.85},
+    },
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--out", default="/tmp/bench-engine")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("ray", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    proto_file = out / "protocol.json"
+    if proto_file.exists() and json.loads(proto_file.read_text()) != PROTOCOL:
+        raise SystemExit(f"{proto_file} holds a different protocol: use a new --out")
+    proto_file.write_text(json.dumps(PROTOCOL, indent=1))
+    root = str(out / "corpus")
+    data = Path(args.data)
+    sources = [str(data / "coco128-seg"),
+               str(data / "coco-mini" / "annotations" / "instances_train2017.json"),
+               str(data / "coco-mini" / "annotations" / "instances_val2017.json")]
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+    from pipeline.config import from_dict
+    from pipeline.engine import EngineConfig, run_engine, train_keys
+    from pipeline.layout import Corpus
+    from pipeline.shard import ShardConfig, shard
+
+    t0 = time.time()
+    scfg = from_dict(ShardConfig, {**PROTOCOL["shard"], "holdout_sources": [sources[2]]})
+    summary = shard(sources, root, scfg)
+    n_train = len(train_keys(Corpus(root)))
+    print(f"shard: {summary['ok']} images, {summary['masks']} masks, {n_train} training images "
+          f"with ground truth ({time.time() - t0:.0f} s)", flush=True)
+
+    cfg = from_dict(EngineConfig, PROTOCOL["engine"])
+    t1 = time.time()
+    report = run_engine(root, cfg, progress=lambda s: print(f"[{time.time() - t0:6.0f}s] {s}",
+                                                            flush=True))
+    engine_s = time.time() - t1
+    rows = report["rounds"]
+    hdr = (f"{'round':>5} {'stage':>6} {'model':>6} {'imgs':>4} {'masks/img':>9} "
+           f"{'clk/mask':>8} {'s/mask':>6} {'mIoU@1':>7} {'NoC50':>6} {'NoC75':>6} "
+           f"{'NoC90':>6} {'AMG R50':>7} | {'ref mIoU@1':>10} {'ref NoC50':>9} {'ref NoC75':>9}")
+    print(hdr)
+
+    def f(v, nd=2):
+        return "-" if v is None else f"{v:.{nd}f}"
+
+    for r in rows:
+        print(f"{r['round']:>5} {r['stage']:>6} {r['model_version']:>6} {r['images']:>4} "
+              f"{f(r['masks_per_image']):>9} {f(r['clicks_per_mask']):>8} "
+              f"{f(r['seconds_per_mask'], 1):>6} {f(r['miou1'], 3):>7} {f(r['noc50']):>6} "
+              f"{f(r['noc75']):>6} {f(r['noc90']):>6} {f(r['amg_recall50'], 3):>7} | "
+              f"{f(r['nomodel_miou1'], 3):>10} {f(r['nomodel_noc50']):>9} "
+              f"{f(r['nomodel_noc75']):>9}")
+    final = report["current_eval"]
+    print(f"final model {report['current_version']}: mIoU@1 {f(final.get('miou1'), 3)} NoC50 "
+          f"{f(final.get('noc50'))} NoC75 {f(final.get('noc75'))} NoC90 "
+          f"{f(final.get('noc90'))} AMG R50 {f(final.get('amg_recall50'), 3)}")
+    print(f"engine {engine_s:.0f} s, total {time.time() - t0:.0f} s; report "
+          f"{root}/engine/{cfg.name}/report.md")
+    assisted = [r for r in rows if r["stage"] in ("manual", "semi")]
+    first, last = assisted[0], assisted[-1]
+    red = first["noc50"] / last["noc50"] if last["noc50"] else float("nan")
+    print(f"RESULT rounds={len(rows)} clicks50_first={first['noc50']:.2f} "
+          f"clicks50_last={last['noc50']:.2f} reduction50={red:.2f} "
+          f"clicks75_first={first['noc75']:.2f} clicks75_last={last['noc75']:.2f} "
+          f"miou1_first={first['miou1']:.3f} miou1_last={last['miou1']:.3f} "
+          f"recall50_first={first['amg_recall50']:.3f} "
+          f"recall50_last={final['amg_recall50']:.3f} "
+          f"nomodel_clicks50={first['nomodel_noc50']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

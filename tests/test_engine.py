@@ -1,0 +1,93 @@
+"""The data engine: rounds in stage order with retraining, resumed after an interruption without
+redoing finished rounds; the report is written."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipeline import rounds, storage
+from pipeline.engine import EngineConfig, StagePlan, StepLog, run_engine, train_keys
+from pipeline.layout import Corpus
+from tests.sam_corpus import build_corpus
+
+
+def _cfg(**kw) -> EngineConfig:
+    base = dict(
+        stages=[StagePlan("manual", 2)], images_per_round=3, model="tiny-test",
+        annotate={"use_ray": False, "annotator": {"target_iou": 0.75, "max_clicks": 3}},
+        train={"model": "tiny-test", "steps": 2, "batch_images": 2, "masks_per_image": 2,
+               "checkpoint_every": 2, "log_every": 2,
+               "recipe": {"iterations": 2, "mask_only_iterations": 1},
+               "data": {"train_on_imported": True, "imported_only_annotated": True},
+               "scale": {"num_workers": 1, "cpus_per_worker": 0.5, "torch_threads": 1}},
+        eval={"max_clicks": 3, "at_clicks": [1, 3], "amg_points_per_side": 2,
+              "tune_objects": 4})
+    base.update(kw)
+    return EngineConfig(**base)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="stage"):
+        StagePlan("brush")
+    with pytest.raises(ValueError, match="annotate"):
+        _cfg(annotate={"stage": "manual"})
+    cfg = _cfg()
+    assert cfg.disc_radius == 10.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, monkeypatch):
+    import pipeline.train_sam as train_mod
+
+    root = str(tmp_path / "corpus")
+    info = build_corpus(root, shards=2, per_shard=4)
+    corpus = Corpus(root)
+    keys = train_keys(corpus)
+    assert keys == [k for k in keys if k in set(info["train"])]
+    real = train_mod.train_sam
+    calls = []
+
+    def crash_on_second(root_, cfg_):
+        calls.append(cfg_)
+        if len(calls) == 2:
+            raise RuntimeError("node lost (simulated)")
+        return real(root_, cfg_)
+
+    monkeypatch.setattr(train_mod, "train_sam", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_engine(root, _cfg())
+    log = StepLog(corpus, "engine")
+    kinds = [(r["kind"], r["round_index"]) for r in log.records]
+    assert ("gate", 0) in kinds and ("annotate", 1) in kinds and ("train", 1) not in kinds
+    done_round1 = os.path.getmtime(storage.join(corpus.round_dir(1), "metrics.json"))
+    monkeypatch.setattr(train_mod, "train_sam", real)
+
+    report = run_engine(root, _cfg())
+    log = StepLog(corpus, "engine")
+    kinds = [(r["kind"], r["round_index"]) for r in log.records]
+    for k in ("annotate", "train", "eval", "gate"):
+        assert kinds.count((k, 0)) == 1 and kinds.count((k, 1)) == 1, kinds
+    assert rounds.complete_rounds(corpus) == [0, 1, 2]  # no round redone or added
+    assert os.path.getmtime(storage.join(corpus.round_dir(1), "metrics.json")) == done_round1
+    # slices: the next training images, held-out never annotated
+    r1, r2 = (log.find("annotate", i)["keys"] for i in (0, 1))
+    assert r1 == keys[:3] and r2 == keys[3:6]
+    assert not set(r1 + r2) & set(info["holdout"])
+    # retrained after each round, each version recorded with its rounds and parent
+    versions = corpus.model_versions("sam")
+    assert versions == ["v0001", "v0002", "v0003"]
+    training = storage.read_json(storage.join(corpus.model_dir("sam", "v0003"), "training.json"))
+    assert training["rounds"] == [0, 1, 2]
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for name in ("report.json", "report.md", "report.png"):
+        assert storage.exists(corpus.path("engine", "engine", name))
+    row = report["rounds"][0]
+    assert row["model_version"] == "v0001" and row["nomodel_noc50"] is not None
+    assert row["miou1"] is not None and row["noc90"] is not None
+    # a third run has nothing to do
+    again = run_engine(root, _cfg())
+    assert len(StepLog(corpus, "engine").records) == len(log.records)
+    assert again["rounds"] == report["rounds"]
