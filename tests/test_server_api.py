@@ -332,3 +332,23 @@ def test_cli_tokens_and_refusal_off_loopback(tmp_path):
     assert "carol" in r.output
     r = runner.invoke(app, ["curation", "export", str(tmp_path / "d.jsonl"), "--root", root])
     assert r.exit_code == 0 and "0 decisions" in r.output
+
+
+@pytest.mark.s3
+def test_dashboard_on_s3(s3_bucket, tmp_path, shared_data):
+    """The same pages with the corpus on a real S3-compatible server (moto on 127.0.0.1)."""
+    root = f"{s3_bucket}/corpus"
+    imgs = sorted((shared_data / "coco128-seg/images/train2017").glob("*.jpg"))[:2]
+    build_corpus(root, images=imgs, n_generated=2, masks_per_image=5, images_per_shard=2)
+    api = client(root, tmp_path)
+    o = api.get("/api/overview").json()
+    assert o["images"] == 4 and o["masks"] == 20
+    item = api.get("/api/browse", params={"sort": "area", "order": "desc"}).json()["items"][0]
+    assert len(api.get(f"/api/sample/{item['key']}").json()["masks"]) == 5
+    r = api.get(f"/api/image/{item['key']}")
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size[0] > 0
+    assert api.get(f"/api/maskthumb/{item['mask_id']}").status_code == 200
+    r = api.post("/api/decisions", json={"decisions": [
+        {"target_type": "mask", "target": item["mask_id"], "decision": "reject"}]})
+    assert r.status_code == 200
+    assert item["mask_id"] in curation.rejected_mask_ids(root)
