@@ -128,6 +128,24 @@ def test_unfinished_version_is_resumed_and_gate_rejects_a_regression(tmp_path):
     assert engine_detector_step(root, {}, "manual")["annotate"] == {"proposer": "amg"}
     with pytest.raises(ValueError, match="version"):
         engine_detector_step(root, {"enabled": True, "proposer": {"version": "v1"}}, "semi")
+    # per-category mode takes the corpus' categories for the planned masks
+    from pipeline.train_detector import corpus_categories
+
+    cats, class_of = corpus_categories(plan, corpus)
+    assert cats == ["shape"] and set(class_of) == {m for ms in plan.masks.values() for m in ms}
+    from models.detector import build_detector
+
+    from pipeline.train_detector import make_batch
+    from pipeline.training_data import shard_samples
+    import random
+
+    samples = list(shard_samples(corpus, plan, plan.shards[0]))
+    pix, mask, targets = make_batch(samples, 64, class_of=class_of, min_box_px=4, max_boxes=16,
+                                    hflip=1.0, rng=random.Random(0))
+    assert pix.shape == (len(samples), 3, 64, 64)
+    assert all(len(t["boxes"]) == len(s.masks) for t, s in zip(targets, samples))
+    assert all(((t["boxes"] >= 0) & (t["boxes"] <= 1)).all() for t in targets)
+    assert build_detector("tiny-test", categories=cats).config.num_labels == 1
 
 
 def test_config_validation():
