@@ -30,8 +30,18 @@ def corpus_root(tmp_path_factory, shared_data) -> str:
     # a SAM version with held-out metrics and a sample grid, an LDM run with a loss curve
     vdir = Path(corpus.model_dir("sam", "v0001"))
     vdir.mkdir(parents=True)
-    (vdir / "metrics.json").write_text(json.dumps(
-        {"heldout": {"miou@1": 0.42, "noc@90": 17.5}, "gate": {"promoted": True}}))
+    # the formats of pipeline.eval_sam / pipeline.promotion / pipeline.engine
+    (vdir / "eval-abc123.json").write_text(json.dumps(
+        {"miou1": 0.42, "noc90": 17.5, "nomodel": {"miou1": 0.11, "noc90": 20.0}}))
+    (vdir / "promotion.json").write_text(json.dumps(
+        {"promoted": True, "candidate_metrics": {"miou1": 0.42},
+         "current_metrics": {"miou1": 0.05, "noc90": 19.9}}))
+    (vdir / "metrics.json").write_text(json.dumps({"loss": [3.0, 2.0, 1.5]}))
+    eng = Path(corpus.path("engine", "demo"))
+    eng.mkdir(parents=True)
+    (eng / "report.json").write_text(json.dumps({"name": "demo", "rounds": [
+        {"round": 0, "miou1": 0.3, "noc90": 18.0, "nomodel_miou1": 0.1}]}))
+    Image.new("RGB", (8, 8)).save(eng / "report.png")
     (vdir / "version.json").write_text(json.dumps({"version": "v0001"}))
     ldm = Path(corpus.model_dir("ldm", "v0001"))
     (ldm / "samples").mkdir(parents=True)
@@ -67,8 +77,13 @@ def test_overview(api):
     assert rounds[1]["masks_per_image"] == 12 and rounds[1]["model_version"] == "v0001"
     assert rounds[1]["heldout_miou1"] == pytest.approx(0.42)
     assert rounds[1]["heldout_noc90"] == pytest.approx(17.5)
+    assert rounds[1]["nomodel_miou1"] == pytest.approx(0.11)
+    assert rounds[0]["heldout_miou1"] == pytest.approx(0.3)     # from the engine report
     assert o["sam_models"] == [{"version": "v0001", "miou1": 0.42, "noc90": 17.5,
+                                "nomodel_miou1": 0.11, "nomodel_noc90": 20.0,
                                 "promoted": True}]
+    (rep,) = o["engine_reports"]
+    assert rep["name"] == "demo/report.json" and rep["png"] == "/api/file/engine/demo/report.png"
     assert o["quarantine"]["total"] == 3
     assert dict(o["quarantine"]["reasons"]) == {"truncated JPEG": 2, "zero-byte file": 1}
 
@@ -207,6 +222,11 @@ def test_models_and_files(api):
         r = api.get(f"/api/file/models/ldm/v0001/{p}")
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert api.get("/api/file/models/ldm/v0001/nothere.png").status_code == 404
+    r = api.get("/api/file/engine/demo/report.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert api.get("/api/file/engine/demo/steps.json").status_code == 400
+    assert api.get("/api/file/engine/..%2F..%2Fcuration/report.json").status_code in (400, 404)
+    assert api.get("/api/file/engine/nobody/report.png").status_code == 404
 
 
 @pytest.mark.parametrize("url", [

@@ -354,6 +354,21 @@ def create_app(root: str, config: ServerConfig | None = None) -> FastAPI:
                  "md": "text/plain; charset=utf-8"}[ext]
         return Response(storage.read_bytes(url), media_type=media)
 
+    @app.get("/api/file/engine/{name}/{fname}")
+    def engine_file(name: str, fname: str):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise BadQuery(f"engine name {name!r} is malformed")
+        if fname not in ("report.png", "report.md", "report.json"):
+            raise BadQuery(f"file {fname!r}: allowed report.png, report.md, report.json")
+        from pipeline import storage
+
+        url = corpus.path("engine", name, fname)
+        if not storage.exists(url):
+            raise NotFound(f"engine/{name}/{fname} does not exist")
+        media = {"png": "image/png", "md": "text/plain; charset=utf-8",
+                 "json": "application/json"}[fname.rsplit(".", 1)[1]]
+        return Response(storage.read_bytes(url), media_type=media)
+
     # the annotation tool (issue 9) shares identities, corpus view and renderer
     try:
         from pipeline.server import annotate_api

@@ -147,14 +147,20 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def find_metric(metrics: dict[str, Any], names: tuple[str, ...]) -> float | None:
+def find_metric(metrics: dict[str, Any], names: tuple[str, ...],
+                want_reference: bool = False) -> float | None:
     """A scalar metric by tolerant name (``miou@1``, ``miou_at_1``, ``heldout.mIoU@1`` ...),
-    preferring held-out entries."""
+    preferring held-out entries; ``want_reference`` picks the no-model reference's instead."""
     hits = []
     for path, v in _flatten(metrics).items():
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
-        norm = re.sub(r"[^a-z0-9]", "", path.lower())
+        low = path.lower()
+        if want_reference != any(w in low for w in ("nomodel", "no_model", "reference")):
+            continue
+        if "current" in low:  # a promotion record's figures of the other (current) model
+            continue
+        norm = re.sub(r"[^a-z0-9]", "", low)
         if any(norm.endswith(n) for n in names):
             hits.append((0 if ("held" in norm or "val" in norm) else 1, len(norm), float(v)))
     return sorted(hits)[0][2] if hits else None
@@ -432,15 +438,21 @@ class CorpusView:
         out["per_round"] = self._attach_model_metrics(per_round, models)
         return out
 
-    @staticmethod
-    def _attach_model_metrics(per_round: list[dict[str, Any]],
+    def _attach_model_metrics(self, per_round: list[dict[str, Any]],
                               models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Held-out mIoU@1 / NoC@90 of each round's model: from the model version's eval
+        files, else from the engine report's row for that round."""
         by_version = {m["version"]: m for m in models}
+        engine = self.engine_rounds()
         out = []
         for r in per_round:
-            m = by_version.get(r.get("model_version") or "")
-            out.append({**r, "heldout_miou1": m and m.get("miou1"),
-                        "heldout_noc90": m and m.get("noc90")})
+            m = by_version.get(r.get("model_version") or "") or {}
+            e = engine.get(r["round"], {})
+            pick = (lambda k, ek: m.get(k) if m.get(k) is not None else e.get(ek))
+            out.append({**r, "heldout_miou1": pick("miou1", "miou1"),
+                        "heldout_noc90": pick("noc90", "noc90"),
+                        "nomodel_miou1": pick("nomodel_miou1", "nomodel_miou1"),
+                        "nomodel_noc90": pick("nomodel_noc90", "nomodel_noc90")})
         return out
 
     def _ttl_cached(self, name: str, fn):
@@ -457,17 +469,38 @@ class CorpusView:
         return self._ttl_cached("engine", self._engine_reports)
 
     def _engine_reports(self) -> list[dict[str, Any]]:
+        urls = [(u.rsplit("/", 1)[-1], u, None)
+                for u in storage.listdir(self.corpus.engine, r"[A-Za-z0-9_.-]+\.json")]
+        for d in storage.listdir(self.corpus.engine, r"[A-Za-z0-9_-]+"):
+            rep = storage.join(d, "report.json")
+            if storage.exists(rep):
+                name = d.rsplit("/", 1)[-1]
+                png = storage.exists(storage.join(d, "report.png"))
+                urls.append((f"{name}/report.json", rep,
+                             f"/api/file/engine/{name}/report.png" if png else None))
         out = []
-        for u in storage.listdir(self.corpus.engine, r"[A-Za-z0-9_.-]+\.json"):
+        for name, u, png in urls:
             try:
-                out.append({"name": u.rsplit("/", 1)[-1], "report": storage.read_json(u)})
+                out.append({"name": name, "report": storage.read_json(u), "png": png})
             except Exception as exc:  # noqa: BLE001
-                out.append({"name": u.rsplit("/", 1)[-1], "error": str(exc)})
+                out.append({"name": name, "error": str(exc), "png": png})
+        return out
+
+    def engine_rounds(self) -> dict[int, dict[str, Any]]:
+        """Per-round rows of the engine reports (``rounds`` lists), by round number."""
+        out: dict[int, dict[str, Any]] = {}
+        for rep in self.engine_reports():
+            rows = (rep.get("report") or {}).get("rounds") if isinstance(rep.get("report"),
+                                                                         dict) else None
+            for row in rows or []:
+                if isinstance(row, dict) and isinstance(row.get("round"), int):
+                    out[row["round"]] = row
         return out
 
     def sam_metrics(self) -> list[dict[str, Any]]:
         """Held-out mIoU@1 / NoC@90 per SAM version (from its metrics JSON files)."""
         return [{"version": m["version"], "miou1": m["miou1"], "noc90": m["noc90"],
+                 "nomodel_miou1": m["nomodel_miou1"], "nomodel_noc90": m["nomodel_noc90"],
                  "promoted": m["promoted"]} for m in self.models("sam")]
 
     def models(self, kind: str) -> list[dict[str, Any]]:
@@ -500,6 +533,8 @@ class CorpusView:
                 + sorted(f"samples/{n.rsplit('/', 1)[-1]}" for n in storage.listdir(
                     storage.join(u, "samples"), r"[A-Za-z0-9_.-]+\.(png|jpg)")),
                 "miou1": find_metric(merged, MIOU1), "noc90": find_metric(merged, NOC90),
+                "nomodel_miou1": find_metric(merged, MIOU1, want_reference=True),
+                "nomodel_noc90": find_metric(merged, NOC90, want_reference=True),
                 "promoted": promoted,
             })
         return out

@@ -98,11 +98,11 @@ async function pageOverview() {
     ${lineChart("held-out mIoU@1", rounds, pr.map((r) => r.heldout_miou1), {color: "#2ca02c"})}
     ${lineChart("held-out NoC@90", rounds, pr.map((r) => r.heldout_noc90), {color: "#ff7f0e"})}
   </div>
-  <h3>Rounds</h3>${table(pr, [["round", "round", (r) => `<a href="#/browse?round=${r.round}">${r.round}</a>`], ["stage", "stage"], ["model_version", "model"], ["complete", "complete"], ["images", "images"], ["masks", "masks"], ["masks_per_image", "masks/img"], ["clicks_per_mask", "clicks/mask"], ["seconds_per_mask", "s/mask"], ["prefilled", "pre-filled"], ["heldout_miou1", "mIoU@1"], ["heldout_noc90", "NoC@90"]])}
+  <h3>Rounds</h3>${table(pr, [["round", "round", (r) => `<a href="#/browse?round=${r.round}">${r.round}</a>`], ["stage", "stage"], ["model_version", "model"], ["complete", "complete"], ["images", "images"], ["masks", "masks"], ["masks_per_image", "masks/img"], ["clicks_per_mask", "clicks/mask"], ["seconds_per_mask", "s/mask"], ["prefilled", "pre-filled"], ["heldout_miou1", "mIoU@1"], ["heldout_noc90", "NoC@90"], ["nomodel_miou1", "no-model mIoU@1"], ["nomodel_noc90", "no-model NoC@90"]])}
   ${progress}
-  <h3>SAM versions</h3>${table(o.sam_models, [["version", "version"], ["miou1", "held-out mIoU@1"], ["noc90", "NoC@90"], ["promoted", "promoted"]])}
+  <h3>SAM versions</h3>${table(o.sam_models, [["version", "version"], ["miou1", "held-out mIoU@1"], ["noc90", "NoC@90"], ["nomodel_miou1", "no-model mIoU@1"], ["nomodel_noc90", "no-model NoC@90"], ["promoted", "promoted"]])}
   <h3>Quarantine</h3>${table(o.quarantine.reasons.map(([reason, n]) => ({reason, n})), [["reason", "reason"], ["n", "count"]])}
-  ${o.engine_reports.length ? `<h3>Engine reports</h3>` + o.engine_reports.map((r) => `<details><summary>${esc(r.name)}</summary><pre>${esc(JSON.stringify(r.report ?? r.error, null, 1))}</pre></details>`).join("") : ""}`;
+  ${o.engine_reports.length ? `<h3>Engine reports</h3>` + o.engine_reports.map((r) => `<details ${r.png ? "open" : ""}><summary>${esc(r.name)}</summary>${r.png ? `<img src="${esc(r.png)}" style="max-width:900px" alt="engine report plot">` : ""}<pre>${esc(JSON.stringify(r.report ?? r.error, null, 1))}</pre></details>`).join("") : ""}`;
 }
 
 // ---------------------------------------------------------------- browse
