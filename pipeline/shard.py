@@ -115,8 +115,9 @@ def _imported_annotations(item: dict[str, Any], geometry, uri: str, key: str, sh
             continue  # cropped away or too small after resize
         rle = encode(stored)
         # Ids are per image (1..n): the manifest's ann_id is int32, COCO crowd ids are not.
-        out.append({"id": len(out) + 1, "source_id": ann["id"], "segmentation": rle, "bbox": bbox(rle),
-                    "area": area(rle), "predicted_iou": 1.0, "stability_score": 1.0,
+        out.append({"id": len(out) + 1, "source_id": ann["id"], "segmentation": rle,
+                    "bbox": bbox(rle), "area": area(rle), "predicted_iou": 1.0,
+                    "stability_score": 1.0,
                     "point_coords": [], "crop_box": [0, 0, geometry.size[0], geometry.size[1]],
                     "stage": "imported", "round": 0, "model_version": "", "clicks": [],
                     "annotator": item["annotator"], "seconds": 0.0,
