@@ -128,6 +128,7 @@ class SamService:
         self.decoder = decoder
         self.cache_dir = cache_dir
         self._onnx: dict[str, OnnxDecoder | None] = {}
+        self._onnx_lock = threading.Lock()
         self.device = device or None
         self.max_models = max_models
         self.max_embeddings = max_embeddings
@@ -242,7 +243,7 @@ class SamService:
     def _onnx_decoder(self, version: str, model: Any) -> OnnxDecoder | None:
         if self.decoder == "torch" or self.device not in (None, "cpu"):
             return None
-        with self._lock:
+        with self._onnx_lock:  # not self._lock: an export takes seconds
             if version in self._onnx:
                 return self._onnx[version]
             try:
@@ -266,18 +267,27 @@ class SamService:
 
     def prefetch(self, version: str,
                  items: list[tuple[str, Callable[[], np.ndarray], str | None]]) -> None:
-        """Encode these images in a background thread (skipping ones already known)."""
+        """Load the model and its decoder, and encode these images (unless cached), in a
+        background thread, so the first click finds everything ready."""
         todo = []
         with self._lock:
+            warm = version not in self._onnx and (version, "warm") not in self._pending
+            if warm:
+                self._pending.add((version, "warm"))
             for key, fn, shard in items:
                 k = (version, key)
                 if k not in self._emb and k not in self._pending:
                     self._pending.add(k)
                     todo.append((key, fn, shard))
-        if not todo:
+        if not todo and not warm:
             return
 
         def run() -> None:
+            if warm:
+                try:
+                    self._onnx_decoder(version, self.model(version))
+                except Exception as exc:  # noqa: BLE001 - the foreground path reports it
+                    logger.warning("warming SAM %s failed: %s", version, exc)
             for key, fn, shard in todo:
                 try:
                     self.embedding(version, key, fn, shard)
