@@ -170,7 +170,7 @@ def copy_paste(target: Sample, donors: Sequence[Sample], rng: random.Random,
 
     Exact masks: a pasted mask is exactly the set of pixels its object replaced; every mask
     below it (the target's own and earlier pasted ones) loses those pixels, and is dropped when
-    fewer than ``min_kept_area`` px remain. Donors with no usable mask are skipped.
+    fewer than ``min_kept_area`` px (at 256) remain. Donors with no usable mask are skipped.
     """
     cfg = cfg or CopyPasteConfig()
     image = target.image.copy()
@@ -209,8 +209,9 @@ def copy_paste(target: Sample, donors: Sequence[Sample], rng: random.Random,
         masks.append(full)
         ids.append(f"paste/{donor.mask_ids[k]}")
         pasted_idx.append(len(masks) - 1)
-    keep = [i for i, m in enumerate(masks) if m.sum() * scale256 >= cfg.min_kept_area
-            or i in pasted_idx]
+    # an object (pasted or not) covered down to under min_kept_area px by later pastes is
+    # dropped; every kept mask is exactly its object's visible pixels
+    keep = [i for i, m in enumerate(masks) if m.any() and m.sum() * scale256 >= cfg.min_kept_area]
     remap = {old: new for new, old in enumerate(keep)}
     out = Sample(f"{target.key}+paste", target.shard, image, [masks[i] for i in keep],
                  [ids[i] for i in keep])
