@@ -131,8 +131,8 @@ def build_targets(model, images, points_per_side: int):
     return data
 
 
-def fit(model, images, steps: int, points_per_side: int = 32, batch: int = 32,
-        lr: float = 1e-3, seed: int = 0) -> dict:
+def fit(model, images, steps: int, points_per_side: int = 32, batch: int = 24,
+        lr: float = 3e-3, seed: int = 0) -> dict:
     """Fit prompt encoder + mask decoder (encoder frozen) to the images' segments."""
     torch.manual_seed(seed)
     t0 = time.time()
@@ -143,6 +143,9 @@ def fit(model, images, steps: int, points_per_side: int = 32, batch: int = 32,
     for p in model.image_encoder.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 40)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
+        0.03 + 0.97 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps)))))
     model.train()
     rng = np.random.default_rng(seed)
     step = 0
@@ -174,6 +177,7 @@ def fit(model, images, steps: int, points_per_side: int = 32, batch: int = 32,
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         step += 1
         if step % 50 == 0:
             bi = true_iou.gather(1, best[:, None]).mean().item()
@@ -198,20 +202,24 @@ def agreement(ours: list[dict], official: list[dict], thr: float = 0.9) -> tuple
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=8, help="real images to benchmark on")
+    ap.add_argument("--images", type=int, default=4, help="real images to benchmark on")
     ap.add_argument("--checkpoint", help="a SAM checkpoint (.pth / .safetensors / saved dir); "
                                          "skips fitting")
     ap.add_argument("--config", default="tiny-test", help=(
         "SAM config of --checkpoint / the fit (default tiny-test: 128 px input, the size whose "
         "fit fits in a few minutes on this shared 2-core machine)"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both generators")
-    ap.add_argument("--fit-steps", type=int, default=1200,
+    ap.add_argument("--fit-steps", type=int, default=2500,
                     help="decoder fitting steps (32 grid-point prompts of one image each)")
     ap.add_argument("--work-dir", default="/tmp/dataengine-bench-amg",
                     help="where the fitted model is cached (re-used when present)")
     ap.add_argument("--crop-n-layers", type=int, default=0)
     ap.add_argument("--min-mask-region-area", type=int, default=0)
     ap.add_argument("--min-official-masks", type=float, default=10.0)
+    ap.add_argument("--pred-iou-thresh", type=float, default=0.88,
+                    help="for BOTH generators (SAM's default 0.88)")
+    ap.add_argument("--stability-score-thresh", type=float, default=0.95,
+                    help="for BOTH generators (SAM's default 0.95)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -232,7 +240,8 @@ def main() -> None:
             save_sam(model, str(cache), extra={"fit": fit_info})
         weights = f"{cache} (fitted {fit_info.get('steps')} steps, {fit_info.get('seconds')} s)"
     model.eval()
-    cfg = AmgConfig(crop_n_layers=args.crop_n_layers,
+    cfg = AmgConfig(crop_n_layers=args.crop_n_layers, pred_iou_thresh=args.pred_iou_thresh,
+                    stability_score_thresh=args.stability_score_thresh,
                     min_mask_region_area=args.min_mask_region_area, max_area_fraction=1.0)
     ours_gen = MaskGenerator(model, cfg)
 
