@@ -27,16 +27,21 @@ append-only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import config as config_mod
 from pipeline import quarantine, splits, storage
@@ -126,6 +131,27 @@ def _imported_annotations(item: dict[str, Any], geometry, uri: str, key: str, sh
     return out
 
 
+def _publish_tar(url: str, samples: Iterable[dict[str, Any]]) -> None:
+    """Publish a tar atomically; a local one is staged beside its final name (no extra copy)."""
+    fs, path = storage.get_fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        write_tar(url, samples)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            with wds.TarWriter(f) as sink:
+                for sample in samples:
+                    sink.write(sample)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def write_one_shard(task: dict[str, Any], root: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Write image shard ``task["shard"]`` (a Ray task body; also runs in-process).
 
@@ -177,7 +203,7 @@ def write_one_shard(task: dict[str, Any], root: str, cfg: dict[str, Any]) -> dic
             yield {"__key__": key, img.ext: img.data,
                    "json": json.dumps(meta, sort_keys=True).encode()}
 
-    write_tar(corpus.image_shard(name), samples())
+    _publish_tar(corpus.image_shard(name), samples())
     quarantine.write(corpus, name, qrows)
     masks = 0
     if records:
