@@ -76,8 +76,8 @@ def test_click_accept_submit_writes_the_round(corpus, tmp_path):
                                                        "box": [10, 20, 300, 400], "seconds": 2})
     assert acc2.status_code == 200, acc2.text
     # remove the second, keep the first
-    assert api.post(f"/api/annotate/{n}/remove", json={"lease_id": lid,
-                                                       "uid": acc2.json()["uid"]}).status_code == 200
+    r = api.post(f"/api/annotate/{n}/remove", json={"lease_id": lid, "uid": acc2.json()["uid"]})
+    assert r.status_code == 200
     sub = api.post(f"/api/annotate/{n}/submit", json={"lease_id": lid}).json()
     assert sub["status"] == "submitted"
     lease2 = api.post(f"/api/annotate/{n}/lease", json={}).json()

@@ -218,7 +218,8 @@ def register(app: FastAPI, corpus: Corpus, view: Any, renderer: Any, cfg: Any) -
         for k in r.order:
             shard_keys.setdefault(r.images[k].shard, []).append(k)
         threading.Thread(target=_precompute, args=(r.model_version, shard_keys),
-                         daemon=True, name="embedding-precompute").start()
+                         daemon=cfg.precompute == "ray",  # local: torch work, let it end
+                         name="embedding-precompute").start()
         return {"round": number, "progress": r.progress()}
 
     def _precompute(version: str, shard_keys: dict[str, list[str]]) -> None:

@@ -43,6 +43,7 @@ PEOPLE_STAGES = ("manual", "semi")
 EVENT_TYPES = ("lease", "accept", "remove", "skip", "submit", "release")
 UID_RE = re.compile(r"[0-9a-f]{32}|p\d{1,5}")
 LEASE_RE = re.compile(r"[0-9a-f]{32}")
+EVENT_FILE_RE = r"\d{17}-[0-9a-f]{8}\.json"
 
 
 class Conflict(Exception):
@@ -190,8 +191,21 @@ class PeopleRound:
         self.written_shards = {s for s in {st.shard for st in self.images.values()}
                                if writer.shard_done(s)}
         now = _now()
+        # one recursive listing for the whole round (not one per image: S3 lists are slow)
+        events_url = storage.join(self.dir, "events")
+        fs, path = storage.get_fs(events_url)
+        try:
+            found = storage.retry(lambda: fs.find(path), what=events_url)
+        except FileNotFoundError:
+            found = []
+        by_key: dict[str, list[str]] = {}
+        for f in found:
+            parts = f.rstrip("/").split("/")
+            if len(parts) >= 2 and re.fullmatch(EVENT_FILE_RE, parts[-1]):
+                by_key.setdefault(parts[-2], []).append(storage.join(events_url, parts[-2],
+                                                                     parts[-1]))
         for key in self.order:
-            for url in storage.listdir(storage.join(self.dir, "events", key), r"\d{17}-[0-9a-f]{8}\.json"):
+            for url in sorted(by_key.get(key, [])):
                 ev = storage.read_json(url)
                 self._apply(ev)
                 lease = self.leases.get(key)

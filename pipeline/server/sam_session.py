@@ -297,7 +297,8 @@ class SamService:
                     with self._lock:
                         self._pending.discard((version, key))
 
-        threading.Thread(target=run, daemon=True, name="sam-prefetch").start()
+        # not a daemon: torch / ONNX Runtime work killed at interpreter exit aborts the process
+        threading.Thread(target=run, daemon=False, name="sam-prefetch").start()
 
     def predict(self, version: str, key: str, image_fn: Callable[[], np.ndarray],
                 points: np.ndarray | None, labels: np.ndarray | None,
