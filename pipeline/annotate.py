@@ -411,8 +411,9 @@ def aggregate(stats: list[dict[str, Any]], stage: str) -> dict[str, Any]:
 
 def _run_on_ray(root: str, cfg: AnnotateConfig, number: int, model_version: str,
                 todo: list[str], on_result: Callable[[dict[str, Any]], None]) -> None:
+    """Shards over an actor pool: one shard in flight per actor; a failed shard (error or dead
+    actor) is retried ``cfg.retries`` times on a healthy or replaced actor, then reported."""
     import ray
-    from ray.util import ActorPool
 
     from pipeline.distribute import ensure_ray
 
@@ -420,49 +421,41 @@ def _run_on_ray(root: str, cfg: AnnotateConfig, number: int, model_version: str,
     actor_cls = ray.remote(ShardAnnotator).options(num_cpus=cfg.num_cpus,
                                                    num_gpus=cfg.num_gpus)
     cfg_dict = config_mod.to_dict(cfg)
-    n = min(cfg.num_actors, len(todo))
-    actors = [actor_cls.remote(root, cfg_dict, number, model_version) for _ in range(n)]
+
+    def new_actor() -> Any:
+        return actor_cls.remote(root, cfg_dict, number, model_version)
+
+    idle = [new_actor() for _ in range(min(cfg.num_actors, len(todo)))]
     attempts = {s: 0 for s in todo}
     queue = list(todo)
+    running: dict[Any, tuple[str, Any]] = {}
     try:
-        while queue:
-            pool = ActorPool(actors)
-            for shard in queue:
-                pool.submit(lambda a, s: a.__call__.remote(s), shard)
-            retry = []
-            while pool.has_next():
-                try:
-                    on_result(pool.get_next_unordered())
-                except Exception as exc:  # noqa: BLE001 - failures are data, retried below
-                    shard = _shard_of_error(exc, queue)
-                    logger.error("round %d: a shard failed: %s", number, exc)
-                    if shard is not None and attempts[shard] < cfg.retries:
-                        attempts[shard] += 1
-                        retry.append(shard)
-                    else:
-                        on_result({"shard": shard, "error": f"{type(exc).__name__}: {exc}"})
-                    actors = [actor_cls.remote(root, cfg_dict, number, model_version)
-                              if _dead(a) else a for a in actors]
-            queue = retry
+        while queue or running:
+            while queue and idle:
+                shard, actor = queue.pop(0), idle.pop()
+                running[actor.__call__.remote(shard)] = (shard, actor)
+            done, _ = ray.wait(list(running), num_returns=1)
+            shard, actor = running.pop(done[0])
+            try:
+                on_result(ray.get(done[0]))
+                idle.append(actor)
+                continue
+            except ray.exceptions.RayActorError as exc:  # the replica died: replace it
+                logger.error("round %d: actor died on %s: %s", number, shard, exc)
+                error: Exception = exc
+                idle.append(new_actor())
+            except Exception as exc:  # noqa: BLE001 - failures are data, retried below
+                logger.error("round %d: shard %s failed: %s", number, shard, exc)
+                error = exc
+                idle.append(actor)
+            if attempts[shard] < cfg.retries:
+                attempts[shard] += 1
+                queue.append(shard)
+            else:
+                on_result({"shard": shard, "error": f"{type(error).__name__}: {error}"[:2000]})
     finally:
-        for a in actors:
+        for a in idle + [a for _, a in running.values()]:
             ray.kill(a)
-
-
-def _dead(actor: Any) -> bool:
-    import ray
-
-    try:
-        ray.get(actor.__ray_ready__.remote(), timeout=30)
-        return False
-    except Exception:  # noqa: BLE001
-        return True
-
-
-def _shard_of_error(exc: Exception, queue: list[str]) -> str | None:
-    text = str(exc)
-    hits = [s for s in queue if s in text]
-    return hits[0] if len(hits) == 1 else None
 
 
 def run_round(root: str, cfg: AnnotateConfig | None = None,
