@@ -9,7 +9,7 @@ import pytest
 from pipeline import storage
 from pipeline.hungarian import LossConfig
 from pipeline.layout import Corpus
-from pipeline.train_detector import TrainDetectorConfig, train_detector
+from pipeline.train_detector import TrainDetectorConfig
 from pipeline.trainer import ScaleConfig
 from pipeline.training_data import DataConfig
 from tests.sam_corpus import add_round, build_corpus
