@@ -69,11 +69,29 @@ PROTOCOL = {
 }
 
 
+# A smaller frozen protocol for a loaded or slow machine (``--profile quick``): 2 assisted-manual
+# rounds of 30 images, 60 training steps per round, a 20-image / 2-object held-out subset.
+QUICK = json.loads(json.dumps(PROTOCOL))
+QUICK["engine"].update({"name": "bench-quick", "stages": [{"stage": "manual", "rounds": 2}],
+                        "images_per_round": 30})
+QUICK["engine"]["annotate"]["annotator"]["max_objects_per_image"] = 5
+QUICK["engine"]["train"].update({"steps": 60, "warmup_steps": 10, "checkpoint_every": 30})
+QUICK["engine"]["eval"].update({"max_images": 20, "max_objects_per_image": 2,
+                                "tune_objects": 30})
+PROFILES = {"full": PROTOCOL, "quick": QUICK}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--out", default="/tmp/bench-engine")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="full",
+                    help="full: the issue's protocol; quick: a smaller one for loaded machines")
     args = ap.parse_args()
+    protocol = PROFILES[args.profile]
+    import torch
+
+    torch.set_num_threads(1)  # the driver's evaluation/annotation loops: no spinning threads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("ray", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -85,9 +103,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     proto_file = out / "protocol.json"
-    if proto_file.exists() and json.loads(proto_file.read_text()) != PROTOCOL:
+    if proto_file.exists() and json.loads(proto_file.read_text()) != protocol:
         raise SystemExit(f"{proto_file} holds a different protocol: use a new --out")
-    proto_file.write_text(json.dumps(PROTOCOL, indent=1))
+    proto_file.write_text(json.dumps(protocol, indent=1))
     root = str(out / "corpus")
     data = Path(args.data)
     sources = [str(data / "coco128-seg"),
@@ -104,13 +122,13 @@ def main() -> None:
     from pipeline.shard import ShardConfig, shard
 
     t0 = time.time()
-    scfg = from_dict(ShardConfig, {**PROTOCOL["shard"], "holdout_sources": [sources[2]]})
+    scfg = from_dict(ShardConfig, {**protocol["shard"], "holdout_sources": [sources[2]]})
     summary = shard(sources, root, scfg)
     n_train = len(train_keys(Corpus(root)))
     print(f"shard: {summary['ok']} images, {summary['masks']} masks, {n_train} training images "
           f"with ground truth ({time.time() - t0:.0f} s)", flush=True)
 
-    cfg = from_dict(EngineConfig, PROTOCOL["engine"])
+    cfg = from_dict(EngineConfig, protocol["engine"])
     t1 = time.time()
     report = run_engine(root, cfg, progress=lambda s: print(f"[{time.time() - t0:6.0f}s] {s}",
                                                             flush=True))
