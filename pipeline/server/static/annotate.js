@@ -1,7 +1,8 @@
 // dataengine annotate page: SAM-assisted click-to-mask (issue 9). Plain JS.
 // Left click = positive point, right click or shift+click = negative point, drag = box.
 // Keys: a/Enter accept (next object) · z undo · c/Esc clear · 1-3 pick a mask choice ·
-//       s submit image · k skip image · r remove last accepted mask.
+//       s submit image · k skip image · r remove last accepted mask ·
+//       x / e remove / correct the pre-filled mask under the mouse (semi rounds).
 "use strict";
 
 const A = {timer: null, state: null};
@@ -72,7 +73,7 @@ async function annotateRound(round) {
       <p><button id="b-undo">Undo <span class="kbd">z</span></button> <button id="b-clear">Clear <span class="kbd">c</span></button>
          <button id="b-accept" class="ok">Accept <span class="kbd">a</span></button></p>
       <p><button id="b-submit" class="ok">Submit image <span class="kbd">s</span></button> <button id="b-skip" class="no">Skip image <span class="kbd">k</span></button></p>
-      <p class="muted">Left click: positive · right click or shift+click: negative · drag: box · 1-3: pick a mask · r: remove last accepted</p>
+      <p class="muted">Left click: positive · right click or shift+click: negative · drag: box · 1-3: pick a mask · r: remove last accepted${S.prefilled.length ? " · pre-filled under the mouse: x remove, e correct (kept unless removed)" : ""}</p>
       <h3>Accepted (<span id="nacc">0</span>)</h3><div id="acclist"></div>
       ${S.prefilled.length ? `<h3>Pre-filled by the model (<span id="npre"></span>)</h3><div id="prelist"></div>` : ""}
     </div>
@@ -155,7 +156,11 @@ async function annotateRound(round) {
   cv.addEventListener("contextmenu", (ev) => ev.preventDefault());
   cv.addEventListener("mousedown", (ev) => { const [x, y] = toImg(ev); drag = {x, y, button: ev.button, shift: ev.shiftKey, moved: false, rect: null}; });
   cv.addEventListener("mousemove", (ev) => {
-    if (!drag) return;
+    if (!drag) {  // hover over a pre-filled mask: x removes it, e corrects it
+      const [hx, hy] = toImg(ev).map(Math.floor);
+      S.hoverPre = S.prefilled.find((p) => { const b = p.box, lx = hx - b.x0, ly = hy - b.y0; return lx >= 0 && ly >= 0 && lx < b.w && ly < b.h && b.bits[ly * b.w + lx]; }) || null;
+      return;
+    }
     const [x, y] = toImg(ev);
     if (Math.abs(x - drag.x) + Math.abs(y - drag.y) > 8 && drag.button === 0) {
       drag.moved = true;
@@ -176,17 +181,18 @@ async function annotateRound(round) {
     const rm = ev.target.closest("button[data-remove]");
     if (rm) { removeMask(rm.dataset.remove); return; }
     const co = ev.target.closest("button[data-correct]");
-    if (co) {
-      const p = S.prefilled.find((q) => q.uid === co.dataset.correct);
-      removeMask(p.uid).then(() => {
+    if (co) correctPre(S.prefilled.find((q) => q.uid === co.dataset.correct));
+  });
+  const correctPre = (p) => {
+    if (!p) return;
+    removeMask(p.uid).then(() => {
         clear();
         const b = p.box;
         S.replaces = p.uid;
         S.box = [b.x0, b.y0, Math.min(W, b.x0 + b.w), Math.min(H, b.y0 + b.h)];
         prompt();
       });
-    }
-  });
+  };
   $("#b-undo").onclick = undo; $("#b-clear").onclick = clear; $("#b-accept").onclick = accept;
   $("#b-submit").onclick = () => finish(false); $("#b-skip").onclick = () => finish(true);
   document.onkeydown = (ev) => {
@@ -198,6 +204,8 @@ async function annotateRound(round) {
     else if (k === "s") finish(false);
     else if (k === "k") finish(true);
     else if (k === "r" && S.accepted.length) removeMask(S.accepted[S.accepted.length - 1].uid);
+    else if (k === "x" && S.hoverPre) { removeMask(S.hoverPre.uid); S.hoverPre = null; }
+    else if (k === "e" && S.hoverPre) { correctPre(S.hoverPre); S.hoverPre = null; }
     else if (["1", "2", "3"].includes(k) && S.preds && S.preds.length > +k - 1) { S.choice = +k - 1; draw(); refreshPanel(); }
   };
   if (A.timer) clearInterval(A.timer);
