@@ -82,7 +82,7 @@ def _to_low_res(mask: np.ndarray, input_size: tuple[int, int], img_size: int) ->
     return (t[0, 0] > 0.5).float()
 
 
-def build_targets(model, images, points_per_side: int):
+def build_targets(model, images, points_per_side: int, background: bool = True):
     """Per image: cached features, transformed grid points and each point's low-res target."""
     import cv2
     from segment_anything import SamPredictor
@@ -121,7 +121,7 @@ def build_targets(model, images, points_per_side: int):
                 targets.append(lows[min(cands)[1]])
                 keep.append(i)
                 continue
-            for r in regions:
+            for r in (regions if background else []):
                 if r[ly, lx] > 0:
                     targets.append(r)
                     keep.append(i)
@@ -132,11 +132,11 @@ def build_targets(model, images, points_per_side: int):
 
 
 def fit(model, images, steps: int, points_per_side: int = 32, batch: int = 24,
-        lr: float = 3e-3, seed: int = 0) -> dict:
+        lr: float = 3e-3, seed: int = 0, background: bool = True) -> dict:
     """Fit prompt encoder + mask decoder (encoder frozen) to the images' segments."""
     torch.manual_seed(seed)
     t0 = time.time()
-    data = build_targets(model, images, points_per_side)
+    data = build_targets(model, images, points_per_side, background)
     logger.info("targets: %s points, built in %.1fs", sum(len(d["points"]) for d in data),
                 time.time() - t0)
     params = [*model.mask_decoder.parameters(), *model.prompt_encoder.parameters()]
@@ -216,6 +216,8 @@ def main() -> None:
     ap.add_argument("--crop-n-layers", type=int, default=0)
     ap.add_argument("--min-mask-region-area", type=int, default=0)
     ap.add_argument("--min-official-masks", type=float, default=10.0)
+    ap.add_argument("--objects-only", action="store_true", help=(
+        "fit only points on ground-truth objects (no background-region targets)"))
     ap.add_argument("--pred-iou-thresh", type=float, default=0.88,
                     help="for BOTH generators (SAM's default 0.88)")
     ap.add_argument("--stability-score-thresh", type=float, default=0.95,
@@ -230,13 +232,14 @@ def main() -> None:
         model = build_sam(args.config, args.checkpoint)
         weights = args.checkpoint
     else:
-        cache = Path(args.work_dir) / f"fit-{args.config}-{args.images}img-{args.fit_steps}steps"
+        tag = "-objects" if args.objects_only else ""
+        cache = Path(args.work_dir) / f"fit-{args.config}-{args.images}img-{args.fit_steps}steps{tag}"
         if (cache / "config.json").exists():
             model = load_sam(str(cache))
             fit_info = json.loads((cache / "config.json").read_text()).get("fit", {})
         else:
             model = build_sam(args.config, seed=0)
-            fit_info = fit(model, images, args.fit_steps)
+            fit_info = fit(model, images, args.fit_steps, background=not args.objects_only)
             save_sam(model, str(cache), extra={"fit": fit_info})
         weights = f"{cache} (fitted {fit_info.get('steps')} steps, {fit_info.get('seconds')} s)"
     model.eval()
