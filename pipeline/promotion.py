@@ -16,7 +16,6 @@ promoted when ``promote_first``). Decisions are data, recorded append-only:
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,9 +130,3 @@ def gate(corpus: Corpus, candidate: str, candidate_metrics: dict[str, Any],
                   current_metrics=current_metrics if current else None, protocol=protocol,
                   who=who)
 
-
-def version_number(name: str) -> int:
-    m = re.fullmatch(r"v(\d+)", name)
-    if not m:
-        raise ValueError(f"{name!r} is not a version")
-    return int(m.group(1))
