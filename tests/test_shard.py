@@ -266,11 +266,11 @@ class _SlowAfterFirstGet(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path):
     www = tmp_path / "www"
     www.mkdir()
-    files = sorted((shared_data / "coco128-seg" / "images" / "train2017").glob("*.jpg"))[:40]
+    files = sorted((shared_data / "coco128-seg" / "images" / "train2017").glob("*.jpg"))[:20]
     for f in files:
         shutil.copy(f, www / f.name)
     handler = functools.partial(_SlowAfterFirstGet, directory=str(www))
@@ -286,11 +286,12 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
     args = ["shard", src, "--root", str(root), "--samples-per-shard", "5",
             "--resize", "keep_ratio", "--image-size", "320"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    log = open(tmp_path / "killed-run.log", "wb")
     proc = subprocess.Popen([sys.executable, "-c", "from pipeline.cli import app; app()", *args],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     images = root / "images"
-    deadline = time.time() + 240
+    deadline = time.time() + 400  # generous: the run starts a driver and connects to Ray
     while time.time() < deadline and proc.poll() is None:
         if len(list(images.glob("*.done.json"))) >= 2:
             break
@@ -299,7 +300,9 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its job die mid-run
     proc.wait()
     done_before = sorted(p.name for p in images.glob("*.done.json"))
-    assert done_before == ["shard-000000.done.json", "shard-000001.done.json"]
+    log.close()
+    assert done_before == ["shard-000000.done.json", "shard-000001.done.json"], \
+        (tmp_path / "killed-run.log").read_text()[-3000:]
     assert not (images / "index.parquet").exists()
     plan_before = {json.loads((images / n).read_text())["plan"] for n in done_before}
 
@@ -309,11 +312,11 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
     s = shard([src], str(root), cfg)
     server.shutdown()
     assert plan_before == {s["plan"]}  # the same plan was recomputed
-    assert (s["shards_skipped"], s["shards_written"], s["ok"]) == (2, 6, 40)
+    assert (s["shards_skipped"], s["shards_written"], s["ok"]) == (2, 2, 20)
     assert not s["failed_shards"]
     keys = load_index(str(root)).column("key").to_pylist()
     expect = {content_key(f.read_bytes())[0] for f in files}
-    assert len(keys) == len(set(keys)) == 40 and set(keys) == expect
+    assert len(keys) == len(set(keys)) == 20 and set(keys) == expect
     all_samples = [x["__key__"] for x in iter_corpus(str(root), decode=None)]
     assert sorted(all_samples) == sorted(keys)
-    assert len(list(images.glob("shard-*.tar"))) == 8
+    assert len(list(images.glob("shard-*.tar"))) == 4
