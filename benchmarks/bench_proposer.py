@@ -18,8 +18,9 @@ coco-mini val2017 held out), in one run:
 
 A third row, ``detr-nofilter``, keeps every SAM mask of the detector's boxes (no predicted-IoU /
 stability filter): what the boxes alone would cover. Printed per proposer: ground-truth recall of the pre-fill at IoU 0.5 (from the round's records
-against round 0), pre-filled masks per image, annotator clicks per image, annotator seconds per
-image (the simulated cost model) and compute seconds per image. The run directory
+against round 0), pre-filled masks per image, annotator clicks per image and annotator seconds
+per image (the simulated cost model; objects worked on and discarded included) and compute
+seconds per image; and the detector's boxes alone (GT box recall at IoU 0.5). The run directory
 (``--work``) is reused: finished steps are skipped on a re-run.
 
 Run: ``python benchmarks/bench_proposer.py`` (tens of CPU minutes on 2 cores at the defaults;
@@ -192,6 +193,17 @@ def prefill_figures(root: str, number: int) -> dict:
             objects += len(g)
             if g and pre:
                 covered += int((mu.iou_matrix(pre, g).max(axis=0) >= 0.5).sum())
+    # objects the annotator worked on but discarded (final IoU under accept_iou) cost clicks
+    # too: their seconds are in the round's stats; clicks follow from the cost model
+    from pipeline import storage
+    from pipeline.annotators import CostModel
+
+    metrics = storage.read_json(storage.join(corpus.round_dir(number), "metrics.json"))
+    cost = CostModel(**(metrics.get("config", {}).get("annotator", {}).get("cost") or {}))
+    d_n, d_s = metrics.get("discarded", 0), metrics.get("discarded_seconds", 0.0)
+    fixed = cost.seconds_per_object + cost.seconds_per_review
+    clicks += round((d_s - d_n * fixed) / cost.seconds_per_click) if cost.seconds_per_click else 0
+    seconds += d_s
     n = max(images, 1)
     return {"images": images, "gt_objects": objects,
             "recall50": covered / objects if objects else 0.0,
@@ -328,7 +340,7 @@ def main() -> None:
                                                        "box_threshold": args.box_threshold,
                                                        "pred_iou_thresh": 0.0,
                                                        "stability_score_thresh": 0.0}})):
-        m = run_round_once(root, f"semi-{tag}-{sam_model}", AnnotateConfig(
+        m = run_round_once(root, f"semi-{tag}-{sam_model}-{args.box_threshold}", AnnotateConfig(
             stage="semi", model=sam_model, keys=semi_keys, **base, **extra))
         f = prefill_figures(root, m["round"])
         f["compute_seconds_per_image"] = m["compute_seconds"] / max(m["images"], 1)

@@ -208,9 +208,12 @@ def version_metrics(corpus: Corpus, version: str) -> dict[str, Any] | None:
 
 
 def gate(corpus: Corpus, candidate: str, metrics: dict[str, Any], cfg: Any = None, *,
-         who: str = "train-detector") -> dict[str, Any]:
+         who: str = "train-detector", first_min: dict[str, float] | None = None
+         ) -> dict[str, Any]:
     """Decide on ``candidate`` with the SAM gate's rule (:func:`pipeline.promotion.decide`)
-    against the promoted detector and record it append-only in
+    against the promoted detector (a first version must also reach ``first_min``, e.g.
+    ``{"ap50": 0.01}``, so a detector that finds nothing never replaces AMG) and record it
+    append-only in
     ``ROOT/models/detector/promotions/`` and ``vNNNN/promotion.json``."""
     import time
 
@@ -228,6 +231,11 @@ def gate(corpus: Corpus, candidate: str, metrics: dict[str, Any], cfg: Any = Non
         verdict = {"promoted": False, "checks": [],
                    "reason": "first version detects nothing on the held-out split "
                              f"({ {m: metrics.get(m) for m in cfg.metrics} })"}
+    low = {m: v for m, v in (first_min or {}).items() if float(metrics.get(m, -1)) < float(v)}
+    if current is None and verdict["promoted"] and low:
+        verdict = {"promoted": False, "checks": [],
+                   "reason": f"first version under the floor {first_min}: "
+                             f"{ {m: metrics.get(m) for m in low} }"}
     seq = len(decisions(corpus)) + 1
     rec = {"seq": seq, "candidate": candidate, "current": current,
            "promoted": bool(verdict["promoted"]), "reason": verdict["reason"],

@@ -75,6 +75,7 @@ class TrainDetectorConfig:
     sync_gradients: bool = True         # False only for control runs
     eval_max_images: int = 0            # 0 = every held-out image with ground truth
     gate: dict[str, Any] = field(default_factory=dict)   # pipeline.promotion.GateConfig fields
+    first_min: dict[str, float] = field(default_factory=lambda: {"ap50": 0.01})  # 1st version
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
@@ -399,7 +400,8 @@ def train_detector(root: str, config: TrainDetectorConfig | None = None) -> dict
                "final_loss": final.get("loss"), "train_seconds": train_seconds,
                "workers": cfg.scale.num_workers, "heldout": heldout, "history": history}
     storage.write_json(storage.join(vdir, "metrics.json"), metrics)
-    decision = eval_detector.gate(corpus, version, heldout, eval_detector.gate_config(**cfg.gate))
+    decision = eval_detector.gate(corpus, version, heldout, eval_detector.gate_config(**cfg.gate),
+                                  first_min=cfg.first_min)
     storage.write_json(storage.join(vdir, "version.json"),
                        {"kind": "detector", "version": version, "parent": parent,
                         "model": det_cfg.name, "rounds": plan.rounds, "masks": plan.n_masks,

@@ -106,6 +106,9 @@ def test_unfinished_version_is_resumed_and_gate_rejects_a_regression(tmp_path):
     assert eval_detector.current_detector(corpus) is None
     nothing = {"ap": 0.0, "ap50": 0.0, "ar100": 0.0}
     assert not eval_detector.gate(corpus, "v0001", nothing)["promoted"]
+    weak = {"ap": 0.0002, "ap50": 0.001, "ar100": 0.02}
+    d0 = eval_detector.gate(corpus, "v0004", weak, first_min={"ap50": 0.01})
+    assert not d0["promoted"] and "floor" in d0["reason"]
     good = {"ap": 0.5, "ap50": 0.8, "ar100": 0.6}
     bad = {"ap": 0.1, "ap50": 0.2, "ar100": 0.3}
     storage.write_json(storage.join(corpus.model_dir("detector", "v0002"), "metrics.json"),
@@ -116,7 +119,7 @@ def test_unfinished_version_is_resumed_and_gate_rejects_a_regression(tmp_path):
     assert not d["promoted"] and "regressed" in d["reason"]
     assert eval_detector.current_detector(corpus) == "v0002"
     assert eval_detector.gate(corpus, "v0003", good) == d, "a version is gated once"
-    assert len(eval_detector.decisions(corpus)) == 3
+    assert len(eval_detector.decisions(corpus)) == 4
     # the engine hook without retraining picks the promoted version (or amg when disabled)
     from pipeline.train_detector import engine_detector_step
 
