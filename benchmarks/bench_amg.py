@@ -15,8 +15,12 @@ and the prompt encoder + mask decoder (incl. the IoU head) learn, from single gr
 the round-0 ground-truth object under each grid point (the smallest COCO instance containing it)
 or, for points on no object, the connected background region containing it; loss = SAM's focal +
 dice on the best of the 3 multimask outputs + MSE of the IoU head against the true IoU of all 3.
-This memorises these images (it says nothing about generalisation), which is what the benchmark
-needs: a model whose confident, stable masks are real segments of these images. With a real
+The aim is to memorise these images (nothing about generalisation): a model whose confident,
+stable masks are real segments of them. MEASURED (2026-11-24, shared 2-core box at load 20-45):
+2500 steps (tiny-test, 4 images, ~15 min) and 2000 objects-only steps both left the official
+generator at 1.2 masks/image (hundreds of candidates pass the IoU and stability filters, but they
+are near-duplicates that box NMS folds into 1-2 masks), so the >= 10 assertion FAILS here; the
+weights need more fitting steps (try --fit-steps 20000) or a real checkpoint. With a real
 checkpoint (``--checkpoint sam_vit_b_01ec64.pth --config vit_b``) nothing is fitted.
 
 Run: ``python benchmarks/bench_amg.py`` (about 6-10 CPU minutes on 2 cores).
