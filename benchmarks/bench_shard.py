@@ -14,7 +14,8 @@ Measured in one run, on the same files:
    decode limit of this machine: a bare ``Image.open(...).load()`` loop over the same files on
    every core (multiprocessing). Target: >= 0.7 of the limit.
 
-The Ray instance is started and its workers warmed up (a tiny shard job) before timing: the
+Ray workers run at niceness 0 here (Ray's default is 15), the priority of the baseline and of the
+decode loop. The Ray instance is started and its workers warmed up (a tiny shard job) before timing: the
 figures are the stage's steady state on a running cluster, not Ray's start-up.
 
 Run: ``python benchmarks/bench_shard.py`` (a few minutes on 2 cores; ``--n`` for fewer images).
@@ -40,6 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray runs its workers at niceness 15; the baseline and the decode loop run at 0. On a shared,
+# busy machine that alone decides the ratios, so the workers get the baseline's priority.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import webdataset as wds  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
