@@ -311,14 +311,14 @@ def main() -> None:
 
     print(f"\nheld-out coco-mini val2017: {len(heldout)} images, {n_obj} objects; budget "
           f"{args.budget:.0f} CPU s per option ({args.threads} thread(s))")
-    head = f"{'option':<16}" + "".join(f"{k:>8}" for k in METRICS) + f"{'steps':>8}"
+    head = f"{'option':<21}" + "".join(f"{k:>8}" for k in METRICS) + f"{'steps':>8}"
     print(head)
     for n, r in done.items():
         steps = "+".join(str(p["steps"]) for p in r["train"]["phases"])
-        print(f"{n:<16}" + "".join(f"{r[k]:>8.3f}" for k in METRICS) + f"{steps:>8}")
-    print(f"{'no model':<16}" + "".join(f"{ref[k]:>8.3f}" for k in METRICS)
+        print(f"{n:<21}" + "".join(f"{r[k]:>8.3f}" for k in METRICS) + f"{steps:>8}")
+    print(f"{'no model':<21}" + "".join(f"{ref[k]:>8.3f}" for k in METRICS)
           + f"   r={ref['radius']:.0f}")
-    print(f"{best + ' blank':<16}" + "".join(f"{blank[k]:>8.3f}" for k in METRICS))
+    print(f"{best + ' blank':<21}" + "".join(f"{blank[k]:>8.3f}" for k in METRICS))
     r = done[best]
     looks = r["miou1"] > blank["miou1"] + 0.05 and r["noc75"] < blank["noc75"]
     beats = r["noc75"] < ref["noc75"] and r["noc50"] < ref["noc50"]
