@@ -26,6 +26,7 @@ image shard with the same basename; its keys are a subsequence of the image shar
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -68,7 +69,10 @@ class Corpus:
     def __post_init__(self) -> None:
         if not self.root:
             raise ValueError("root: a corpus root path or URL is required")
-        object.__setattr__(self, "root", self.root.rstrip("/") or "/")
+        root = self.root.rstrip("/") or "/"
+        if "://" not in root:  # a local path: absolute, so Ray workers (other cwd) agree on it
+            root = os.path.abspath(os.path.expanduser(root))
+        object.__setattr__(self, "root", root)
 
     def path(self, *parts: str) -> str:
         """URL of ``parts`` under the root."""
