@@ -463,6 +463,7 @@ def run_round(root: str, cfg: AnnotateConfig | None = None,
     """Run (or resume) one annotation round over the corpus at ``root``; returns its metrics."""
     cfg = cfg or AnnotateConfig()
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     shards = corpus.image_shards()
     if not shards:
         raise FileNotFoundError(f"{corpus.images}: no image shards; run `dataengine shard` first")

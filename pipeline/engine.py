@@ -214,6 +214,7 @@ def promote_if_better(root: str, config: EngineConfig | None = None,
     """Evaluate ``candidate`` and the current version, gate, record; returns the decision."""
     cfg = config or EngineConfig()
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     if candidate is None:
         raise ValueError("candidate: name the SAM version to gate")
     prior = promotion.decision_for(corpus, candidate)
@@ -259,6 +260,7 @@ def run_engine(root: str, config: EngineConfig | None = None,
 
     cfg = config or EngineConfig()
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     log = StepLog(corpus, cfg.name)
     storage.write_json(storage.join(log.dir, "config.json"), config_mod.to_dict(cfg))
     budget = [cfg.max_steps or 10 ** 9]
@@ -378,6 +380,7 @@ def _eval_of(root: str, cfg: EngineConfig, version: str | None) -> dict[str, Any
 def report_rows(root: str, cfg: EngineConfig) -> list[dict[str, Any]]:
     """One row per finished round (+ a final row for the newest promoted model)."""
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     log = StepLog(corpus, cfg.name)
     rows = []
     for rec in log.records:
@@ -411,6 +414,7 @@ def report_rows(root: str, cfg: EngineConfig) -> list[dict[str, Any]]:
 def write_report(root: str, cfg: EngineConfig) -> dict[str, Any]:
     """Re-derive ``report.json`` / ``report.md`` / ``report.png`` from the step records."""
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     rows = report_rows(root, cfg)
     current = promotion.current_version(corpus)
     final = _eval_of(root, cfg, current)

@@ -336,6 +336,7 @@ def evaluate(root: str, config: EvalSamConfig | None = None,
 
     cfg = config or EvalSamConfig()
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     version = cfg.model or current_version(corpus)
     if version is None:
         versions = corpus.model_versions("sam")

@@ -70,6 +70,7 @@ def export_coco(root: str, out_path: str, *, rounds: list[int] | None = None,
     from pipeline.coco import COCO80, COCO80_IDS
 
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     numbers = _rounds(corpus, rounds, include_imported)
     merged = _records(corpus, numbers)
     names = {cid: name for cid, name in zip(COCO80_IDS, COCO80)}
@@ -115,6 +116,7 @@ def export_sa1b(root: str, out_dir: str, *, rounds: list[int] | None = None,
                 include_imported: bool = False) -> dict[str, Any]:
     """One SA-1B-style tar per image shard under ``out_dir`` (``<key>.<ext>`` + ``<key>.json``)."""
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     numbers = _rounds(corpus, rounds, include_imported)
     merged = _records(corpus, numbers)
     by_shard: dict[str, list[str]] = {}
@@ -177,6 +179,7 @@ def import_coco(root: str, coco_path: str, *, stage: str = "manual",
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is not one of {STAGES}")
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     problems: list[tuple[str, str]] = []
     images, anns_by_file, _ = load_coco(coco_path, captions_json=None, problems=problems)
     raw = storage.read_json(coco_path)

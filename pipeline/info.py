@@ -22,6 +22,7 @@ def corpus_info(root: str) -> dict[str, Any]:
     stage: images and masks, complete or not), models (versions per kind), latents and
     embeddings (directories)."""
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     if not storage.exists(root):
         raise FileNotFoundError(f"corpus root {root!r} does not exist")
     index = load_index(corpus)

@@ -355,6 +355,7 @@ def compute_latents(root: str, config: LatentsConfig | None = None,
 
     cfg = config or LatentsConfig()
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     names = corpus.image_shards()
     if not names:
         raise FileNotFoundError(f"{corpus.root}: no image shards; run `dataengine shard` first")

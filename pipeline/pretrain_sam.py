@@ -425,6 +425,7 @@ def pretrain_sam(root: str, config: PretrainSamConfig | None = None) -> dict[str
 
     cfg = config or PretrainSamConfig()
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     t0 = time.time()
     plan = plan_training_data(corpus, cfg.data)
     if plan.n_masks == 0:

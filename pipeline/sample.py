@@ -63,6 +63,7 @@ def load_model(root: str, name: str = "") -> tuple[Any, Any, Any, float, str]:
     from pipeline.train_vae import load_vae_version
 
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     versions = corpus.model_versions("ldm")
     if not name:
         if not versions:
@@ -115,6 +116,7 @@ def find_layout(root: str, key: str) -> np.ndarray:
     from pipeline.shards import iter_tar
 
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     for d in sorted(storage.listdir(corpus.path("latents")), reverse=True):
         for url in storage.listdir(d, r"shard-\d+\.tar"):
             for s in iter_tar(url):

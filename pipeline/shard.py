@@ -160,6 +160,7 @@ def write_one_shard(task: dict[str, Any], root: str, cfg: dict[str, Any]) -> dic
     """
     t0 = time.time()
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     icfg = config_mod.from_dict(ImageConfig, cfg["image"])
     name = task["shard"]
     rows: list[dict[str, Any]] = []
@@ -308,6 +309,7 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
         if "://" not in h and not storage.exists(normalize(h)):
             raise FileNotFoundError(f"holdout source {h!r} does not exist")
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     storage.check_writable(root)
     t0 = time.time()
 

@@ -349,6 +349,7 @@ def train_detector(root: str, config: TrainDetectorConfig | None = None) -> dict
 
     cfg = config or TrainDetectorConfig()
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     t0 = time.time()
     plan = plan_training_data(corpus, cfg.data)
     if plan.n_masks == 0:

@@ -385,6 +385,7 @@ def prepare_run(root: str, cfg: TrainLdmConfig) -> dict[str, Any]:
     from pipeline.shards import iter_tar
 
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     name = pick_latents(corpus, cfg.latents)
     d = corpus.path("latents", name)
     info = storage.read_json(storage.join(d, "dataset.json"))
@@ -470,6 +471,7 @@ def train_ldm(root: str, config: TrainLdmConfig | None = None) -> dict[str, Any]
     if not cfg.publish:
         return {"version": None, "checkpoint_dir": ckpt, **info}
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     version = run["version"]
     d = corpus.model_dir("ldm", version)
     vae, _ = load_vae_version(root, run["vae_version"])

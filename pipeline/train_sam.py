@@ -248,6 +248,7 @@ def train_sam(root: str, config: TrainSamConfig | None = None) -> dict[str, Any]
 
     cfg = config or TrainSamConfig()
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     t0 = time.time()
     plan = plan_training_data(corpus, cfg.data)
     if plan.n_masks == 0:

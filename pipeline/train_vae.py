@@ -191,6 +191,7 @@ def load_vae_version(root: str, version: str | None = None) -> tuple[Any, dict[s
     from models.ldm import load_vae
 
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     versions = corpus.model_versions("vae")
     if not version:
         if not versions:
@@ -249,6 +250,7 @@ def train_vae(root: str, config: TrainVaeConfig | None = None) -> dict[str, Any]
 
     cfg = config or TrainVaeConfig()
     corpus = Corpus(root)
+    root = corpus.root  # absolute: Ray workers run in another cwd
     shards = [corpus.image_shard(n) for n in corpus.image_shards()]
     if not shards:
         raise FileNotFoundError(f"{corpus.root}: no image shards; run `dataengine shard` first")
