@@ -282,7 +282,7 @@ def test_tokens_off_loopback(corpus_root, tmp_path):
                                          "decision": "approve"}]})
     assert r.json()["who"] == "bob"
     # revocation
-    bob_id = other.split("_")[1]
+    bob_id = other.split("_", 2)[1]
     auth.revoke_token(corpus, bob_id)
     remote.app.state.tokens._loaded = 0.0
     r = remote.get("/api/whoami", headers={"Authorization": f"Bearer {other}"})
@@ -291,7 +291,7 @@ def test_tokens_off_loopback(corpus_root, tmp_path):
     assert names == {"alice": False, "bob": True}
     # stored hashed: the secret never appears on disk
     for f in Path(auth.tokens_dir(corpus)).iterdir():
-        assert token.split("_")[2] not in f.read_text()
+        assert token.split("_", 2)[2] not in f.read_text()
 
 
 def test_loopback_identity_and_host_check(corpus_root, tmp_path):
