@@ -404,16 +404,6 @@ def _fingerprint(cfg: PretrainSamConfig, plan: TrainingPlan) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _pick_version(corpus: Corpus, fingerprint: str) -> str:
-    """An unfinished version started with the same fingerprint (resume), else the next one."""
-    for u in sorted(storage.listdir(corpus.path("models", "sam"), r"v\d{4,}"),
-                    key=lambda x: parse_version(x.rsplit("/", 1)[-1]), reverse=True)[:3]:
-        run = storage.join(u, "run.json")
-        if not storage.exists(storage.join(u, "version.json")) and storage.exists(run) and \
-                storage.read_json(run).get("fingerprint") == fingerprint:
-            return u.rsplit("/", 1)[-1]
-    return corpus.next_model_version("sam")
-
 
 def pretrain_sam(root: str, config: PretrainSamConfig | None = None) -> dict[str, Any]:
     """Pre-train a SAM on the training split of ``root`` and publish it as a new version.
@@ -441,14 +431,8 @@ def pretrain_sam(root: str, config: PretrainSamConfig | None = None) -> dict[str
         parent, init_url = cfg.init, vdir0
         sam_cfg = get_config(storage.read_json(storage.join(vdir0, "config.json"))["sam"])
     fp = _fingerprint(cfg, plan)
-    version = _pick_version(corpus, fp)
-    vdir = corpus.model_dir("sam", version)
-    run_name = f"pretrain-sam-{version}"
-    run_url = storage.join(corpus.runs, run_name)
-    if not storage.exists(storage.join(vdir, "run.json")):
-        storage.write_json(storage.join(vdir, "run.json"),
-                           {"version": version, "fingerprint": fp, "run": run_url,
-                            "kind": "pretrain", "started": _now()}, overwrite=False)
+    version, vdir, run_name, run_url = trainer.begin_version(corpus, "sam", fp, "pretrain-sam",
+                                                             kind="pretrain")
     logger.info("pretrain-sam %s (%s): %d images / %d masks, MAE %d + copy-paste %d steps",
                 version, sam_cfg.name, plan.n_images, plan.n_masks, cfg.mae_steps,
                 cfg.copypaste_steps)
@@ -456,11 +440,7 @@ def pretrain_sam(root: str, config: PretrainSamConfig | None = None) -> dict[str
                 "sam_config": sam_cfg.to_dict(), "init_url": init_url}
     result = trainer.launch(_pretrain_loop, loop_cfg, runs_url=corpus.runs, name=run_name,
                             scale=cfg.scale)
-    ckpt_dir = trainer.checkpoint_files(result)
-    if ckpt_dir is None:
-        raise RuntimeError(f"pretrain-sam {version}: the run ended without a checkpoint")
-    with open(os.path.join(ckpt_dir, "state.json")) as f:
-        state = json.load(f)
+    ckpt_dir, state = trainer.final_checkpoint(result, f"pretrain-sam {version}")
     model = build_sam(sam_cfg, seed=None, device="cpu")
     load_weights(model, os.path.join(ckpt_dir, "sam.safetensors"))
     seconds = round(time.time() - t0, 1)
@@ -479,7 +459,7 @@ def pretrain_sam(root: str, config: PretrainSamConfig | None = None) -> dict[str
     storage.write_json(storage.join(vdir, "version.json"),
                        {"kind": "sam", "version": version, "parent": parent,
                         "model": sam_cfg.name, "rounds": plan.rounds, "masks": plan.n_masks,
-                        "pretrain": True, "created": _now()}, overwrite=False)
+                        "pretrain": True, "created": trainer.utc_now()}, overwrite=False)
     logger.info("pretrain-sam %s published (%.0f s)", version, seconds)
     return {"version": version, "model": sam_cfg.name, "images": plan.n_images,
             "masks": plan.n_masks, "steps": int(state.get("step", -1)) + 1,
@@ -487,5 +467,3 @@ def pretrain_sam(root: str, config: PretrainSamConfig | None = None) -> dict[str
             "run": run_url}
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -264,16 +264,6 @@ def _fingerprint(cfg: TrainDetectorConfig, plan: TrainingPlan, parent: str | Non
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _pick_version(corpus: Corpus, fingerprint: str) -> str:
-    """An unfinished version started with the same fingerprint (resume), else the next one."""
-    dirs = storage.listdir(corpus.path("models", "detector"), r"v\d{4,}")
-    for u in sorted(dirs, key=lambda x: parse_version(x.rsplit("/", 1)[-1]), reverse=True)[:3]:
-        run = storage.join(u, "run.json")
-        if not storage.exists(storage.join(u, "version.json")) and storage.exists(run) and \
-                storage.read_json(run).get("fingerprint") == fingerprint:
-            return u.rsplit("/", 1)[-1]
-    return corpus.next_model_version("detector")
-
 
 def corpus_categories(plan: TrainingPlan, corpus: Corpus) -> tuple[list[str], dict[str, int]]:
     """Category names of the planned masks (ordered by category id) and ``mask_id -> index``;
@@ -362,14 +352,8 @@ def train_detector(root: str, config: TrainDetectorConfig | None = None) -> dict
         raise ValueError("categories='corpus' but no planned mask has a category")
     parent, det_cfg, init_url, sam_url = resolve_init(corpus, cfg, categories)
     fp = _fingerprint(cfg, plan, parent)
-    version = _pick_version(corpus, fp)
-    vdir = corpus.model_dir("detector", version)
-    run_name = f"detector-{version}"
-    run_url = storage.join(corpus.runs, run_name)
-    if not storage.exists(storage.join(vdir, "run.json")):
-        storage.write_json(storage.join(vdir, "run.json"),
-                           {"version": version, "fingerprint": fp, "run": run_url,
-                            "parent": parent, "started": _now()}, overwrite=False)
+    version, vdir, run_name, run_url = trainer.begin_version(corpus, "detector", fp, "detector",
+                                                             parent=parent)
     logger.info("train-detector %s (%s): parent=%s, %d images / %d boxes from rounds %s, "
                 "%d steps x %d workers", version, det_cfg.name, parent, plan.n_images,
                 plan.n_masks, plan.rounds, cfg.steps, cfg.scale.num_workers)
@@ -378,11 +362,7 @@ def train_detector(root: str, config: TrainDetectorConfig | None = None) -> dict
                 "class_of": class_of, "read_log_url": run_url}
     result = trainer.launch(_train_loop, loop_cfg, runs_url=corpus.runs, name=run_name,
                             scale=cfg.scale)
-    ckpt_dir = trainer.checkpoint_files(result)
-    if ckpt_dir is None:
-        raise RuntimeError(f"train-detector {version}: the run ended without a checkpoint")
-    with open(os.path.join(ckpt_dir, "state.json")) as f:
-        state = json.load(f)
+    ckpt_dir, state = trainer.final_checkpoint(result, f"train-detector {version}")
     model = build_detector(det_cfg, seed=None, device="cpu")
     load_weights(model, os.path.join(ckpt_dir, "detector.safetensors"))
     train_seconds = round(time.time() - t0, 1)
@@ -406,7 +386,7 @@ def train_detector(root: str, config: TrainDetectorConfig | None = None) -> dict
     storage.write_json(storage.join(vdir, "version.json"),
                        {"kind": "detector", "version": version, "parent": parent,
                         "model": det_cfg.name, "rounds": plan.rounds, "masks": plan.n_masks,
-                        "promoted": decision["promoted"], "created": _now()}, overwrite=False)
+                        "promoted": decision["promoted"], "created": trainer.utc_now()}, overwrite=False)
     logger.info("train-detector %s published: held-out AP %.3f AP50 %.3f AR100 %.3f; %s",
                 version, heldout["ap"], heldout["ap50"], heldout["ar100"],
                 "promoted" if decision["promoted"] else f"not promoted ({decision['reason']})")
@@ -416,8 +396,6 @@ def train_detector(root: str, config: TrainDetectorConfig | None = None) -> dict
             "seconds": round(time.time() - t0, 1), "run": run_url}
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # ---- the engine's hook ---------------------------------------------------------------------

@@ -202,16 +202,6 @@ def _fingerprint(cfg: TrainSamConfig, plan: TrainingPlan, parent: str | None) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _pick_version(corpus: Corpus, fingerprint: str) -> str:
-    """An unfinished version started with the same fingerprint (resume), else the next one."""
-    dirs = storage.listdir(corpus.path("models", "sam"), r"v\d{4,}")
-    for u in sorted(dirs, key=lambda x: parse_version(x.rsplit("/", 1)[-1]), reverse=True)[:3]:
-        run = storage.join(u, "run.json")
-        if not storage.exists(storage.join(u, "version.json")) and storage.exists(run) and \
-                storage.read_json(run).get("fingerprint") == fingerprint:
-            return u.rsplit("/", 1)[-1]
-    return corpus.next_model_version("sam")
-
 
 def resolve_init(corpus: Corpus, cfg: TrainSamConfig) -> tuple[str | None, Any, str | None]:
     """``(parent version, SAM config, weights URL)`` for the run's starting point."""
@@ -257,14 +247,8 @@ def train_sam(root: str, config: TrainSamConfig | None = None) -> dict[str, Any]
                          f"{plan.excluded}")
     parent, sam_cfg, init_url = resolve_init(corpus, cfg)
     fp = _fingerprint(cfg, plan, parent)
-    version = _pick_version(corpus, fp)
-    vdir = corpus.model_dir("sam", version)
-    run_name = f"sam-{version}"
-    run_url = storage.join(corpus.runs, run_name)
-    if not storage.exists(storage.join(vdir, "run.json")):
-        storage.write_json(storage.join(vdir, "run.json"),
-                           {"version": version, "fingerprint": fp, "run": run_url,
-                            "parent": parent, "started": _now()}, overwrite=False)
+    version, vdir, run_name, run_url = trainer.begin_version(corpus, "sam", fp, "sam",
+                                                             parent=parent)
     logger.info("train-sam %s: parent=%s, %d images / %d masks from rounds %s, %d steps x %d "
                 "workers", version, parent, plan.n_images, plan.n_masks, plan.rounds,
                 cfg.steps, cfg.scale.num_workers)
@@ -273,11 +257,7 @@ def train_sam(root: str, config: TrainSamConfig | None = None) -> dict[str, Any]
                 "read_log_url": run_url}
     result = trainer.launch(_train_loop, loop_cfg, runs_url=corpus.runs, name=run_name,
                             scale=cfg.scale)
-    ckpt_dir = trainer.checkpoint_files(result)
-    if ckpt_dir is None:
-        raise RuntimeError(f"train-sam {version}: the run ended without a checkpoint")
-    with open(os.path.join(ckpt_dir, "state.json")) as f:
-        state = json.load(f)
+    ckpt_dir, state = trainer.final_checkpoint(result, f"train-sam {version}")
     model = build_sam(sam_cfg, seed=None, device="cpu")
     load_weights(model, os.path.join(ckpt_dir, "sam.safetensors"))
     seconds = round(time.time() - t0, 1)
@@ -297,7 +277,7 @@ def train_sam(root: str, config: TrainSamConfig | None = None) -> dict[str, Any]
     storage.write_json(storage.join(vdir, "version.json"),
                        {"kind": "sam", "version": version, "parent": parent,
                         "model": sam_cfg.name, "rounds": plan.rounds,
-                        "masks": plan.n_masks, "created": _now()}, overwrite=False)
+                        "masks": plan.n_masks, "created": trainer.utc_now()}, overwrite=False)
     logger.info("train-sam %s published (%.0f s, final loss %s)", version, seconds,
                 final.get("loss"))
     return {"version": version, "parent": parent, "rounds": plan.rounds,
@@ -305,5 +285,3 @@ def train_sam(root: str, config: TrainSamConfig | None = None) -> dict[str, Any]
             "final_loss": final.get("loss"), "seconds": seconds, "run": run_url}
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -220,3 +220,50 @@ def checkpoint_files(result: Any) -> str | None:
     if ckpt is None:
         return None
     return ckpt.to_directory(tempfile.mkdtemp(prefix="dataengine-ckpt-"))
+
+
+# --------------------------------------------------------------------------- model versions
+
+
+def utc_now() -> str:
+    """Now as an ISO-8601 UTC timestamp (second precision)."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def begin_version(corpus: Any, model_kind: str, fingerprint: str, run_prefix: str,
+                  **info: Any) -> tuple[str, str, str, str]:
+    """Pick the version a training run publishes and record its start once.
+
+    An unfinished version (no ``version.json``) started with the same ``fingerprint`` is resumed;
+    otherwise the next version is taken. ``run.json`` (fingerprint, run URL, ``info``) is written
+    once. Returns ``(version, version dir, run name, run URL)``.
+    """
+    from pipeline.layout import parse_version
+
+    version = corpus.next_model_version(model_kind)
+    dirs = storage.listdir(corpus.path("models", model_kind), r"v\d{4,}")
+    for u in sorted(dirs, key=lambda x: parse_version(x.rsplit("/", 1)[-1]), reverse=True)[:3]:
+        run = storage.join(u, "run.json")
+        if not storage.exists(storage.join(u, "version.json")) and storage.exists(run) and \
+                storage.read_json(run).get("fingerprint") == fingerprint:
+            version = u.rsplit("/", 1)[-1]
+            break
+    vdir = corpus.model_dir(model_kind, version)
+    run_name = f"{run_prefix}-{version}"
+    run_url = storage.join(corpus.runs, run_name)
+    if not storage.exists(storage.join(vdir, "run.json")):
+        storage.write_json(storage.join(vdir, "run.json"),
+                           {"version": version, "fingerprint": fingerprint, "run": run_url,
+                            **info, "started": utc_now()}, overwrite=False)
+    return version, vdir, run_name, run_url
+
+
+def final_checkpoint(result: Any, what: str) -> tuple[str, dict[str, Any]]:
+    """``(local checkpoint dir, its state.json)`` of a finished run; an error names ``what``."""
+    ckpt_dir = checkpoint_files(result)
+    if ckpt_dir is None:
+        raise RuntimeError(f"{what}: the run ended without a checkpoint")
+    with open(os.path.join(ckpt_dir, "state.json")) as f:
+        return ckpt_dir, json.load(f)

@@ -86,7 +86,11 @@ def test_two_workers_disjoint_shards_identical_weights(ray_cluster, corpus_info)
 
 def test_unfinished_version_is_resumed_and_gate_rejects_a_regression(tmp_path):
     from pipeline import eval_detector
-    from pipeline.train_detector import _fingerprint, _pick_version
+    from pipeline.train_detector import _fingerprint
+    from pipeline.trainer import begin_version
+
+    def _pick_version(corpus, fp):
+        return begin_version(corpus, "detector", fp, "detector")[0]
     from pipeline.training_data import plan_training_data
 
     root = str(tmp_path / "c")
