@@ -132,6 +132,10 @@ def main() -> None:
                     lat.append(click(obj, list(points)))
                 obj += 1
             lat = lat[5:]  # warm-up
+    except Exception:
+        proc.terminate()
+        print(proc.communicate(timeout=20)[0][-4000:], file=sys.stderr)  # the server's side
+        raise
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -161,6 +161,7 @@ def main() -> None:
               ShardConfig(samples_per_shard=per_shard))
     t_pass = time.perf_counter() - t0
     assert s["ok"] == n and s["duplicate"] == 0 and s["quarantined"] == 0, s
+    print(f"pass-through phases (s): {s.get('timings')}")
 
     t_dec = decode_limit(files)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
                                        TwoWayTransformer)
@@ -311,13 +312,15 @@ class OnnxExport:
 
 def export_onnx_decoder(model: Sam, path: str, *, opset: int = 17,
                         return_single_mask: bool = True, use_stability_score: bool = False,
-                        return_extra_metrics: bool = False) -> OnnxExport:
+                        return_extra_metrics: bool = False, upscale: bool = True) -> OnnxExport:
     """Export prompt encoder + mask decoder to ONNX (a local file) like Meta's export script.
 
     Inputs: ``image_embeddings`` 1xCxSxS float32, ``point_coords`` 1xNx2 (input-frame xy,
     N dynamic), ``point_labels`` 1xN, ``mask_input`` 1x1x4Sx4S, ``has_mask_input`` (1,),
     ``orig_im_size`` (2,) float32 [H, W]. Outputs ``masks`` (logits at the original size),
-    ``iou_predictions``, ``low_res_masks``.
+    ``iou_predictions``, ``low_res_masks``. With ``upscale=False`` the graph stops at the
+    low-res logits (outputs ``iou_predictions``, ``low_res_masks``; no ``orig_im_size`` input),
+    so a caller upsamples only the masks it keeps (:func:`upscale_logits`).
     """
     import warnings
 
@@ -326,9 +329,10 @@ def export_onnx_decoder(model: Sam, path: str, *, opset: int = 17,
     cfg = config_of(model)
     cpu_model = build_sam(cfg, seed=None, device="cpu")
     cpu_model.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    onnx_model = SamOnnxModel(cpu_model, return_single_mask=return_single_mask,
-                              use_stability_score=use_stability_score,
-                              return_extra_metrics=return_extra_metrics)
+    cls = SamOnnxModel if upscale else _LowResOnnxModel
+    onnx_model = cls(cpu_model, return_single_mask=return_single_mask,
+                     use_stability_score=use_stability_score,
+                     return_extra_metrics=return_extra_metrics)
     s, c, m = cfg.embedding_size, cfg.prompt_embed_dim, cfg.low_res_size
     dummy = {
         "image_embeddings": torch.randn(1, c, s, s, dtype=torch.float),
@@ -339,6 +343,9 @@ def export_onnx_decoder(model: Sam, path: str, *, opset: int = 17,
         "orig_im_size": torch.tensor([480, 640], dtype=torch.float),
     }
     output_names = ["masks", "iou_predictions", "low_res_masks"]
+    if not upscale:
+        dummy.pop("orig_im_size")
+        output_names = ["iou_predictions", "low_res_masks"]
     dynamic_axes = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -350,6 +357,48 @@ def export_onnx_decoder(model: Sam, path: str, *, opset: int = 17,
     logger.info("exported SAM decoder (%s) to %s", cfg.name, path)
     return OnnxExport(path=path, embed_dim=c, embed_size=s, mask_input_size=m,
                       input_names=list(dummy), output_names=output_names)
+
+
+class _LowResOnnxModel(torch.nn.Module):
+    """Meta's ``SamOnnxModel`` without the upsampling to the original size."""
+
+    def __init__(self, model: Sam, **kw: Any) -> None:
+        from segment_anything.utils.onnx import SamOnnxModel
+
+        super().__init__()
+        self.inner = SamOnnxModel(model, **kw)
+
+    @torch.no_grad()
+    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor,
+                point_labels: torch.Tensor, mask_input: torch.Tensor,
+                has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.inner
+        sparse = m._embed_points(point_coords, point_labels)
+        dense = m._embed_masks(mask_input, has_mask_input)
+        masks, scores = m.model.mask_decoder.predict_masks(
+            image_embeddings=image_embeddings, image_pe=m.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+        if m.use_stability_score:
+            from segment_anything.utils.amg import calculate_stability_score
+
+            scores = calculate_stability_score(masks, m.model.mask_threshold,
+                                               m.stability_score_offset)
+        if m.return_single_mask:
+            masks, scores = m.select_masks(masks, scores, point_coords.shape[1])
+        return scores, masks
+
+
+def upscale_logits(low_res: np.ndarray, input_size: tuple[int, int],
+                   original_size: tuple[int, int], img_size: int) -> np.ndarray:
+    """SxS low-res logits -> HxW logits at the original size, as ``Sam.postprocess_masks``
+    does (bilinear to the padded input frame, crop, bilinear to the original size), with
+    OpenCV on one mask at a time."""
+    import cv2
+
+    up = cv2.resize(np.ascontiguousarray(low_res, np.float32), (img_size, img_size),
+                    interpolation=cv2.INTER_LINEAR)
+    up = up[:input_size[0], :input_size[1]]
+    return cv2.resize(up, (original_size[1], original_size[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def model_info(model: Sam) -> dict[str, Any]:

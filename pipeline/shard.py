@@ -312,13 +312,22 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
     root = corpus.root  # absolute: Ray workers run in another cwd
     storage.check_writable(root)
     t0 = time.time()
+    timings: dict[str, float] = {}
+    mark = [time.perf_counter()]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        timings[phase] = round(now - mark[0], 3)
+        mark[0] = now
 
     problems: list[tuple[str, str]] = []
     items: list[Item] = []
     for src in sources:
         items.extend(list_items(src, problems))
     qrows = [quarantine.record(src.split("#")[0], src, reason, "list") for src, reason in problems]
+    lap("list")
     hashed = _hash_inputs(items, cfg.read_threads, progress)
+    lap("hash")
 
     done = _done_records(corpus)
     indexed = _indexed_shards(corpus) & set(done)
@@ -362,6 +371,7 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
         split, rule = splits.decide(key, held, float(cfg.holdout))
         wanted.append((key, split, item.source, rule))
     split_map = splits.record(corpus, plan_id, wanted, split_map)
+    lap("plan")
 
     tasks = []
     for name, members in planned:
@@ -407,6 +417,7 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
         summary["shards_written"] += 1
         for k in ("ok", "quarantined", "masks"):
             summary[k] += res[k]
+    lap("write")
     quarantine.write(corpus, quarantine.content_name("plan", qrows), qrows)
     summary["quarantined"] += len(qrows)
 
@@ -421,7 +432,9 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
         writer.finish({"images": sum(s["images"] for s in stats),
                        "masks": sum(s["masks"] for s in stats), "shards": len(stats),
                        "sources": sorted({normalize(s) for s in sources})})
+    lap("index")
     summary["plan"] = plan_id
+    summary["timings"] = timings
     summary["seconds"] = round(time.time() - t0, 2)
     logger.info("shard summary: %s", {k: v for k, v in summary.items() if k != "failed_shards"})
     return summary

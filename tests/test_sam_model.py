@@ -112,3 +112,36 @@ def test_onnx_decoder_matches_torch(tmp_path):
     assert onnx_masks.shape == (1, 1, 96, 128)
     np.testing.assert_allclose(onnx_iou[0, 0], scores[0], atol=1e-4)
     assert ((onnx_masks[0, 0] > 0) == (masks[0] > 0)).mean() > 0.999
+
+
+def test_server_onnx_decoder_matches_torch_predictor(tmp_path):
+    """The annotate server's decoder (low-res ONNX graph + OpenCV upsampling of the kept masks)
+    gives SamPredictor's masks, scores and low-res logits, first click and with a mask prompt."""
+    from segment_anything import SamPredictor
+
+    from pipeline.server.sam_session import OnnxDecoder
+
+    model = build_sam("tiny-test", seed=3)
+    img = np.random.default_rng(2).integers(0, 255, (90, 130, 3), dtype=np.uint8)
+    pred = SamPredictor(model)
+    pred.set_image(img)
+    dec = OnnxDecoder(model, "v0001", str(tmp_path / "onnx"))
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2
+    pts, lbl = np.array([[60.0, 40.0]]), np.array([1])
+    with torch.inference_mode():
+        masks, scores, low = pred.predict(pts, lbl, multimask_output=True, return_logits=True)
+    out = dec.predict(pred.features, (90, 130), pts, lbl, None, None, multimask=True)
+    assert len(out) == 3
+    for (lg, sc, lo), m, s, l in zip(out, masks, scores, low):
+        assert lg.shape == (90, 130) and lo.shape == (1,) + l.shape
+        np.testing.assert_allclose(sc, s, atol=1e-4)
+        np.testing.assert_allclose(lo[0], l, atol=1e-3)
+        assert ((lg > 0) == (m > 0)).mean() > 0.998
+    pts2, lbl2 = np.array([[60.0, 40.0], [20.0, 70.0]]), np.array([1, 0])
+    with torch.inference_mode():
+        m2, s2, _ = pred.predict(pts2, lbl2, mask_input=low[:1], multimask_output=False,
+                                 return_logits=True)
+    (lg2, sc2, _), = dec.predict(pred.features, (90, 130), pts2, lbl2, None, low[:1],
+                                 multimask=False)
+    np.testing.assert_allclose(sc2, s2[0], atol=1e-4)
+    assert ((lg2 > 0) == (m2[0] > 0)).mean() > 0.998

@@ -28,11 +28,15 @@ DECODERS = ("auto", "onnx", "torch")
 
 class OnnxDecoder:
     """The prompt encoder + mask decoder of one SAM version as ONNX Runtime sessions (exported
-    once by :func:`models.sam.export_onnx_decoder`, Meta's export, into the local cache).
+    once by :func:`models.sam.export_onnx_decoder`, Meta's export without its upsampling, into
+    the local cache).
 
     Two graphs: ``multi`` returns all four mask tokens (for a first click's three choices and
     for a box alone, token 0), ``single`` lets the graph pick one (SAM's own rule: the
-    single-mask token once there are several clicks), so only that mask is upsampled."""
+    single-mask token once there are several clicks). Both stop at the low-res logits; only the
+    masks sent back are upsampled to the image (:func:`models.sam.upscale_logits`)."""
+
+    GRAPH_VERSION = "lowres1"  # part of the cache file name: a changed export never reuses old files
 
     def __init__(self, model: Any, version: str, cache_dir: str, threads: int = 0) -> None:
         import os
@@ -44,21 +48,25 @@ class OnnxDecoder:
         os.makedirs(cache_dir, exist_ok=True)
         self.sessions = {}
         so = ort.SessionOptions()
-        if threads > 0:
-            so.intra_op_num_threads = threads
+        # a vit_b click is ~60 ms of one core (mostly the output upscaling convolutions):
+        # use up to 4 cores, but no spin-waiting threads, which would steal the core the HTTP
+        # server and the prefetch thread need between clicks (the p95 tail)
+        so.intra_op_num_threads = threads if threads > 0 else min(4, os.cpu_count() or 1)
         so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         digest = weights_digest(model)  # same weights -> same graphs, whatever the corpus
         for name, single in (("multi", False), ("single", True)):
-            path = os.path.join(cache_dir, f"{digest}-{name}.onnx")
+            path = os.path.join(cache_dir, f"{digest}-{name}-{self.GRAPH_VERSION}.onnx")
             if not os.path.exists(path):
                 tmp = f"{path}.tmp-{os.getpid()}"
-                export_onnx_decoder(model, tmp, return_single_mask=single)
+                export_onnx_decoder(model, tmp, return_single_mask=single, upscale=False)
                 os.replace(tmp, path)
             self.sessions[name] = ort.InferenceSession(path, so,
                                                        providers=["CPUExecutionProvider"])
         from segment_anything.utils.transforms import ResizeLongestSide
 
-        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.img_size = model.image_encoder.img_size
+        self.transform = ResizeLongestSide(self.img_size)
         self.low_res = 4 * model.prompt_encoder.image_embedding_size[0]
         self.threshold = float(model.mask_threshold)
 
@@ -67,6 +75,8 @@ class OnnxDecoder:
                 mask_input: np.ndarray | None, multimask: bool
                 ) -> list[tuple[np.ndarray, float, np.ndarray]]:
         """``[(logits HxW, score, low-res 1xSxS)]``: three for ``multimask``, else one."""
+        from models.sam import upscale_logits
+
         coords = np.zeros((0, 2), np.float32) if points is None else points.astype(np.float32)
         labs = np.zeros((0,), np.float32) if labels is None else labels.astype(np.float32)
         if box is not None:
@@ -85,16 +95,18 @@ class OnnxDecoder:
                            if has_mask else np.zeros((1, 1, self.low_res, self.low_res),
                                                      np.float32)),
             "has_mask_input": np.array([1.0 if has_mask else 0.0], np.float32),
-            "orig_im_size": np.array(original_size, np.float32),
         }
         box_only = box is not None and (points is None or not len(points)) and not has_mask
         if multimask or box_only:
-            masks, scores, low = self.sessions["multi"].run(None, feed)
+            scores, low = self.sessions["multi"].run(None, feed)
             idx = [1, 2, 3] if multimask else [0]
         else:
-            masks, scores, low = self.sessions["single"].run(None, feed)
+            scores, low = self.sessions["single"].run(None, feed)
             idx = [0]
-        return [(masks[0, i], float(scores[0, i]), low[0, i][None]) for i in idx]
+        input_size = self.transform.get_preprocess_shape(original_size[0], original_size[1],
+                                                         self.img_size)
+        return [(upscale_logits(low[0, i], input_size, original_size, self.img_size),
+                 float(scores[0, i]), low[0, i][None]) for i in idx]
 
 
 def weights_digest(model: Any) -> str:
