@@ -215,6 +215,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both generators")
     ap.add_argument("--fit-steps", type=int, default=2500,
                     help="decoder fitting steps (32 grid-point prompts of one image each)")
+    ap.add_argument("--init", default="", help=(
+        "start the fit from this saved SAM (a model folder, e.g. bench_sam_small's "
+        "OUT/models/<option>: an encoder that has learned to see) instead of random weights; "
+        "its config replaces --config"))
     ap.add_argument("--work-dir", default="/tmp/dataengine-bench-amg",
                     help="where the fitted model is cached (re-used when present)")
     ap.add_argument("--crop-n-layers", type=int, default=0)
@@ -237,13 +241,19 @@ def main() -> None:
         weights = args.checkpoint
     else:
         tag = "-objects" if args.objects_only else ""
+        if args.init:
+            import hashlib
+
+            tag += "-init" + hashlib.sha256(str(Path(args.init).resolve()).encode()
+                                            ).hexdigest()[:8]
         cache = Path(args.work_dir) / f"fit-{args.config}-{args.images}img-{args.fit_steps}steps{tag}"
         if (cache / "config.json").exists():
             model = load_sam(str(cache))
             fit_info = json.loads((cache / "config.json").read_text()).get("fit", {})
         else:
-            model = build_sam(args.config, seed=0)
+            model = load_sam(args.init) if args.init else build_sam(args.config, seed=0)
             fit_info = fit(model, images, args.fit_steps, background=not args.objects_only)
+            fit_info["init"] = args.init or "random"
             save_sam(model, str(cache), extra={"fit": fit_info})
         weights = f"{cache} (fitted {fit_info.get('steps')} steps, {fit_info.get('seconds')} s)"
     model.eval()

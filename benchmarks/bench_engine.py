@@ -53,13 +53,16 @@ PROTOCOL = {
                          "stability_score_thresh": 0.92},
         },
         "train": {
-            "model": "tiny", "steps": 150, "batch_images": 4, "masks_per_image": 4,
-            "min_mask_area": 64, "lr": 5e-4, "weight_decay": 0.05, "warmup_steps": 20,
+            "model": "tiny", "steps": 200, "batch_images": 4, "masks_per_image": 4,
+            "min_mask_area": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 20,
             "min_lr_factor": 0.2, "checkpoint_every": 50, "log_every": 10,
-            "recipe": {"iterations": 6, "mask_only_iterations": 1, "paint_clicks": True,
-                       "click_radius": 10.0, "paint_first_prob": 0.5},
+            # issue 10's "fast" recipe (benchmarks/bench_sam_small.py): 3 decoder passes, every
+            # first prompt a click painted into the mask prompt; SAM's 11-pass recipe with box
+            # prompts stays in the empty-mask collapse for this many steps from random weights
+            "recipe": {"iterations": 3, "mask_only_iterations": 1, "paint_clicks": True,
+                       "click_radius": 10.0, "paint_first_prob": 1.0, "box_prob": 0.0},
             "data": {"train_on_imported": True, "imported_only_annotated": True},
-            "scale": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 2},
+            "scale": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 1},
         },
         "eval": {"max_clicks": 20, "thresholds": [0.5, 0.75, 0.85, 0.9],
                  "at_clicks": [1, 3, 5], "max_objects_per_image": 4,
@@ -87,8 +90,21 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/bench-engine")
     ap.add_argument("--profile", choices=sorted(PROFILES), default="full",
                     help="full: the issue's protocol; quick: a smaller one for loaded machines")
+    ap.add_argument("--init-from", default="",
+                    help="start from this saved SAM (a model folder, e.g. bench_sam_small's "
+                         "OUT/models/<option>) instead of random weights")
     args = ap.parse_args()
-    protocol = PROFILES[args.profile]
+    protocol = json.loads(json.dumps(PROFILES[args.profile]))
+    if args.init_from:
+        model_cfg = json.loads((Path(args.init_from) / "config.json").read_text())["sam"]["name"]
+        protocol["engine"].update({"init": "checkpoint", "checkpoint": args.init_from,
+                                   "model": model_cfg})
+        protocol["engine"]["train"]["model"] = model_cfg
+        # train on with the recipe the model was trained with (its click-disc radius above all:
+        # the annotator and the evaluation paint clicks with the trained radius)
+        saved_recipe = json.loads((Path(args.init_from) / "config.json").read_text()
+                                  ).get("recipe") or {}
+        protocol["engine"]["train"]["recipe"].update(saved_recipe)
     import torch
 
     torch.set_num_threads(1)  # the driver's evaluation/annotation loops: no spinning threads

@@ -186,6 +186,11 @@ def train_option(name: str, spec: dict[str, Any], train: list[Sample], budget: f
     return sam, log
 
 
+def _radius(option: str) -> float:
+    """The click-disc radius an option was trained with (the clicker paints the same)."""
+    return RecipeConfig(**OPTIONS[option]["recipe"]).click_radius
+
+
 # ---- results file --------------------------------------------------------------------------
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -285,9 +290,10 @@ def main() -> None:
         logger.info("%s: training for %.0f CPU s", name, args.budget)
         model, log = train_option(name, OPTIONS[name], train, args.budget, args)
         weights = str(out / "models" / name)
-        save_sam(model, weights, extra={"bench": "sam_small", "option": name})
+        save_sam(model, weights, extra={"bench": "sam_small", "option": name,
+                                        "recipe": OPTIONS[name]["recipe"]})
         e0 = time.time()
-        m = evaluate(SamSegmenter(model, disc_radius=RecipeConfig().click_radius), heldout)
+        m = evaluate(SamSegmenter(model, disc_radius=_radius(name)), heldout)
         results["options"][name] = {**m, "model": OPTIONS[name]["model"],
                                     "pretrain": OPTIONS[name]["pretrain"],
                                     "recipe": OPTIONS[name]["recipe"], "train": log,
@@ -306,8 +312,7 @@ def main() -> None:
     best = min(done, key=lambda n: (done[n]["noc75"], -done[n]["miou1"]))
     if results.get("blank", {}).get("option") != best:
         model = load_sam(done[best].get("weights") or str(out / "models" / best), device="cpu")
-        b = evaluate(SamSegmenter(model, disc_radius=RecipeConfig().click_radius), heldout,
-                     blank=True)
+        b = evaluate(SamSegmenter(model, disc_radius=_radius(best)), heldout, blank=True)
         results["blank"] = {**b, "option": best}
         save_results(res_path, results)
     ref, blank = results["nomodel"], results["blank"]
