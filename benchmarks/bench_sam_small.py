@@ -74,6 +74,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "conv-fast": {"model": "tiny-conv", "pretrain": None, "recipe": FAST},
     "conv-fast-copypaste": {"model": "tiny-conv", "pretrain": "copypaste", "recipe": FAST},
     "conv-fast-mae": {"model": "tiny-conv", "pretrain": "mae", "recipe": FAST},
+    # the click prior as wide as the no-model reference's tuned disc (20 px at 256, see the
+    # reference's tuning): the first click starts from the reference's mask, not a smaller one
+    "fast-r20": {"model": "tiny", "pretrain": None, "recipe": {**FAST, "click_radius": 20.0}},
 }
 DEFAULT_OPTIONS = "plain,fast,conv-fast,conv-fast-copypaste"
 METRICS = ("miou1", "miou3", "miou5", "noc50", "noc75", "noc85")

@@ -383,8 +383,12 @@ def aggregate(stats: list[dict[str, Any]], stage: str) -> dict[str, Any]:
         "stage": stage, "shards": len(stats), "images": n, "masks": masks,
         "failed_images": len(failures), "failures": failures[:1000],
         "masks_per_image": round(masks / n, 3) if n else 0.0,
-        "clicks_per_mask": round(tot["clicks"] / clicked, 3) if clicked else 0.0,
-        "seconds_per_mask": round(tot["seconds"] / clicked, 3) if clicked else 0.0,
+        # no mask clicked: 0 when the masks came without clicks (auto, kept pre-fill), None
+        # when there is no mask at all (an undefined cost, not a free one)
+        "clicks_per_mask": round(tot["clicks"] / clicked, 3) if clicked else
+        (0.0 if masks else None),
+        "seconds_per_mask": round(tot["seconds"] / clicked, 3) if clicked else
+        (0.0 if masks else None),
         "seconds_per_image": round(tot["seconds"] / n, 3) if n else 0.0,
         "discarded": tot["discarded"], "discarded_seconds": round(tot["discarded_seconds"], 3),
         "compute_seconds": round(tot["wall_seconds"], 3),
