@@ -47,6 +47,11 @@ class AmgConfig:
     min_mask_region_area: int = 0
     max_area_fraction: float = 0.95   # drop masks covering more of the image (1.0 keeps all)
     low_res_margin: float = 0.1       # stability pre-filter at low res: thresh - margin
+    # > 0: each grid point is also painted as a disc (this radius, model input px) into the
+    # mask prompt, the prompt form of models trained with painted clicks
+    # (pipeline.sam_loss.RecipeConfig.paint_clicks); 0 = SAM's point-only prompts (the
+    # official generator's, the only setting it can match)
+    disc_radius: float = 0.0
 
     def __post_init__(self) -> None:
         if self.points_per_side < 1:
@@ -64,6 +69,8 @@ class AmgConfig:
             raise ValueError(f"crop_n_layers={self.crop_n_layers} must be >= 0")
         if self.low_res_margin < 0:
             raise ValueError(f"low_res_margin={self.low_res_margin} must be >= 0")
+        if self.disc_radius < 0:
+            raise ValueError(f"disc_radius={self.disc_radius} must be >= 0")
 
     def official_kwargs(self) -> dict[str, Any]:
         """The same settings as keyword arguments of ``SamAutomaticMaskGenerator``."""
@@ -170,8 +177,14 @@ class MaskGenerator:
             tp = torch.as_tensor(p.transform.apply_coords(pts, (crop_h, crop_w)),
                                  device=p.device)
             labels = torch.ones(tp.shape[0], dtype=torch.int, device=p.device)
+            discs = None
+            if c.disc_radius > 0:
+                from pipeline.sam_loss import paint_clicks
+
+                discs = paint_clicks(None, tp[:, None, :].float(), labels[:, None].long(),
+                                     model.image_encoder.img_size, c.disc_radius)
             sparse, dense = model.prompt_encoder(points=(tp[:, None, :], labels[:, None]),
-                                                 boxes=None, masks=None)
+                                                 boxes=None, masks=discs)
             low, iou = model.mask_decoder(image_embeddings=p.features,
                                           image_pe=model.prompt_encoder.get_dense_pe(),
                                           sparse_prompt_embeddings=sparse,

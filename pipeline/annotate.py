@@ -22,6 +22,8 @@ objects at IoU 0.5 / 0.75.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import time
@@ -200,8 +202,10 @@ class ShardAnnotator:
         self.segmenter = SamSegmenter(model, embeddings=self.cache,
                                       disc_radius=self.cfg.disc_radius)
         self.annotator = SimulatedAnnotator(self.segmenter, self.cfg.annotator)
-        self.generator = MaskGenerator(model, self.cfg.amg if self.cfg.stage == "auto"
-                                       else self.cfg.semi_amg)
+        amg = self.cfg.amg if self.cfg.stage == "auto" else self.cfg.semi_amg
+        if self.cfg.disc_radius and not amg.disc_radius:  # prompt as the clicks are prompted
+            amg = dataclasses.replace(amg, disc_radius=self.cfg.disc_radius)
+        self.generator = MaskGenerator(model, amg)
         if self.cfg.stage == "semi" and self.cfg.proposer == "detector":  # issue 8 proposer
             from pipeline.proposer import DetectorProposer
 

@@ -231,15 +231,18 @@ def tune_disc_radius(images: Sequence[EvalImage], radii: Sequence[float] = DEFAU
     return best, scores
 
 
-def amg_metrics(model: Any, images: Sequence[EvalImage], cfg: EvalSamConfig) -> dict[str, float]:
-    """Automatic generation vs ground truth: recall at IoU 0.5 / 0.75, masks per image."""
+def amg_metrics(model: Any, images: Sequence[EvalImage], cfg: EvalSamConfig,
+                disc_radius: float = 0.0) -> dict[str, float]:
+    """Automatic generation vs ground truth: recall at IoU 0.5 / 0.75, masks per image.
+    ``disc_radius``: grid points painted into the mask prompt as the model was trained."""
     from pipeline.amg import AmgConfig, MaskGenerator
     from pipeline.masks import encode, iou_matrix
 
     gen = MaskGenerator(model, AmgConfig(
         points_per_side=cfg.amg_points_per_side, pred_iou_thresh=cfg.amg_pred_iou_thresh,
         stability_score_thresh=cfg.amg_stability_score_thresh,
-        box_nms_thresh=cfg.amg_box_nms_thresh, min_mask_region_area=cfg.amg_min_mask_region_area))
+        box_nms_thresh=cfg.amg_box_nms_thresh, min_mask_region_area=cfg.amg_min_mask_region_area,
+        disc_radius=disc_radius))
     hit50 = hit75 = n_gt = n_masks = 0
     for img in images:
         dets = [d["segmentation"] for d in gen.generate(img.image)]
@@ -275,7 +278,8 @@ def evaluate_model(model: Any, images: Sequence[EvalImage], cfg: EvalSamConfig |
         out["nomodel"] = {**ref, "radius": reference_radius}
     if cfg.amg if amg is None else amg:
         t1 = time.time()
-        out["amg"] = {**amg_metrics(model, images, cfg), "seconds": round(time.time() - t1, 1)}
+        out["amg"] = {**amg_metrics(model, images, cfg, disc_radius),
+                      "seconds": round(time.time() - t1, 1), "disc_radius": disc_radius}
         if progress:
             progress("amg")
     out["images"] = len(images)

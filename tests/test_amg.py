@@ -56,3 +56,40 @@ def test_cached_features_give_the_same_masks(shared_data):
     assert [x["segmentation"] for x in a] == [x["segmentation"] for x in b] and a
     with pytest.raises(ValueError, match="points_per_side"):
         AmgConfig(points_per_side=0)
+
+
+def test_disc_prompts_match_a_painted_mask_prompt(shared_data):
+    """With ``disc_radius`` each grid point is prompted as models trained with painted clicks
+    are: point token + the disc in the mask prompt (the same prompt SamPredictor gets with the
+    painted logits as ``mask_input``); without it, SAM's point-only prompt."""
+    import torch
+    from segment_anything import SamPredictor
+
+    from models.sam import build_sam
+    from pipeline.sam_loss import paint_clicks
+
+    model = build_sam("tiny-test", seed=1)
+    img = _image(shared_data)
+    cfg = dict(points_per_side=1, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+               max_area_fraction=1.0, box_nms_thresh=1.0)
+    painted = MaskGenerator(model, AmgConfig(disc_radius=12.0, **cfg)).generate(img)
+    plain = MaskGenerator(model, AmgConfig(**cfg)).generate(img)
+    pred = SamPredictor(model)
+    pred.set_image(img)
+    h, w = img.shape[:2]
+    pt = np.array([[w / 2, h / 2]])
+    tp = torch.as_tensor(pred.transform.apply_coords(pt, (h, w)), dtype=torch.float32)
+    disc = paint_clicks(None, tp[None], torch.ones(1, 1, dtype=torch.long),
+                        model.image_encoder.img_size, 12.0)
+    with torch.inference_mode():
+        masks, scores, _ = pred.predict(pt, np.array([1]), mask_input=disc[0].numpy(),
+                                        multimask_output=True)
+    by_score = {round(float(s), 4): m for s, m in zip(scores, masks)}
+    assert painted and len(painted) <= 3
+    for o in painted:
+        ref = by_score[round(o["predicted_iou"], 4)]
+        assert M.iou_matrix([o["segmentation"]], [M.encode(ref)])[0, 0] >= 0.99
+    assert sorted(round(o["predicted_iou"], 4) for o in painted) != \
+        sorted(round(o["predicted_iou"], 4) for o in plain)
+    with pytest.raises(ValueError, match="disc_radius"):
+        AmgConfig(disc_radius=-1.0)
