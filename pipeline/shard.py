@@ -232,11 +232,19 @@ def _hash_inputs(items: list[Item], threads: int, progress: Progress | None
                  ) -> list[tuple[Item, str | None, int, str]]:
     def one(item: Item) -> tuple[Item, str | None, int, str]:
         try:
+            local = storage.plain_local(item.uri)
+            if local is not None:  # streamed through one buffer, no whole-file bytes object
+                with open(local, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                    return item, digest[:16], f.tell(), ""
             data = storage.read_bytes(item.uri)
         except Exception as exc:  # noqa: BLE001
             return item, None, 0, f"unreadable: {type(exc).__name__}: {exc}"
         return item, content_key(data)[0], len(data), ""
 
+    if all(storage.plain_local(i.uri) is not None for i in items):
+        # local reads are CPU-bound (sha256): more threads than cores only contend for the GIL
+        threads = min(threads, os.cpu_count() or 1)
     out = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for i, res in enumerate(pool.map(one, items), 1):

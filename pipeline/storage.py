@@ -109,8 +109,25 @@ def exists(url: str) -> bool:
     return retry(lambda: fs.exists(path), what=url)
 
 
+def plain_local(url: str) -> str | None:
+    """The path of a plain local file URL (no protocol, or ``file://``), else None."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" in url or "::" in url:
+        return None
+    return url
+
+
 def read_bytes(url: str) -> bytes:
     """Read a whole file."""
+    local = plain_local(url)
+    if local is not None:  # the sharding hot path: fsspec's resolution costs ~3x the read
+
+        def read() -> bytes:
+            with open(local, "rb") as f:
+                return f.read()
+
+        return retry(read, what=url)
     fs, path = get_fs(url)
     return retry(lambda: fs.cat_file(path), what=url)
 
