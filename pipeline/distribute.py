@@ -19,16 +19,22 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     Does nothing when Ray is already initialised (tests, ``ray job submit``).
     """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind 127.0.0.1 locally
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind 127.0.0.1 locally
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Ray reads the variable once, at import: when ray was imported before this call the
+        # local instance would still bind the machine's other address
+        from ray._private import ray_constants
+
+        if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] in ("0", "false", "False"):
+            ray_constants.ENABLE_RAY_CLUSTER = False
         # address="local": always start our own instance; without it ray.init() silently
         # attaches to any other Ray instance running on this machine.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
