@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import config as config_mod
@@ -50,7 +49,7 @@ from pipeline.images import BadImage, ImageConfig, apply_to_mask, process_image
 from pipeline.layout import Corpus, shard_name
 from pipeline.masks import area, bbox, encode
 from pipeline.rounds import RoundWriter
-from pipeline.shards import write_tar
+from pipeline.shards import BytesTarWriter, write_tar
 from pipeline.sources import Item, kind_of, list_items, matches, normalize
 
 logger = logging.getLogger(__name__)
@@ -141,7 +140,7 @@ def _publish_tar(url: str, samples: Iterable[dict[str, Any]]) -> None:
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as f:
-            with wds.TarWriter(f) as sink:
+            with BytesTarWriter(f) as sink:
                 for sample in samples:
                     sink.write(sample)
             f.flush()
@@ -170,13 +169,19 @@ def write_one_shard(task: dict[str, Any], root: str, cfg: dict[str, Any]) -> dic
     def samples():
         for it in task["items"]:
             key, uri = it["key"], it["uri"]
+            known, local = it.get("known"), storage.plain_local(uri)
             try:
+                st = os.stat(local) if known and local is not None else None
                 data = storage.read_bytes(uri)
             except Exception as exc:  # noqa: BLE001 - any read failure is data
                 qrows.append(quarantine.record(it["source"], uri, f"unreadable: {exc}", "read",
                                                key, name))
                 continue
-            k, sha = content_key(data)
+            if st is not None and [st.st_size, st.st_mtime_ns] == known[1:] and \
+                    len(data) == known[1]:
+                k, sha = known[0][:16], known[0]  # hashed by the driver, file unchanged since
+            else:
+                k, sha = content_key(data)
             if k != key:
                 qrows.append(quarantine.record(it["source"], uri, "file changed while sharding",
                                                "read", key, name))
@@ -228,29 +233,40 @@ def write_one_shard(task: dict[str, Any], root: str, cfg: dict[str, Any]) -> dic
 # --------------------------------------------------------------------------------------------
 # driver side
 
-def _hash_inputs(items: list[Item], threads: int, progress: Progress | None
+def _hash_inputs(items: list[Item], threads: int, progress: Progress | None,
+                 known: dict[str, list] | None = None
                  ) -> list[tuple[Item, str | None, int, str]]:
+    """``(item, key or None, bytes, error)`` per input; for local files ``known[uri]`` gets
+    ``[sha256, size, mtime_ns]`` so a shard task can skip hashing a file that did not change."""
+    known = {} if known is None else known
+
     def one(item: Item) -> tuple[Item, str | None, int, str]:
         try:
             local = storage.plain_local(item.uri)
             if local is not None:  # streamed through one buffer, no whole-file bytes object
                 with open(local, "rb") as f:
+                    st = os.fstat(f.fileno())
                     digest = hashlib.file_digest(f, "sha256").hexdigest()
+                    known[item.uri] = [digest, f.tell(), st.st_mtime_ns]
                     return item, digest[:16], f.tell(), ""
             data = storage.read_bytes(item.uri)
         except Exception as exc:  # noqa: BLE001
             return item, None, 0, f"unreadable: {type(exc).__name__}: {exc}"
         return item, content_key(data)[0], len(data), ""
 
+    chunk = 1
     if all(storage.plain_local(i.uri) is not None for i in items):
-        # local reads are CPU-bound (sha256): more threads than cores only contend for the GIL
-        threads = min(threads, os.cpu_count() or 1)
-    out = []
+        # local reads are CPU-bound (sha256): more threads than cores only contend for the GIL,
+        # and one pool task per file costs as much as hashing it
+        threads, chunk = min(threads, os.cpu_count() or 1), 32
+    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    out: list[tuple[Item, str | None, int, str]] = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for i, res in enumerate(pool.map(one, items), 1):
-            out.append(res)
-            if progress and (i % 64 == 0 or i == len(items)):
-                progress("hash", i, len(items))
+        for part in pool.map(lambda c: [one(it) for it in c], chunks):
+            before = len(out)
+            out.extend(part)
+            if progress and (len(out) // 64 > before // 64 or len(out) == len(items)):
+                progress("hash", len(out), len(items))
     return out
 
 
@@ -334,7 +350,8 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
         items.extend(list_items(src, problems))
     qrows = [quarantine.record(src.split("#")[0], src, reason, "list") for src, reason in problems]
     lap("list")
-    hashed = _hash_inputs(items, cfg.read_threads, progress)
+    known: dict[str, list] = {}
+    hashed = _hash_inputs(items, cfg.read_threads, progress, known)
     lap("hash")
 
     done = _done_records(corpus)
@@ -390,7 +407,8 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
             summary["masks"] += done[name]["masks"]
             continue
         tasks.append({"shard": name, "plan": plan_id, "items": [
-            {**it.to_dict(), "key": key, "split": split_map[key]} for it, key in members]})
+            {**it.to_dict(), "key": key, "split": split_map[key], "known": known.get(it.uri)}
+            for it, key in members]})
     if any(it["annotations"] for t in tasks for it in t["items"]):
         RoundWriter(corpus, 0, "imported", config={"sources": [normalize(s) for s in sources]}
                     ).begin()
