@@ -1,7 +1,8 @@
 """WebDataset tar shards on any fsspec filesystem.
 
 Writing goes through :class:`webdataset.TarWriter` into a local temporary file that is published
-whole (:func:`pipeline.storage.open_atomic`). Reading streams through fsspec, so ``s3://`` and
+whole (:func:`pipeline.storage.open_atomic`); the sharding stage's image tars, whose samples are
+bytes already, go through :class:`BytesTarWriter` (the same members, written faster). Reading streams through fsspec, so ``s3://`` and
 ``memory://`` work as well as local paths; webdataset 1.0 has no ``s3://`` opener, so
 :func:`register_fsspec_gopen` teaches ``webdataset.gopen`` to open any fsspec URL.
 """
