@@ -27,20 +27,17 @@ append-only.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import config as config_mod
 from pipeline import quarantine, splits, storage
@@ -49,7 +46,7 @@ from pipeline.images import BadImage, ImageConfig, apply_to_mask, process_image
 from pipeline.layout import Corpus, shard_name
 from pipeline.masks import area, bbox, encode
 from pipeline.rounds import RoundWriter
-from pipeline.shards import BytesTarWriter, write_tar
+from pipeline.shards import BytesTarWriter
 from pipeline.sources import Item, kind_of, list_items, matches, normalize
 
 logger = logging.getLogger(__name__)
@@ -131,24 +128,10 @@ def _imported_annotations(item: dict[str, Any], geometry, uri: str, key: str, sh
 
 
 def _publish_tar(url: str, samples: Iterable[dict[str, Any]]) -> None:
-    """Publish a tar atomically; a local one is staged beside its final name (no extra copy)."""
-    fs, path = storage.get_fs(url)
-    if not isinstance(fs, LocalFileSystem):
-        write_tar(url, samples)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            with BytesTarWriter(f) as sink:
-                for sample in samples:
-                    sink.write(sample)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    """Publish an image tar atomically (staged beside its final name on local disk)."""
+    with storage.open_atomic(url) as f, BytesTarWriter(f) as sink:
+        for sample in samples:
+            sink.write(sample)
 
 
 def write_one_shard(task: dict[str, Any], root: str, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -173,17 +173,8 @@ def write_bytes(url: str, data: bytes, *, overwrite: bool = True) -> None:
     if not overwrite and retry(lambda: fs.exists(path), what=url):
         raise FileExistsError(f"{url} already exists and this area is append-only")
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = _local_atomic_path(path)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        with open_atomic(url) as f:
+            f.write(data)
         return
     # Object stores: one PUT is atomic to readers.
     retry(lambda: fs.pipe_file(path, data), what=url)
@@ -219,8 +210,23 @@ def put_file(local_path: str, url: str) -> None:
 def open_atomic(url: str) -> Iterator[BinaryIO]:
     """Open ``url`` for writing; the file is published whole when the block exits cleanly.
 
-    The content is staged in a local temporary file, so large shards never sit in memory.
+    The content is staged in a local temporary file, so large shards never sit in memory: beside
+    the target on local disk (fsync, then rename: no copy), else in the temp dir, then one PUT.
     """
+    fs, path = get_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = _local_atomic_path(path)
+        try:
+            with open(tmp, "wb") as f:
+                yield f  # type: ignore[misc]
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return
     fd, tmp = tempfile.mkstemp(prefix="dataengine-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
