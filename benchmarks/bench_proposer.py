@@ -65,23 +65,34 @@ def annotator_cfg(max_clicks: int, max_objects: int, accept_iou: float) -> dict:
             "max_objects_per_image": max_objects, "min_object_area": 64}
 
 
-def run_round_once(root: str, tag: str, cfg) -> dict:
-    """Run (or resume) a round; the round number is remembered under ``tag``."""
+def _bench_round(corpus, tag: str) -> tuple[int, dict | None]:
+    """The round number remembered under ``tag`` (a new one the first time) and, when that
+    round is complete, its metrics (a re-run skips it)."""
     from pipeline import storage
-    from pipeline.annotate import run_round
-    from pipeline.layout import Corpus
     from pipeline.rounds import is_complete, next_round
 
-    corpus = Corpus(root)
-    marker = Path(root, "bench", f"{tag}.json")
+    marker = Path(corpus.root, "bench", f"{tag}.json")
     if marker.exists():
         number = json.loads(marker.read_text())["round"]
         if is_complete(corpus, number):
-            return storage.read_json(storage.join(corpus.round_dir(number), "metrics.json"))
-    else:
-        number = next_round(corpus)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"round": number}))
+            return number, storage.read_json(storage.join(corpus.round_dir(number),
+                                                          "metrics.json"))
+        return number, None
+    number = next_round(corpus)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"round": number}))
+    return number, None
+
+
+def run_round_once(root: str, tag: str, cfg) -> dict:
+    """Run (or resume) a round; the round number is remembered under ``tag``."""
+    from pipeline.annotate import run_round
+    from pipeline.layout import Corpus
+
+    corpus = Corpus(root)
+    number, done = _bench_round(corpus, tag)
+    if done is not None:
+        return done
     cfg.round = number
     t0 = time.time()
     m = run_round(root, cfg)
@@ -96,19 +107,12 @@ def replay_ground_truth_round(root: str, keys: list[str]) -> dict:
     records (``annotator="gt-replay"``) and in the printout."""
     from pipeline import storage
     from pipeline.layout import Corpus
-    from pipeline.rounds import (RoundWriter, is_complete, iter_round_shard, next_round,
-                                 round_shards)
+    from pipeline.rounds import RoundWriter, iter_round_shard, round_shards
 
     corpus = Corpus(root)
-    marker = Path(root, "bench", "manual-gt.json")
-    if marker.exists():
-        number = json.loads(marker.read_text())["round"]
-        if is_complete(corpus, number):
-            return storage.read_json(storage.join(corpus.round_dir(number), "metrics.json"))
-    else:
-        number = next_round(corpus)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"round": number}))
+    number, done = _bench_round(corpus, "manual-gt")
+    if done is not None:
+        return done
     w = RoundWriter(corpus, number, "manual", model_version="gt-replay",
                     config={"source": "round 0 replayed (bench_proposer --manual-source gt)"})
     w.begin()

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -190,18 +191,8 @@ def put_file(local_path: str, url: str) -> None:
     """Publish a finished local file at ``url`` atomically (rename locally, one upload remotely)."""
     fs, path = get_fs(url)
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = _local_atomic_path(path)
-        try:
-            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        with open(local_path, "rb") as src, open_atomic(url) as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
         return
     retry(lambda: fs.put_file(local_path, path), what=url)
 
