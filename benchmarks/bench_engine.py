@@ -17,7 +17,7 @@ promotion gate. Prints the per-round table (every row with the no-model referenc
     clicks75_last=Q miou1_first=A miou1_last=B recall50_first=C recall50_last=D nomodel_clicks50=E
 
 ``clicks50_*`` / ``clicks75_*`` / ``miou1_*`` are the held-out NoC@50 / NoC@75 / mIoU@1 of the
-model used in the first and in the last assisted round; ``recall50_*`` the held-out automatic
+model used in the first and in the last assisted-manual round; ``recall50_*`` the held-out automatic
 generation recall at IoU 0.5 of the first model and of the engine's final (promoted) model.
 Target: ``reduction50 >= 1.5``.
 """
@@ -45,6 +45,10 @@ PROTOCOL = {
         "images_per_round": 52,
         "only_with_ground_truth": True,
         "init": "random", "model": "tiny", "seed": 0,
+        # later retrainings continue a trained model at half the learning rate (MEASURED,
+        # 2026-11-24: at the full 1e-3 the third retraining undid the second's gain, held-out
+        # mIoU@1 0.170 -> 0.146)
+        "retrain_lr_factor": 0.5,
         "annotate": {
             "annotator": {"target_iou": 0.75, "max_clicks": 20, "accept_iou": 0.5,
                           "image_budget_seconds": 120.0, "max_objects_per_image": 8},
@@ -53,21 +57,33 @@ PROTOCOL = {
                          "stability_score_thresh": 0.92},
         },
         "train": {
-            "model": "tiny", "steps": 200, "batch_images": 4, "masks_per_image": 4,
+            "model": "tiny", "steps": 500, "batch_images": 2, "masks_per_image": 16,
             "min_mask_area": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 20,
-            "min_lr_factor": 0.2, "checkpoint_every": 50, "log_every": 10,
-            # issue 10's "fast" recipe (benchmarks/bench_sam_small.py): 3 decoder passes, every
-            # first prompt a click painted into the mask prompt; SAM's 11-pass recipe with box
-            # prompts stays in the empty-mask collapse for this many steps from random weights
+            "min_lr_factor": 0.2, "checkpoint_every": 100, "log_every": 10,
+            # the first click is SAM's point-only prompt (multimask, best of 3), the
+            # corrections are painted as discs into the mask prompt; many prompts per image
+            # (2 images x 16 masks a step). MEASURED (2026-11-25, 480 CPU-s from random, 1204
+            # steps, 40 held-out images): mIoU@1 0.321, NoC@50 4.28, NoC@75 13.91 — and on a
+            # blank image 0.260 / 8.13 / 16.47, the first tiny model here that looks at the
+            # image; issue 10's "fast" recipe (every click painted, 4 x 4 masks) scored as on a
+            # blank image
             "recipe": {"iterations": 3, "mask_only_iterations": 1, "paint_clicks": True,
-                       "click_radius": 10.0, "paint_first_prob": 1.0, "box_prob": 0.0},
+                       "click_radius": 10.0, "paint_first_prob": 0.0, "box_prob": 0.0},
             "data": {"train_on_imported": True, "imported_only_annotated": True},
             "scale": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 1},
         },
+        # "does not regress" within the held-out split's noise (~200 objects: mIoU@1 moves by
+        # ~0.01 between equal models). MEASURED: with no tolerance the first retrained model
+        # (NoC@50 6.7 vs 20) was rejected for mIoU@1 0.0952 vs the random model's 0.0977
+        "gate": {"tolerance": {"miou1": 0.01, "noc50": 0.25}},
         "eval": {"max_clicks": 20, "thresholds": [0.5, 0.75, 0.85, 0.9],
                  "at_clicks": [1, 3, 5], "max_objects_per_image": 4,
-                 "amg_points_per_side": 8, "amg_pred_iou_thresh": 0.6,
-                 "amg_stability_score_thresh": 0.85},
+                 # automatic recall without the confidence filters (box NMS only): a tiny CPU
+                 # model's IoU head and logits are not confident enough to pass any (MEASURED:
+                 # stability < 0.5 for every mask at 0.6 / 0.85, so recall was 0 for every
+                 # model); this measures what its single-point masks cover
+                 "amg_points_per_side": 8, "amg_pred_iou_thresh": 0.0,
+                 "amg_stability_score_thresh": 0.0},
     },
 }
 
@@ -151,7 +167,7 @@ def main() -> None:
     engine_s = time.time() - t1
     rows = report["rounds"]
     hdr = (f"{'round':>5} {'stage':>6} {'model':>6} {'imgs':>4} {'masks/img':>9} "
-           f"{'clk/mask':>8} {'s/mask':>6} {'mIoU@1':>7} {'NoC50':>6} {'NoC75':>6} "
+           f"{'clk/mask':>8} {'clk50':>6} {'s/mask':>6} {'mIoU@1':>7} {'NoC50':>6} {'NoC75':>6} "
            f"{'NoC90':>6} {'AMG R50':>7} | {'ref mIoU@1':>10} {'ref NoC50':>9} {'ref NoC75':>9}")
     print(hdr)
 
@@ -161,7 +177,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['round']:>5} {r['stage']:>6} {r['model_version']:>6} {r['images']:>4} "
               f"{f(r['masks_per_image']):>9} {f(r['clicks_per_mask']):>8} "
-              f"{f(r['seconds_per_mask'], 1):>6} {f(r['miou1'], 3):>7} {f(r['noc50']):>6} "
+              f"{f(r.get('clicks50_per_mask')):>6} {f(r['seconds_per_mask'], 1):>6} {f(r['miou1'], 3):>7} {f(r['noc50']):>6} "
               f"{f(r['noc75']):>6} {f(r['noc90']):>6} {f(r['amg_recall50'], 3):>7} | "
               f"{f(r['nomodel_miou1'], 3):>10} {f(r['nomodel_noc50']):>9} "
               f"{f(r['nomodel_noc75']):>9}")
@@ -171,9 +187,26 @@ def main() -> None:
           f"{f(final.get('noc90'))} AMG R50 {f(final.get('amg_recall50'), 3)}")
     print(f"engine {engine_s:.0f} s, total {time.time() - t0:.0f} s; report "
           f"{root}/engine/{cfg.name}/report.md")
-    assisted = [r for r in rows if r["stage"] in ("manual", "semi")]
+    assisted = [r for r in rows if r["stage"] == "manual"]
     first, last = assisted[0], assisted[-1]
     red = first["noc50"] / last["noc50"] if last["noc50"] else float("nan")
+
+    def falls(seq, name, rises=False):
+        vals = [-v if rises else v for v in seq if v is not None]
+        ok = len(vals) >= 2 and all(b < a for a, b in zip(vals, vals[1:]))
+        print(f"check {name}: {' -> '.join(f(v, 3) for v in seq)}: {'PASS' if ok else 'FAIL'}")
+
+    # a round whose model kept no mask has no clicks-per-mask (shown as "-")
+    falls([r["clicks_per_mask"] for r in assisted], "clicks/mask falls across manual rounds")
+    falls([r.get("clicks50_per_mask") for r in assisted],
+          "clicks/mask to IoU 0.5 falls across manual rounds")
+    falls([r["miou1"] for r in assisted], "held-out mIoU@1 rises across manual rounds",
+          rises=True)
+    print(f"check automatic recall@0.5 last model > first ({f(final['amg_recall50'], 3)} vs "
+          f"{f(first['amg_recall50'], 3)}): "
+          f"{'PASS' if final['amg_recall50'] > first['amg_recall50'] else 'FAIL'}")
+    print(f"target clicks to IoU 0.5 >= 1.5x lower, last vs first manual round ({red:.2f}x): "
+          f"{'MET' if red >= 1.5 else 'NOT MET'}")
     print(f"RESULT rounds={len(rows)} clicks50_first={first['noc50']:.2f} "
           f"clicks50_last={last['noc50']:.2f} reduction50={red:.2f} "
           f"clicks75_first={first['noc75']:.2f} clicks75_last={last['noc75']:.2f} "

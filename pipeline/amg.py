@@ -49,8 +49,10 @@ class AmgConfig:
     low_res_margin: float = 0.1       # stability pre-filter at low res: thresh - margin
     # > 0: each grid point is also painted as a disc (this radius, model input px) into the
     # mask prompt, the prompt form of models trained with painted clicks
-    # (pipeline.sam_loss.RecipeConfig.paint_clicks); 0 = SAM's point-only prompts (the
-    # official generator's, the only setting it can match)
+    # (pipeline.sam_loss.RecipeConfig.paint_clicks), and the single-mask output answers, as
+    # for a painted click in training and in the clicker (the multimask outputs are trained
+    # only on unpainted first clicks); 0 = SAM's point-only prompts with multimask outputs
+    # (the official generator's, the only setting it can match)
     disc_radius: float = 0.0
 
     def __post_init__(self) -> None:
@@ -188,7 +190,8 @@ class MaskGenerator:
             low, iou = model.mask_decoder(image_embeddings=p.features,
                                           image_pe=model.prompt_encoder.get_dense_pe(),
                                           sparse_prompt_embeddings=sparse,
-                                          dense_prompt_embeddings=dense, multimask_output=True)
+                                          dense_prompt_embeddings=dense,
+                                          multimask_output=discs is None)
             low, iou = low.float().flatten(0, 1), iou.float().flatten(0, 1)
             pt_idx = np.repeat(np.arange(len(pts)), low.shape[0] // len(pts))
             self.stats["candidates"] += int(low.shape[0])

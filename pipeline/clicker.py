@@ -316,13 +316,17 @@ class SamSegmenter:
     click, the previous low-res logits fed back as the mask prompt.
 
     ``multimask_first``: on the first click use multimask output and keep the best-scored mask
-    (SAM's ambiguity handling). ``disc_radius`` > 0 also paints each click into the mask prompt.
+    (SAM's ambiguity handling). ``disc_radius`` > 0 also paints each click into the mask prompt;
+    with ``paint_first`` False the first click stays SAM's point-only prompt and only the
+    corrections are painted (all clicks so far), as a model trained with ``paint_first_prob``
+    0 saw them (:mod:`pipeline.sam_loss`).
     """
 
     name = "sam"
 
     def __init__(self, model: Any, *, embeddings: Any = None, multimask_first: bool = True,
-                 disc_radius: float = 0.0, feed_back_mask: bool = True) -> None:
+                 disc_radius: float = 0.0, feed_back_mask: bool = True,
+                 paint_first: bool = True) -> None:
         from segment_anything import SamPredictor
 
         self.model = model
@@ -331,6 +335,7 @@ class SamSegmenter:
         self.multimask_first = multimask_first
         self.disc_radius = disc_radius
         self.feed_back_mask = feed_back_mask
+        self.paint_first = paint_first
 
     def set_image(self, image: np.ndarray, key: str | None = None) -> None:
         import torch
@@ -359,7 +364,7 @@ class SamSegmenter:
         p = self.predictor
         coords, labels = clicks_to_arrays(clicks)
         mask_input = state if (self.feed_back_mask and state is not None) else None
-        if self.disc_radius > 0:
+        if self.disc_radius > 0 and (self.paint_first or len(clicks) > 1):
             mask_input = click_disc_logits(mask_input, clicks, p.original_size,
                                            self.model.image_encoder.img_size, self.disc_radius)
         multimask = self.multimask_first and len(clicks) == 1 and mask_input is None

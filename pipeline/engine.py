@@ -78,6 +78,10 @@ class EngineConfig:
     checkpoint: str | None = None
     seed: int = 0
     retrain: bool = True
+    # learning rate of a retraining that continues a model the engine already trained, as a
+    # share of train.lr (the first retraining, from the starting model, uses train.lr): a
+    # fine-tune at a full warm-up-and-decay schedule can undo what the last round learned
+    retrain_lr_factor: float = 1.0
     max_steps: int = 0                   # stop after this many steps in one invocation (0 = all)
     annotate: dict[str, Any] = field(default_factory=dict)   # AnnotateConfig fields
     train: TrainSamConfig = field(default_factory=TrainSamConfig)
@@ -103,6 +107,8 @@ class EngineConfig:
             raise ValueError("init='checkpoint' needs checkpoint=PATH")
         if self.max_steps < 0:
             raise ValueError(f"max_steps={self.max_steps}: must be >= 0")
+        if not 0.0 < self.retrain_lr_factor <= 1.0:
+            raise ValueError(f"retrain_lr_factor={self.retrain_lr_factor}: must be in (0, 1]")
         from pipeline.annotate import AnnotateConfig
 
         bad = sorted(set(self.annotate) & {"stage", "model", "keys", "round"})
@@ -118,6 +124,11 @@ class EngineConfig:
         """Click-disc radius used in the loop (the training recipe's, when it paints clicks)."""
         r = self.train.recipe
         return float(r.click_radius) if r.paint_clicks else 0.0
+
+    @property
+    def paint_first(self) -> bool:
+        """Whether the loop paints a first click too (the recipe paints it in most steps)."""
+        return self.train.recipe.paint_first_prob >= 0.5
 
 
 class Paused(Exception):
@@ -197,7 +208,8 @@ def evaluate_version(root: str, cfg: EngineConfig, version: str) -> dict[str, An
 
     ecfg = config_mod.from_dict(EvalSamConfig, {**config_mod.to_dict(cfg.eval),
                                                 "model": version,
-                                                "disc_radius": cfg.disc_radius})
+                                                "disc_radius": cfg.disc_radius,
+                                                "paint_first": cfg.paint_first})
     return evaluate(root, ecfg)
 
 
@@ -290,7 +302,7 @@ def run_engine(root: str, config: EngineConfig | None = None,
             decision = promote_if_better(root, cfg, version)
             return {"version": version, "promoted": decision["promoted"]}
 
-        step("init", None, init)
+        first_version = step("init", None, init)["version"]
         keys = train_keys(corpus, cfg.only_with_ground_truth)
         offset = 0
         idx = 0
@@ -332,7 +344,9 @@ def run_engine(root: str, config: EngineConfig | None = None,
                                          "model": model,
                                          "keys": todo, "round": number,
                                          "disc_radius": cfg.annotate.get("disc_radius",
-                                                                         cfg.disc_radius)})
+                                                                         cfg.disc_radius),
+                                         "paint_first": cfg.annotate.get("paint_first",
+                                                                         cfg.paint_first)})
                 metrics = run_round(root, acfg)
                 if metrics.get("incomplete"):
                     raise RuntimeError(f"round {number} incomplete: "
@@ -344,8 +358,14 @@ def run_engine(root: str, config: EngineConfig | None = None,
             step("annotate", idx, annotate)
             if cfg.retrain:
                 def train() -> dict[str, Any]:
+                    lr = cfg.train.lr
+                    parent = promotion.current_version(corpus)
+                    if parent != first_version:
+                        lr *= cfg.retrain_lr_factor
+                    logger.info("engine %s: retrain from %s (first version %s) at lr %g",
+                                cfg.name, parent, first_version, lr)
                     tcfg = config_mod.from_dict(TrainSamConfig, {
-                        **config_mod.to_dict(cfg.train), "init": "current"})
+                        **config_mod.to_dict(cfg.train), "init": "current", "lr": lr})
                     return train_sam(root, tcfg)
 
                 trained = step("train", idx, train)
@@ -372,7 +392,8 @@ def _eval_of(root: str, cfg: EngineConfig, version: str | None) -> dict[str, Any
         return {}
     vdir = Corpus(root).model_dir("sam", version)
     ecfg = config_mod.from_dict(EvalSamConfig, {**config_mod.to_dict(cfg.eval),
-                                                "disc_radius": cfg.disc_radius})
+                                                "disc_radius": cfg.disc_radius,
+                                                "paint_first": cfg.paint_first})
     url = storage.join(vdir, f"eval-{ecfg.protocol_id()}.json")
     return storage.read_json(url) if storage.exists(url) else {}
 
@@ -398,6 +419,7 @@ def report_rows(root: str, cfg: EngineConfig) -> list[dict[str, Any]]:
             "model_version": rec["model_version"], "images": m.get("images"),
             "masks": m.get("masks"), "masks_per_image": m.get("masks_per_image"),
             "clicks_per_mask": m.get("clicks_per_mask"),
+            "clicks50_per_mask": m.get("clicks50_per_mask"),
             "seconds_per_mask": m.get("seconds_per_mask"),
             "round_miou_vs_gt": m.get("miou"), "round_recall50": m.get("recall50"),
             "miou1": ev.get("miou1"), "miou3": ev.get("miou3"), "miou5": ev.get("miou5"),
@@ -440,15 +462,16 @@ def _f(v: Any, nd: int = 2) -> str:
 def report_markdown(report: dict[str, Any]) -> str:
     """The engine report as a markdown table."""
     lines = [f"# Data engine `{report['name']}`", "",
-             "| round | stage | model | images | masks/img | clicks/mask | s/mask | "
-             "mIoU@1 | NoC@50 | NoC@75 | NoC@90 | AMG R@50 | no model: mIoU@1 | NoC@50 | "
-             "NoC@75 | trained → promoted |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| round | stage | model | images | masks/img | clicks/mask | clicks/mask to 0.5 | "
+             "s/mask | mIoU@1 | NoC@50 | NoC@75 | NoC@90 | AMG R@50 | no model: mIoU@1 | "
+             "NoC@50 | NoC@75 | trained → promoted |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rounds"]:
         lines.append(
             f"| {r['round']} | {r['stage']} | {r['model_version']} | {_f(r['images'])} | "
             f"{_f(r['masks_per_image'])} | {_f(r['clicks_per_mask'])} | "
-            f"{_f(r['seconds_per_mask'], 1)} | {_f(r['miou1'], 3)} | {_f(r['noc50'])} | "
+            f"{_f(r.get('clicks50_per_mask'))} | {_f(r['seconds_per_mask'], 1)} | "
+            f"{_f(r['miou1'], 3)} | {_f(r['noc50'])} | "
             f"{_f(r['noc75'])} | {_f(r['noc90'])} | {_f(r['amg_recall50'], 3)} | "
             f"{_f(r['nomodel_miou1'], 3)} | {_f(r['nomodel_noc50'])} | "
             f"{_f(r['nomodel_noc75'])} | {_f(r['trained_version'])} → {_f(r['promoted'])} |")
@@ -477,6 +500,7 @@ def report_png(rows: list[dict[str, Any]]) -> bytes:
         return [r.get(name) if r.get(name) is not None else float("nan") for r in rows]
 
     axes[0].plot(x, series("clicks_per_mask"), "o-", label="clicks / mask (round)")
+    axes[0].plot(x, series("clicks50_per_mask"), "v-", label="... until IoU 0.5")
     axes[0].plot(x, series("masks_per_image"), "s-", label="masks / image (round)")
     axes[0].set_title("annotation")
     axes[1].plot(x, series("miou1"), "o-", label="model")

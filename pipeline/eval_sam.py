@@ -55,6 +55,7 @@ class EvalSamConfig:
     max_images: int = 0                 # 0 = all
     max_objects_per_image: int = 0      # 0 = all
     disc_radius: float | None = None    # clicks painted into the mask prompt (None = as trained)
+    paint_first: bool | None = None     # ... the first click too (None = as trained)
     reference_radius: float | None = None   # no-model disc radius (None = tuned on train GT)
     tune_objects: int = 60              # training objects used to tune the reference radius
     amg: bool = True                    # automatic-generation recall
@@ -260,12 +261,15 @@ def amg_metrics(model: Any, images: Sequence[EvalImage], cfg: EvalSamConfig,
 
 def evaluate_model(model: Any, images: Sequence[EvalImage], cfg: EvalSamConfig | None = None, *,
                    disc_radius: float = 0.0, reference_radius: float | None = 10.0,
-                   amg: bool | None = None, progress: Callable[[str], None] | None = None
-                   ) -> dict[str, Any]:
-    """Interactive (+ automatic) metrics of ``model`` and of the no-model reference."""
+                   amg: bool | None = None, progress: Callable[[str], None] | None = None,
+                   paint_first: bool = True) -> dict[str, Any]:
+    """Interactive (+ automatic) metrics of ``model`` and of the no-model reference. Clicks
+    are prompted as the model was trained (``disc_radius``, ``paint_first``: see
+    :class:`pipeline.clicker.SamSegmenter`); the automatic generator's grid points as a first
+    click."""
     cfg = cfg or EvalSamConfig()
     t0 = time.time()
-    seg = SamSegmenter(model, disc_radius=disc_radius)
+    seg = SamSegmenter(model, disc_radius=disc_radius, paint_first=paint_first)
     out: dict[str, Any] = interactive_metrics(seg, images, max_clicks=cfg.max_clicks,
                                               thresholds=cfg.thresholds, at_clicks=cfg.at_clicks)
     out["seconds_interactive"] = round(time.time() - t0, 1)
@@ -278,24 +282,38 @@ def evaluate_model(model: Any, images: Sequence[EvalImage], cfg: EvalSamConfig |
         out["nomodel"] = {**ref, "radius": reference_radius}
     if cfg.amg if amg is None else amg:
         t1 = time.time()
-        out["amg"] = {**amg_metrics(model, images, cfg, disc_radius),
-                      "seconds": round(time.time() - t1, 1), "disc_radius": disc_radius}
+        grid_disc = disc_radius if paint_first else 0.0
+        out["amg"] = {**amg_metrics(model, images, cfg, grid_disc),
+                      "seconds": round(time.time() - t1, 1), "disc_radius": grid_disc}
         if progress:
             progress("amg")
     out["images"] = len(images)
     out["disc_radius"] = disc_radius
+    out["paint_first"] = paint_first
     return out
 
 
 # ---- the stage -----------------------------------------------------------------------------
 
-def trained_disc_radius(corpus: Corpus, version: str) -> float:
-    """The click-disc radius a version was trained with (0 when it was not trained to paint)."""
+def _trained_recipe(corpus: Corpus, version: str) -> dict[str, Any]:
     url = storage.join(corpus.model_dir("sam", version), "training.json")
     if not storage.exists(url):
-        return 0.0
-    recipe = (storage.read_json(url).get("config") or {}).get("recipe") or {}
+        return {}
+    return (storage.read_json(url).get("config") or {}).get("recipe") or {}
+
+
+def trained_disc_radius(corpus: Corpus, version: str) -> float:
+    """The click-disc radius a version was trained with (0 when it was not trained to paint)."""
+    recipe = _trained_recipe(corpus, version)
     return float(recipe.get("click_radius", 0.0)) if recipe.get("paint_clicks") else 0.0
+
+
+def trained_paint_first(corpus: Corpus, version: str) -> bool:
+    """Whether a version was trained with the first click painted (in most steps)."""
+    from pipeline.sam_loss import RecipeConfig
+
+    p = _trained_recipe(corpus, version).get("paint_first_prob", RecipeConfig.paint_first_prob)
+    return float(p) >= 0.5
 
 
 def reference_radius(corpus: Corpus, cfg: EvalSamConfig) -> tuple[float, dict[str, Any]]:
@@ -368,9 +386,11 @@ def evaluate(root: str, config: EvalSamConfig | None = None,
     radius, ref_info = reference_radius(corpus, cfg)
     disc = cfg.disc_radius if cfg.disc_radius is not None else trained_disc_radius(corpus,
                                                                                    version)
+    first = cfg.paint_first if cfg.paint_first is not None else trained_paint_first(corpus,
+                                                                                    version)
     model = load_sam(vdir)
     out = evaluate_model(model, images, cfg, disc_radius=disc, reference_radius=radius,
-                         progress=progress)
+                         progress=progress, paint_first=first)
     out["nomodel"]["tuning"] = ref_info
     out.update({"version": version, "protocol_id": pid, "protocol": cfg.protocol(),
                 "gt": cfg.gt or f"round-0000/{cfg.split}", "seconds": round(time.time() - t0, 1),

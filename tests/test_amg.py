@@ -60,8 +60,9 @@ def test_cached_features_give_the_same_masks(shared_data):
 
 def test_disc_prompts_match_a_painted_mask_prompt(shared_data):
     """With ``disc_radius`` each grid point is prompted as models trained with painted clicks
-    are: point token + the disc in the mask prompt (the same prompt SamPredictor gets with the
-    painted logits as ``mask_input``); without it, SAM's point-only prompt."""
+    are: point token + the disc in the mask prompt, single-mask output (the same prompt and
+    output SamPredictor gives with the painted logits as ``mask_input``); without it, SAM's
+    point-only prompt with three outputs."""
     import torch
     from segment_anything import SamPredictor
 
@@ -83,12 +84,10 @@ def test_disc_prompts_match_a_painted_mask_prompt(shared_data):
                         model.image_encoder.img_size, 12.0)
     with torch.inference_mode():
         masks, scores, _ = pred.predict(pt, np.array([1]), mask_input=disc[0].numpy(),
-                                        multimask_output=True)
-    by_score = {round(float(s), 4): m for s, m in zip(scores, masks)}
-    assert painted and len(painted) <= 3
-    for o in painted:
-        ref = by_score[round(o["predicted_iou"], 4)]
-        assert M.iou_matrix([o["segmentation"]], [M.encode(ref)])[0, 0] >= 0.99
+                                        multimask_output=False)
+    assert len(painted) == 1 and len(plain) == 3
+    assert round(painted[0]["predicted_iou"], 4) == round(float(scores[0]), 4)
+    assert M.iou_matrix([painted[0]["segmentation"]], [M.encode(masks[0])])[0, 0] >= 0.99
     assert sorted(round(o["predicted_iou"], 4) for o in painted) != \
         sorted(round(o["predicted_iou"], 4) for o in plain)
     with pytest.raises(ValueError, match="disc_radius"):

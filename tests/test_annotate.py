@@ -111,6 +111,7 @@ def test_three_stages_write_valid_sa1b_rounds(root):
     recs = _check_round(root, 1, "manual")
     assert m1["images"] == 4 and m1["masks"] > 0 and len(recs) == 4
     assert m1["clicks_per_mask"] > 0 and m1["seconds_per_mask"] > 0
+    assert 1 <= m1["clicks50_per_mask"] <= m1["clicks_per_mask"]
     assert 0 <= m1["recall50"] <= 1 and m1["gt_objects"] > 0 and "miou" in m1
     clicked = [a for r in recs for a in r["annotations"]]
     assert all(1 <= len(a["clicks"]) <= 3 and a["annotator"] == "simulated" for a in clicked)

@@ -93,6 +93,26 @@ def test_sam_in_the_loop_records_clicks_and_feeds_back_logits(shared_data):
     assert (plain.predict(r.clicks[:1]).mask == again.mask).all()
 
 
+def test_paint_first_off_keeps_the_first_click_point_only(shared_data):
+    """``paint_first=False``: the first click is SAM's own point prompt (multimask, best score),
+    the corrections are painted: what a model trained with ``paint_first_prob`` 0 saw."""
+    from models.sam import build_sam
+
+    img, objects = _real_objects(shared_data, 1)[0]
+    model = build_sam("tiny-test", seed=2)
+    corr = SamSegmenter(model, disc_radius=10, paint_first=False)
+    plain, painted = SamSegmenter(model), SamSegmenter(model, disc_radius=10)
+    for s in (corr, plain, painted):
+        s.set_image(img)
+    first = [Click(40, 30, True)]
+    a, b, c = corr.predict(first), plain.predict(first), painted.predict(first)
+    assert (a.mask == b.mask).all() and a.score == b.score
+    assert not (a.mask == c.mask).all() or a.score != c.score
+    both = first + [Click(10, 10, False)]
+    a2, c2 = corr.predict(both, a.state), painted.predict(both, a.state)
+    assert (a2.mask == c2.mask).all() and a2.score == c2.score  # corrections: painted alike
+
+
 def test_paint_helpers():
     m = paint_discs((20, 20), [Click(5, 5, True), Click(6, 5, False)], radius=2)
     assert not m[5, 6] and m[5, 3]

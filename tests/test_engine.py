@@ -33,6 +33,8 @@ def test_config_validation():
         StagePlan("brush")
     with pytest.raises(ValueError, match="annotate"):
         _cfg(annotate={"stage": "manual"})
+    with pytest.raises(ValueError, match="retrain_lr_factor"):
+        _cfg(retrain_lr_factor=0.0)
     cfg = _cfg()
     assert cfg.disc_radius == 10.0
 
@@ -50,22 +52,24 @@ def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, m
     real = train_mod.train_sam
     calls = []
 
+    from pipeline import promotion
+
     def crash_on_second(root_, cfg_):
-        calls.append(cfg_)
+        calls.append((cfg_, promotion.current_version(corpus)))
         if len(calls) == 2:
             raise RuntimeError("node lost (simulated)")
         return real(root_, cfg_)
 
     monkeypatch.setattr(train_mod, "train_sam", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated"):
-        run_engine(root, _cfg())
+        run_engine(root, _cfg(retrain_lr_factor=0.5))
     log = StepLog(corpus, "engine")
     kinds = [(r["kind"], r["round_index"]) for r in log.records]
     assert ("gate", 0) in kinds and ("annotate", 1) in kinds and ("train", 1) not in kinds
     done_round1 = os.path.getmtime(storage.join(corpus.round_dir(1), "metrics.json"))
     monkeypatch.setattr(train_mod, "train_sam", real)
 
-    report = run_engine(root, _cfg())
+    report = run_engine(root, _cfg(retrain_lr_factor=0.5))
     log = StepLog(corpus, "engine")
     kinds = [(r["kind"], r["round_index"]) for r in log.records]
     for k in ("annotate", "train", "eval", "gate"):
@@ -87,7 +91,12 @@ def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, m
     row = report["rounds"][0]
     assert row["model_version"] == "v0001" and row["nomodel_noc50"] is not None
     assert row["miou1"] is not None and row["noc90"] is not None
+    # a retraining that continues an engine-trained model runs at the lowered learning rate
+    base_lr = _cfg().train.lr
+    assert calls[0][1] == "v0001" and calls[0][0].lr == base_lr
+    for tcfg, current in calls:
+        assert tcfg.lr == (base_lr if current == "v0001" else 0.5 * base_lr)
     # a third run has nothing to do
-    again = run_engine(root, _cfg())
+    again = run_engine(root, _cfg(retrain_lr_factor=0.5))
     assert len(StepLog(corpus, "engine").records) == len(log.records)
     assert again["rounds"] == report["rounds"]

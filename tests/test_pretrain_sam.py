@@ -125,13 +125,14 @@ def test_config_validation():
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pretrain_sam_on_ray_train_publishes_a_startable_version(ray_cluster, tmp_path):
-    from pipeline.eval_sam import trained_disc_radius
+    from pipeline.eval_sam import trained_disc_radius, trained_paint_first
 
     root = str(tmp_path / "corpus")
     info = build_corpus(root, shards=2, per_shard=4)
     cfg = PretrainSamConfig(model="tiny-conv-test", mae_steps=2, copypaste_steps=2,
                             batch_images=2, masks_per_image=2, checkpoint_every=2, log_every=1,
-                            recipe=RecipeConfig(iterations=2, mask_only_iterations=1),
+                            recipe=RecipeConfig(iterations=2, mask_only_iterations=1,
+                                                paint_first_prob=0.0),
                             scale=ScaleConfig(num_workers=1, cpus_per_worker=0.5,
                                               torch_threads=1))
     out = pretrain_sam(root, cfg)
@@ -147,3 +148,4 @@ def test_pretrain_sam_on_ray_train_publishes_a_startable_version(ray_cluster, tm
     model = load_sam(vdir, device="cpu")
     assert model.sam_config.name == "tiny-conv-test"
     assert trained_disc_radius(corpus, out["version"]) == RecipeConfig().click_radius
+    assert trained_paint_first(corpus, out["version"]) is False
