@@ -8,18 +8,20 @@ Shards ``coco128-seg`` + coco-mini ``train2017`` (training split, 208 images) an
 ``val2017`` (held out; its 79 annotated images are the evaluation ground truth), then runs the
 engine (:mod:`pipeline.engine`) with the protocol frozen in :data:`PROTOCOL` (written to
 ``OUT/protocol.json`` before anything runs; a re-run with ``--out`` of an interrupted run resumes
-and refuses a changed protocol): assisted-manual rounds, then a semi-automatic round, each on the
-next slice of training images, each followed by retraining (Ray Train), held-out evaluation (with
+and refuses a changed protocol): assisted-manual rounds, each on the next slice of training
+images, each followed by retraining (Ray Train), held-out evaluation (with
 the no-model reference: discs painted at the clicks, radius tuned on training images) and the
-promotion gate. Prints the per-round table (every row with the no-model reference) and ends with::
+promotion gate. Prints the per-round table (every row with the no-model reference), the issue's
+checks (clicks per mask falls and held-out mIoU@1 rises round over round, automatic recall of
+the last model above the first's, the 1.5x target) and ends with::
 
     RESULT rounds=N clicks50_first=X clicks50_last=Y reduction50=X/Y clicks75_first=P
     clicks75_last=Q miou1_first=A miou1_last=B recall50_first=C recall50_last=D nomodel_clicks50=E
 
 ``clicks50_*`` / ``clicks75_*`` / ``miou1_*`` are the held-out NoC@50 / NoC@75 / mIoU@1 of the
-model used in the first and in the last assisted-manual round; ``recall50_*`` the held-out automatic
-generation recall at IoU 0.5 of the first model and of the engine's final (promoted) model.
-Target: ``reduction50 >= 1.5``.
+model used in the first and in the last assisted-manual round; ``recall50_*`` the held-out
+automatic generation recall at IoU 0.5 of the first model and of the engine's final (promoted)
+model. Target: ``reduction50 >= 1.5``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ PROTOCOL = {
               "image": {"resize_mode": "keep_ratio", "image_size": 320}},
     "engine": {
         "name": "bench",
-        "stages": [{"stage": "manual", "rounds": 3}, {"stage": "semi", "rounds": 1}],
+        # the issue's must-show is about the assisted-manual rounds and the automatic recall of
+        # the last model (every version is evaluated): 3 manual rounds keep the run near 30 min
+        "stages": [{"stage": "manual", "rounds": 3}],
         "images_per_round": 52,
         "only_with_ground_truth": True,
         "init": "random", "model": "tiny", "seed": 0,
@@ -57,7 +61,7 @@ PROTOCOL = {
                          "stability_score_thresh": 0.92},
         },
         "train": {
-            "model": "tiny", "steps": 500, "batch_images": 2, "masks_per_image": 16,
+            "model": "tiny", "steps": 1000, "batch_images": 2, "masks_per_image": 16,
             "min_mask_area": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 20,
             "min_lr_factor": 0.2, "checkpoint_every": 100, "log_every": 10,
             # the first click is SAM's point-only prompt (multimask, best of 3), the
@@ -66,7 +70,8 @@ PROTOCOL = {
             # steps, 40 held-out images): mIoU@1 0.321, NoC@50 4.28, NoC@75 13.91 — and on a
             # blank image 0.260 / 8.13 / 16.47, the first tiny model here that looks at the
             # image; issue 10's "fast" recipe (every click painted, 4 x 4 masks) scored as on a
-            # blank image
+            # blank image. The point-only first pass needs ~800 steps to leave the empty-mask
+            # collapse (MEASURED: after 500 steps on round 1's 52 images mIoU@1 was 0.022)
             "recipe": {"iterations": 3, "mask_only_iterations": 1, "paint_clicks": True,
                        "click_radius": 10.0, "paint_first_prob": 0.0, "box_prob": 0.0},
             "data": {"train_on_imported": True, "imported_only_annotated": True},
