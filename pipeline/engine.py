@@ -127,8 +127,8 @@ class EngineConfig:
 
     @property
     def paint_first(self) -> bool:
-        """Whether the loop paints a first click too (the recipe paints it in most steps)."""
-        return self.train.recipe.paint_first_prob >= 0.5
+        """Whether the loop paints a first click too (:attr:`RecipeConfig.paints_first`)."""
+        return self.train.recipe.paints_first
 
 
 class Paused(Exception):

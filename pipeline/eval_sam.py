@@ -312,8 +312,9 @@ def trained_paint_first(corpus: Corpus, version: str) -> bool:
     """Whether a version was trained with the first click painted (in most steps)."""
     from pipeline.sam_loss import RecipeConfig
 
-    p = _trained_recipe(corpus, version).get("paint_first_prob", RecipeConfig.paint_first_prob)
-    return float(p) >= 0.5
+    saved = _trained_recipe(corpus, version)
+    return RecipeConfig(**{k: v for k, v in saved.items() if k in RecipeConfig.names()}
+                        ).paints_first
 
 
 def reference_radius(corpus: Corpus, cfg: EvalSamConfig) -> tuple[float, dict[str, Any]]:

@@ -80,6 +80,12 @@ class RecipeConfig:
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    @property
+    def paints_first(self) -> bool:
+        """Whether a model of this recipe is prompted with its first click painted too (the
+        recipe paints it in most steps); the clicker, the rounds and the evaluation follow."""
+        return self.paint_clicks and self.paint_first_prob >= 0.5
+
 
 @dataclass
 class Batch:

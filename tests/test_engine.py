@@ -36,7 +36,9 @@ def test_config_validation():
     with pytest.raises(ValueError, match="retrain_lr_factor"):
         _cfg(retrain_lr_factor=0.0)
     cfg = _cfg()
-    assert cfg.disc_radius == 10.0
+    assert cfg.disc_radius == 10.0 and cfg.paint_first
+    first_point = _cfg(train={**cfg.train.__dict__, "recipe": {"paint_first_prob": 0.0}})
+    assert first_point.disc_radius == 10.0 and not first_point.paint_first
 
 
 @pytest.mark.slow
