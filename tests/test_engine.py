@@ -8,6 +8,7 @@ import os
 import pytest
 
 from pipeline import rounds, storage
+from pipeline.config import to_dict
 from pipeline.engine import EngineConfig, StagePlan, StepLog, run_engine, train_keys
 from pipeline.layout import Corpus
 from tests.sam_corpus import build_corpus
@@ -37,7 +38,7 @@ def test_config_validation():
         _cfg(retrain_lr_factor=0.0)
     cfg = _cfg()
     assert cfg.disc_radius == 10.0 and cfg.paint_first
-    first_point = _cfg(train={**cfg.train.__dict__, "recipe": {"paint_first_prob": 0.0}})
+    first_point = _cfg(train={**to_dict(cfg.train), "recipe": {"paint_first_prob": 0.0}})
     assert first_point.disc_radius == 10.0 and not first_point.paint_first
 
 
@@ -56,6 +57,11 @@ def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, m
 
     from pipeline import promotion
 
+    # a tolerant gate promotes every retrained version, so round 2 continues an engine-trained
+    # model and its retraining must run at the lowered rate
+    promote_all = {"retrain_lr_factor": 0.5,
+                   "gate": {"tolerance": {"miou1": 1.0, "noc50": 100.0}}}
+
     def crash_on_second(root_, cfg_):
         calls.append((cfg_, promotion.current_version(corpus)))
         if len(calls) == 2:
@@ -64,14 +70,14 @@ def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, m
 
     monkeypatch.setattr(train_mod, "train_sam", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated"):
-        run_engine(root, _cfg(retrain_lr_factor=0.5))
+        run_engine(root, _cfg(**promote_all))
     log = StepLog(corpus, "engine")
     kinds = [(r["kind"], r["round_index"]) for r in log.records]
     assert ("gate", 0) in kinds and ("annotate", 1) in kinds and ("train", 1) not in kinds
     done_round1 = os.path.getmtime(storage.join(corpus.round_dir(1), "metrics.json"))
     monkeypatch.setattr(train_mod, "train_sam", real)
 
-    report = run_engine(root, _cfg(retrain_lr_factor=0.5))
+    report = run_engine(root, _cfg(**promote_all))
     log = StepLog(corpus, "engine")
     kinds = [(r["kind"], r["round_index"]) for r in log.records]
     for k in ("annotate", "train", "eval", "gate"):
@@ -96,9 +102,10 @@ def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, m
     # a retraining that continues an engine-trained model runs at the lowered learning rate
     base_lr = _cfg().train.lr
     assert calls[0][1] == "v0001" and calls[0][0].lr == base_lr
+    assert [c[1] for c in calls] == ["v0001", "v0002"]   # round 2 continues v0002
     for tcfg, current in calls:
         assert tcfg.lr == (base_lr if current == "v0001" else 0.5 * base_lr)
     # a third run has nothing to do
-    again = run_engine(root, _cfg(retrain_lr_factor=0.5))
+    again = run_engine(root, _cfg(**promote_all))
     assert len(StepLog(corpus, "engine").records) == len(log.records)
     assert again["rounds"] == report["rounds"]
