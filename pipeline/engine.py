@@ -82,6 +82,10 @@ class EngineConfig:
     # share of train.lr (the first retraining, from the starting model, uses train.lr): a
     # fine-tune at a full warm-up-and-decay schedule can undo what the last round learned
     retrain_lr_factor: float = 1.0
+    # optimiser steps of such a continuing retraining (0 = train.steps): the first retraining
+    # starts from the starting model and may need longer (from random weights the first-click
+    # pass leaves the empty-mask collapse only after several hundred steps)
+    retrain_steps: int = 0
     max_steps: int = 0                   # stop after this many steps in one invocation (0 = all)
     annotate: dict[str, Any] = field(default_factory=dict)   # AnnotateConfig fields
     train: TrainSamConfig = field(default_factory=TrainSamConfig)
@@ -109,6 +113,8 @@ class EngineConfig:
             raise ValueError(f"max_steps={self.max_steps}: must be >= 0")
         if not 0.0 < self.retrain_lr_factor <= 1.0:
             raise ValueError(f"retrain_lr_factor={self.retrain_lr_factor}: must be in (0, 1]")
+        if self.retrain_steps < 0:
+            raise ValueError(f"retrain_steps={self.retrain_steps}: must be >= 0 (0 = train.steps)")
         from pipeline.annotate import AnnotateConfig
 
         bad = sorted(set(self.annotate) & {"stage", "model", "keys", "round"})
@@ -358,14 +364,16 @@ def run_engine(root: str, config: EngineConfig | None = None,
             step("annotate", idx, annotate)
             if cfg.retrain:
                 def train() -> dict[str, Any]:
-                    lr = cfg.train.lr
+                    lr, steps = cfg.train.lr, cfg.train.steps
                     parent = promotion.current_version(corpus)
                     if parent != first_version:
                         lr *= cfg.retrain_lr_factor
-                    logger.info("engine %s: retrain from %s (first version %s) at lr %g",
-                                cfg.name, parent, first_version, lr)
+                        steps = cfg.retrain_steps or steps
+                    logger.info("engine %s: retrain from %s (first version %s) at lr %g, %d steps",
+                                cfg.name, parent, first_version, lr, steps)
                     tcfg = config_mod.from_dict(TrainSamConfig, {
-                        **config_mod.to_dict(cfg.train), "init": "current", "lr": lr})
+                        **config_mod.to_dict(cfg.train), "init": "current", "lr": lr,
+                        "steps": steps})
                     return train_sam(root, tcfg)
 
                 trained = step("train", idx, train)

@@ -166,9 +166,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         last = step == cfg.steps - 1
         ckpt = (step + 1) % cfg.checkpoint_every == 0 or last
         if (step + 1) % cfg.log_every == 0 or ckpt:
-            mean = {k: float(sum(w[k] for w in window) / len(window))
-                    for k in ("loss", "focal", "dice", "iou_mse", "iou_first", "iou_last")}
-            history.append({"step": step, "lr": opt.param_groups[0]["lr"], **mean,
+            history.append({"step": step, "lr": opt.param_groups[0]["lr"],
+                            **window_stats(window),
                             "steps_per_s": len(window) / max(time.time() - t0, 1e-6)})
             window, t0 = [], time.time()
             trainer.report({"step": step, "start": start, "rank": ctx.rank, **history[-1]},
@@ -180,6 +179,20 @@ def _train_loop(config: dict[str, Any]) -> None:
     write_read_log(config["read_log_url"], ctx.rank, read_keys, read_shards,
                    {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                     "start": start, "weights_sha256": weights_digest(sam)})
+
+
+STAT_KEYS = ("loss", "focal", "dice", "iou_mse", "iou_first", "iou_last")
+
+
+def window_stats(window: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean training stats over the logged window of steps, and how many had no prompt.
+
+    A batch without a usable mask still steps (its zero loss keeps DDP workers in lockstep)
+    but has no prompt stats; the means are over the batches that had prompts (None if none).
+    """
+    full = [w for w in window if w.get("masks")]
+    mean = {k: sum(float(w[k]) for w in full) / len(full) if full else None for k in STAT_KEYS}
+    return {**mean, "empty_batches": len(window) - len(full)}
 
 
 def weights_digest(model: Any) -> str:

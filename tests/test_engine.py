@@ -36,6 +36,8 @@ def test_config_validation():
         _cfg(annotate={"stage": "manual"})
     with pytest.raises(ValueError, match="retrain_lr_factor"):
         _cfg(retrain_lr_factor=0.0)
+    with pytest.raises(ValueError, match="retrain_steps"):
+        _cfg(retrain_steps=-1)
     cfg = _cfg()
     assert cfg.disc_radius == 10.0 and cfg.paint_first
     first_point = _cfg(train={**to_dict(cfg.train), "recipe": {"paint_first_prob": 0.0}})
@@ -59,7 +61,7 @@ def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, m
 
     # a tolerant gate promotes every retrained version, so round 2 continues an engine-trained
     # model and its retraining must run at the lowered rate
-    promote_all = {"retrain_lr_factor": 0.5,
+    promote_all = {"retrain_lr_factor": 0.5, "retrain_steps": 3,
                    "gate": {"tolerance": {"miou1": 1.0, "noc50": 100.0}}}
 
     def crash_on_second(root_, cfg_):
@@ -100,11 +102,16 @@ def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, m
     assert row["model_version"] == "v0001" and row["nomodel_noc50"] is not None
     assert row["miou1"] is not None and row["noc90"] is not None
     # a retraining that continues an engine-trained model runs at the lowered learning rate
-    base_lr = _cfg().train.lr
-    assert calls[0][1] == "v0001" and calls[0][0].lr == base_lr
+    # and for retrain_steps; the first, from the starting model, at train.lr for train.steps
+    base = _cfg().train
+    assert calls[0][1] == "v0001" and calls[0][0].lr == base.lr
     assert [c[1] for c in calls] == ["v0001", "v0002"]   # round 2 continues v0002
     for tcfg, current in calls:
-        assert tcfg.lr == (base_lr if current == "v0001" else 0.5 * base_lr)
+        first = current == "v0001"
+        assert tcfg.lr == (base.lr if first else 0.5 * base.lr)
+        assert tcfg.steps == (base.steps if first else 3)
+    assert storage.read_json(storage.join(corpus.model_dir("sam", "v0003"), "metrics.json")
+                             )["steps"] == 3
     # a third run has nothing to do
     again = run_engine(root, _cfg(**promote_all))
     assert len(StepLog(corpus, "engine").records) == len(log.records)

@@ -110,3 +110,25 @@ def test_frozen_encoder_gets_no_gradient():
     train_step(module, opt, synthetic_batch())
     assert torch.equal(before, sam.image_encoder.patch_embed.proj.weight)
     assert sam.image_encoder.patch_embed.proj.weight.grad is None
+
+
+def test_batch_without_masks_steps_and_logs():
+    """A batch whose images have no usable mask still steps (zero loss, so DDP workers stay in
+    lockstep) and the logged window averages only the batches that had prompts (a run on the
+    real corpus died here with KeyError 'focal' before)."""
+    from pipeline.train_sam import window_stats
+
+    sam = build_sam("tiny-test", seed=0)
+    module = SamLossModule(sam, RecipeConfig(iterations=3, mask_only_iterations=1))
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    full = synthetic_batch()
+    empty = Batch(full.images, full.masks, torch.zeros_like(full.mask_valid), full.sizes)
+    gen = torch.Generator().manual_seed(0)
+    s_empty = train_step(module, opt, empty, generator=gen)
+    s_full = train_step(module, opt, full, generator=gen)
+    assert s_empty["masks"] == 0 and s_full["masks"] == int(full.mask_valid.sum())
+    logged = window_stats([s_empty, s_full])
+    assert logged["empty_batches"] == 1
+    assert logged["loss"] == pytest.approx(s_full["loss"])
+    assert logged["iou_first"] == pytest.approx(s_full["iou_first"])
+    assert window_stats([s_empty])["loss"] is None
