@@ -258,22 +258,19 @@ def main() -> None:
 
 
 def blank_image_metrics(root: str, cfg, version: str) -> dict:
-    """Held-out interactive metrics of ``version``, the clicker run on a grey image instead."""
+    """Held-out interactive metrics of ``version`` (prompted as the engine evaluates it), the
+    clicker run on a grey image instead."""
     from models.sam import load_sam
     from pipeline.clicker import SamSegmenter
-    from pipeline.eval_sam import (interactive_metrics, load_objects, trained_disc_radius,
-                                   trained_paint_first)
+    from pipeline.engine import eval_config
+    from pipeline.eval_sam import eval_images, interactive_metrics
     from pipeline.layout import Corpus
 
-    corpus, e = Corpus(root), cfg.eval
-    images = load_objects(corpus, e.split, min_area_256=e.min_area_256, skip_crowd=e.skip_crowd,
-                          max_images=e.max_images, max_objects_per_image=e.max_objects_per_image)
-    disc = e.disc_radius if e.disc_radius is not None else trained_disc_radius(corpus, version)
-    first = e.paint_first if e.paint_first is not None else trained_paint_first(corpus, version)
-    seg = SamSegmenter(load_sam(corpus.model_dir("sam", version)), disc_radius=disc,
-                       paint_first=first)
-    return interactive_metrics(seg, images, max_clicks=e.max_clicks, thresholds=e.thresholds,
-                               at_clicks=e.at_clicks, blank=True)
+    corpus, e = Corpus(root), eval_config(cfg, version)
+    seg = SamSegmenter(load_sam(corpus.model_dir("sam", version)), disc_radius=e.disc_radius,
+                       paint_first=e.paint_first)
+    return interactive_metrics(seg, eval_images(corpus, e), max_clicks=e.max_clicks,
+                               thresholds=e.thresholds, at_clicks=e.at_clicks, blank=True)
 
 
 if __name__ == "__main__":

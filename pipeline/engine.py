@@ -208,15 +208,19 @@ def _publish_initial(corpus: Corpus, cfg: EngineConfig) -> str:
     return version
 
 
+def eval_config(cfg: EngineConfig, version: str) -> EvalSamConfig:
+    """The engine's evaluation protocol for ``version``: clicks prompted as its recipe trains."""
+    return config_mod.from_dict(EvalSamConfig, {**config_mod.to_dict(cfg.eval),
+                                                "model": version,
+                                                "disc_radius": cfg.disc_radius,
+                                                "paint_first": cfg.paint_first})
+
+
 def evaluate_version(root: str, cfg: EngineConfig, version: str) -> dict[str, Any]:
     """Held-out evaluation of ``version`` with the engine's protocol (reused when stored)."""
     from pipeline.eval_sam import evaluate
 
-    ecfg = config_mod.from_dict(EvalSamConfig, {**config_mod.to_dict(cfg.eval),
-                                                "model": version,
-                                                "disc_radius": cfg.disc_radius,
-                                                "paint_first": cfg.paint_first})
-    return evaluate(root, ecfg)
+    return evaluate(root, eval_config(cfg, version))
 
 
 def _gate_metrics(result: dict[str, Any]) -> dict[str, Any]:

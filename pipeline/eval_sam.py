@@ -350,6 +350,30 @@ def reference_radius(corpus: Corpus, cfg: EvalSamConfig) -> tuple[float, dict[st
     return best, d
 
 
+def eval_images(corpus: Corpus, cfg: EvalSamConfig) -> list[EvalImage]:
+    """The objects ``cfg`` evaluates on: ``cfg.gt``'s, else round 0's on ``cfg.split``."""
+    if cfg.gt:
+        images = load_coco_objects(cfg.gt, min_area_256=cfg.min_area_256,
+                                   skip_crowd=cfg.skip_crowd, max_images=cfg.max_images,
+                                   max_objects_per_image=cfg.max_objects_per_image)
+    else:
+        images = load_objects(corpus, cfg.split, min_area_256=cfg.min_area_256,
+                              skip_crowd=cfg.skip_crowd, max_images=cfg.max_images,
+                              max_objects_per_image=cfg.max_objects_per_image)
+    if not images:
+        raise ValueError(f"no ground-truth objects to evaluate on ({cfg.gt or cfg.split})")
+    return images
+
+
+def prompting(corpus: Corpus, cfg: EvalSamConfig, version: str) -> tuple[float, bool]:
+    """(disc radius, paint_first) to prompt ``version`` with: the config's, else as trained."""
+    disc = cfg.disc_radius if cfg.disc_radius is not None else trained_disc_radius(corpus,
+                                                                                   version)
+    first = cfg.paint_first if cfg.paint_first is not None else trained_paint_first(corpus,
+                                                                                    version)
+    return disc, first
+
+
 def evaluate(root: str, config: EvalSamConfig | None = None,
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate SAM version ``config.model`` (default: current) on the held-out ground truth;
@@ -374,21 +398,9 @@ def evaluate(root: str, config: EvalSamConfig | None = None,
     if cfg.reuse and storage.exists(url):
         return storage.read_json(url)
     t0 = time.time()
-    if cfg.gt:
-        images = load_coco_objects(cfg.gt, min_area_256=cfg.min_area_256,
-                                   skip_crowd=cfg.skip_crowd, max_images=cfg.max_images,
-                                   max_objects_per_image=cfg.max_objects_per_image)
-    else:
-        images = load_objects(corpus, cfg.split, min_area_256=cfg.min_area_256,
-                              skip_crowd=cfg.skip_crowd, max_images=cfg.max_images,
-                              max_objects_per_image=cfg.max_objects_per_image)
-    if not images:
-        raise ValueError(f"no ground-truth objects to evaluate on ({cfg.gt or cfg.split})")
+    images = eval_images(corpus, cfg)
     radius, ref_info = reference_radius(corpus, cfg)
-    disc = cfg.disc_radius if cfg.disc_radius is not None else trained_disc_radius(corpus,
-                                                                                   version)
-    first = cfg.paint_first if cfg.paint_first is not None else trained_paint_first(corpus,
-                                                                                    version)
+    disc, first = prompting(corpus, cfg, version)
     model = load_sam(vdir)
     out = evaluate_model(model, images, cfg, disc_radius=disc, reference_radius=radius,
                          progress=progress, paint_first=first)
