@@ -403,10 +403,7 @@ def _eval_of(root: str, cfg: EngineConfig, version: str | None) -> dict[str, Any
     if not version:
         return {}
     vdir = Corpus(root).model_dir("sam", version)
-    ecfg = config_mod.from_dict(EvalSamConfig, {**config_mod.to_dict(cfg.eval),
-                                                "disc_radius": cfg.disc_radius,
-                                                "paint_first": cfg.paint_first})
-    url = storage.join(vdir, f"eval-{ecfg.protocol_id()}.json")
+    url = storage.join(vdir, f"eval-{eval_config(cfg, version).protocol_id()}.json")
     return storage.read_json(url) if storage.exists(url) else {}
 
 

@@ -365,15 +365,6 @@ def eval_images(corpus: Corpus, cfg: EvalSamConfig) -> list[EvalImage]:
     return images
 
 
-def prompting(corpus: Corpus, cfg: EvalSamConfig, version: str) -> tuple[float, bool]:
-    """(disc radius, paint_first) to prompt ``version`` with: the config's, else as trained."""
-    disc = cfg.disc_radius if cfg.disc_radius is not None else trained_disc_radius(corpus,
-                                                                                   version)
-    first = cfg.paint_first if cfg.paint_first is not None else trained_paint_first(corpus,
-                                                                                    version)
-    return disc, first
-
-
 def evaluate(root: str, config: EvalSamConfig | None = None,
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate SAM version ``config.model`` (default: current) on the held-out ground truth;
@@ -400,7 +391,10 @@ def evaluate(root: str, config: EvalSamConfig | None = None,
     t0 = time.time()
     images = eval_images(corpus, cfg)
     radius, ref_info = reference_radius(corpus, cfg)
-    disc, first = prompting(corpus, cfg, version)
+    disc = cfg.disc_radius if cfg.disc_radius is not None else trained_disc_radius(corpus,
+                                                                                   version)
+    first = cfg.paint_first if cfg.paint_first is not None else trained_paint_first(corpus,
+                                                                                    version)
     model = load_sam(vdir)
     out = evaluate_model(model, images, cfg, disc_radius=disc, reference_radius=radius,
                          progress=progress, paint_first=first)
