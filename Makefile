@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 
 ## Runs the main job end to end on embedded defaults (local Ray, no Prefect server, local disk).
 demo: install
-	$(PY) -m flows.demo --data $(DATA) --root $(DEMO_ROOT)
+	$(PY) -m dataengine demo --data $(DATA) --root $(DEMO_ROOT)
 
 ## Debian's Chromium for the browser tests (skipped by the tests when it is absent).
 browser-deps:

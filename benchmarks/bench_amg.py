@@ -46,9 +46,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.sam import build_sam, load_sam, save_sam  # noqa: E402
-from pipeline import masks as mask_utils  # noqa: E402
-from pipeline.amg import AmgConfig, MaskGenerator, official_generate  # noqa: E402
+from dataengine.models.sam import build_sam
+from dataengine.pipeline.core import masks as mask_utils
+from dataengine.pipeline.core.checkpoints import load_sam, save_sam  # noqa: E402
+from dataengine.pipeline.sam.amg import AmgConfig, MaskGenerator, official_generate  # noqa: E402
 
 logger = logging.getLogger("bench_amg")
 DATA = REPO.parent / "shared" / "data"

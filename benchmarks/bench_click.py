@@ -6,7 +6,7 @@ Set-up: a corpus with one real 640x480 COCO image (coco128-seg), a SAM version b
 published ``vit_b`` configuration with random weights (the decoder's cost does not depend on
 the weights), its image embedding written ahead of time into ``ROOT/embeddings/v0001/`` (as
 opening a people round does; this encoder pass is timed), a people round on that image, and the
-dashboard server in its own process (``python -m pipeline.server``, default decoder: ONNX
+dashboard server in its own process (``python -m dataengine.pipeline.server``, default decoder: ONNX
 Runtime on CPU). Every click reuses the cached embedding.
 
 Each measured click is one ``POST /api/annotate/<round>/predict`` with the object's clicks so
@@ -56,9 +56,10 @@ def main() -> None:
     from PIL import Image
     from pycocotools import mask as mask_utils
 
-    from models.sam import build_sam, save_sam
-    from pipeline import storage
-    from pipeline.server.synthetic import build_corpus
+    from dataengine.models.sam import build_sam
+    from dataengine.pipeline.core import storage
+    from dataengine.pipeline.core.checkpoints import save_sam
+    from dataengine.pipeline.server.synthetic import build_corpus
 
     img_path = next(p for p in sorted((SHARED / "coco128-seg/images/train2017").glob("*.jpg"))
                     if Image.open(p).size == (640, 480))
@@ -71,7 +72,7 @@ def main() -> None:
     image = np.asarray(Image.open(img_path).convert("RGB"))
 
     # embeddings ahead of time, as opening a people round does: the encoder pass the cache saves
-    from pipeline.embeddings import EmbeddingCache
+    from dataengine.pipeline.sam.embeddings import EmbeddingCache
 
     key = storage.read_table(corpus.index)["key"][0].as_py()
     shard = storage.read_table(corpus.index)["shard"][0].as_py()
@@ -83,7 +84,7 @@ def main() -> None:
     del cache, model
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.server", "--root", corpus.root,
+    proc = subprocess.Popen([sys.executable, "-m", "dataengine.pipeline.server", "--root", corpus.root,
                              "--port", str(port), "--cache-dir", os.path.join(tmp, "cache"),
                              "--torch-threads", str(a.torch_threads)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -2,9 +2,9 @@
 
 One command: ``python benchmarks/bench_dashboard.py [--images 1000 --masks 100]``.
 
-Builds the corpus (image shards, index, one ``auto`` round through RoundWriter, plus 1,000
-curation decisions so the curation-state filter has work to do), starts the dashboard in a
-separate process (``python -m pipeline.server``) and measures from this process over HTTP:
+Builds the corpus (image shards, index, one ``auto`` round through RoundWriter, plus 1,000 curation
+decisions so the curation-state filter has work to do), starts the dashboard in a separate process
+(``python -m dataengine.pipeline.server``) and measures from this process over HTTP:
 
 - overview: ``GET /api/overview``
 - browse: a filtered, sorted page ``GET /api/browse?stage=auto&min_iou=..&sort=..&page=..``
@@ -39,9 +39,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import curation  # noqa: E402
-from pipeline.layout import Corpus  # noqa: E402
-from pipeline.server.synthetic import build_corpus  # noqa: E402
+from dataengine.pipeline.core import curation
+from dataengine.pipeline.core.layout import Corpus  # noqa: E402
+from dataengine.pipeline.server.synthetic import build_corpus  # noqa: E402
 
 
 def free_port() -> int:
@@ -57,7 +57,7 @@ class Server:
         self.port = free_port()
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.server", "--root", root, "--port", str(self.port),
+            [sys.executable, "-m", "dataengine.pipeline.server", "--root", root, "--port", str(self.port),
              "--cache-dir", cache_dir], cwd=REPO, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
         self.base = f"http://127.0.0.1:{self.port}"

@@ -6,15 +6,15 @@ One command::
 
 Shards ``coco128-seg`` + coco-mini ``train2017`` (training split, 208 images) and coco-mini
 ``val2017`` (held out; its 79 annotated images are the evaluation ground truth), then runs the
-engine (:mod:`pipeline.engine`) with the protocol frozen in :data:`PROTOCOL` (written to
-``OUT/protocol.json`` before anything runs; a re-run with ``--out`` of an interrupted run resumes
-and refuses a changed protocol): assisted-manual rounds, each on the next slice of training
-images, each followed by retraining (Ray Train), held-out evaluation (with
-the no-model reference: discs painted at the clicks, radius tuned on training images) and the
-promotion gate. Prints the per-round table (every row with the no-model reference), each
-trained model's metrics on a blank (grey) image, the issue's checks (clicks per mask falls and
-held-out mIoU@1 rises round over round, automatic recall of the last model above the first's,
-the 1.5x target), whether the last model looks at the image, and ends with::
+engine (:mod:`dataengine.pipeline.engine.loop`) with the protocol frozen in :data:`PROTOCOL`
+(written to ``OUT/protocol.json`` before anything runs; a re-run with ``--out`` of an interrupted
+run resumes and refuses a changed protocol): assisted-manual rounds, each on the next slice of
+training images, each followed by retraining (Ray Train), held-out evaluation (with the no-model
+reference: discs painted at the clicks, radius tuned on training images) and the promotion gate.
+Prints the per-round table (every row with the no-model reference), each trained model's metrics on
+a blank (grey) image, the issue's checks (clicks per mask falls and held-out mIoU@1 rises round over
+round, automatic recall of the last model above the first's, the 1.5x target), whether the last
+model looks at the image, and ends with::
 
     RESULT rounds=N clicks50_first=X clicks50_last=Y reduction50=X/Y clicks75_first=P
     clicks75_last=Q miou1_first=A miou1_last=B recall50_first=C recall50_last=D nomodel_clicks50=E
@@ -80,7 +80,7 @@ PROTOCOL = {
             # (2 images x 16 masks a step). MEASURED (2026-11-25, 480 CPU-s from random, 1204
             # steps, 40 held-out images): mIoU@1 0.321, NoC@50 4.28, NoC@75 13.91 — and on a
             # blank image 0.260 / 8.13 / 16.47, the first tiny model here that looks at the
-            # image; issue 10's "fast" recipe (every click painted, 4 x 4 masks) scored as on a
+            # image; the "fast" recipe (every click painted, 4 x 4 masks) scored as on a
             # blank image. The point-only first pass needs ~800 steps to leave the empty-mask
             # collapse (MEASURED: after 500 steps on round 1's 52 images mIoU@1 was 0.022)
             # IoU head at 5x SAM's weight: mIoU@1 is the mask the IoU head picks of the three,
@@ -113,7 +113,8 @@ PROTOCOL = {
 
 
 # A smaller frozen protocol for a loaded or slow machine (``--profile quick``): 2 assisted-manual
-# rounds of 30 images, 60 training steps (30 when continuing), a 20-image / 2-object held-out subset.
+# rounds of 30 images, 60 training steps (30 when continuing), a 20-image / 2-object held-out
+# subset.
 QUICK = json.loads(json.dumps(PROTOCOL))
 QUICK["engine"].update({"name": "bench-quick", "stages": [{"stage": "manual", "rounds": 2}],
                         "images_per_round": 30})
@@ -173,10 +174,10 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
-    from pipeline.config import from_dict
-    from pipeline.engine import EngineConfig, run_engine, train_keys
-    from pipeline.layout import Corpus
-    from pipeline.shard import ShardConfig, shard
+    from dataengine.pipeline.core.config import from_dict
+    from dataengine.pipeline.core.layout import Corpus
+    from dataengine.pipeline.engine.loop import EngineConfig, run_engine, train_keys
+    from dataengine.pipeline.ingest.shard import ShardConfig, shard
 
     t0 = time.time()
     scfg = from_dict(ShardConfig, {**protocol["shard"], "holdout_sources": [sources[2]]})
@@ -260,11 +261,11 @@ def main() -> None:
 def blank_image_metrics(root: str, cfg, version: str) -> dict:
     """Held-out interactive metrics of ``version`` (prompted as the engine evaluates it), the
     clicker run on a grey image instead."""
-    from models.sam import load_sam
-    from pipeline.clicker import SamSegmenter
-    from pipeline.engine import eval_config
-    from pipeline.eval_sam import eval_images, interactive_metrics
-    from pipeline.layout import Corpus
+    from dataengine.pipeline.core.checkpoints import load_sam
+    from dataengine.pipeline.core.layout import Corpus
+    from dataengine.pipeline.engine.loop import eval_config
+    from dataengine.pipeline.sam.clicker import SamSegmenter
+    from dataengine.pipeline.sam.evaluate import eval_images, interactive_metrics
 
     corpus, e = Corpus(root), eval_config(cfg, version)
     seg = SamSegmenter(load_sam(corpus.model_dir("sam", version)), disc_radius=e.disc_radius,

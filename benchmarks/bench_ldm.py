@@ -52,12 +52,19 @@ def timed_steps(step, n: int, warmup: int = 2) -> float:
 
 def latent_vs_online(root: str, latents: str, vae, scale: float, batch: int, steps: int) -> dict:
     """Samples/s of U-Net training steps fed from latent shards vs from images + VAE encode."""
-    from models.ldm import (LatentDiffusion, LdmSpec, build_noise_scheduler, diffusion_loss,
-                            prompt_for, tokenize, train_tokenizer)
-    from pipeline import storage
-    from pipeline.latents import image_stream
-    from pipeline.layout import Corpus
-    from pipeline.train_ldm import latent_stream
+    from dataengine.models.ldm import (
+        LatentDiffusion,
+        LdmSpec,
+        build_noise_scheduler,
+        diffusion_loss,
+        prompt_for,
+        tokenize,
+        train_tokenizer,
+    )
+    from dataengine.pipeline.core import storage
+    from dataengine.pipeline.core.layout import Corpus
+    from dataengine.pipeline.ldm.images import image_stream
+    from dataengine.pipeline.ldm.train_ldm import latent_stream
 
     corpus = Corpus(root)
     info = storage.read_json(storage.join(corpus.path("latents", latents), "dataset.json"))
@@ -98,7 +105,7 @@ def latent_vs_pixel(batch: int, steps: int) -> dict:
     """Samples/s of the same-width U-Net on 16x16x4 latents vs 64x64x3 pixels."""
     from diffusers import UNet2DConditionModel
 
-    from models.ldm import TEXT_CONFIGS, UNET_CONFIGS
+    from dataengine.models.ldm import TEXT_CONFIGS, UNET_CONFIGS
 
     out = {}
     width = TEXT_CONFIGS["tiny"]["hidden_size"]
@@ -150,13 +157,13 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    from pipeline.distribute import ensure_ray
-    from pipeline.latents import LatentsConfig, compute_latents
-    from pipeline.layout import Corpus
-    from pipeline.shard import ShardConfig, shard
-    from pipeline.train_ldm import TrainLdmConfig, train_ldm
-    from pipeline.train_vae import TrainVaeConfig, load_vae_version, train_vae
-    from pipeline.trainer import ScaleConfig
+    from dataengine.pipeline.core.distribute import ensure_ray
+    from dataengine.pipeline.core.layout import Corpus
+    from dataengine.pipeline.core.trainer import ScaleConfig
+    from dataengine.pipeline.ingest.shard import ShardConfig, shard
+    from dataengine.pipeline.ldm.latents import LatentsConfig, compute_latents
+    from dataengine.pipeline.ldm.train_ldm import TrainLdmConfig, train_ldm
+    from dataengine.pipeline.ldm.train_vae import TrainVaeConfig, load_vae_version, train_vae
 
     data = Path(a.data)
     if not data.is_dir():

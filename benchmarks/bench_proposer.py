@@ -17,11 +17,12 @@ coco-mini val2017 held out), in one run:
    simulated annotator then adds the missing objects.
 
 A third row, ``detr-nofilter``, keeps every SAM mask of the detector's boxes (no predicted-IoU /
-stability filter): what the boxes alone would cover. Printed per proposer: ground-truth recall of the pre-fill at IoU 0.5 (from the round's records
-against round 0), pre-filled masks per image, annotator clicks per image and annotator seconds
-per image (the simulated cost model; objects worked on and discarded included) and compute
-seconds per image; and the detector's boxes alone (GT box recall at IoU 0.5). The run directory
-(``--work``) is reused: finished steps are skipped on a re-run.
+stability filter): what the boxes alone would cover. Printed per proposer: ground-truth recall of
+the pre-fill at IoU 0.5 (from the round's records against round 0), pre-filled masks per image,
+annotator clicks per image and annotator seconds per image (the simulated cost model; objects worked
+on and discarded included) and compute seconds per image; and the detector's boxes alone (GT box
+recall at IoU 0.5). The run directory (``--work``) is reused: finished steps are skipped on a
+re-run.
 
 Run: ``python benchmarks/bench_proposer.py`` (tens of CPU minutes on 2 cores at the defaults;
 ``--quick`` for a smoke run). With a user's SAM checkpoint: ``--sam PATH --sam-config vit_b``.
@@ -46,8 +47,8 @@ logger = logging.getLogger("bench_proposer")
 
 
 def build_corpus(root: str, image_size: int) -> None:
-    from pipeline.images import ImageConfig
-    from pipeline.shard import ShardConfig, shard
+    from dataengine.pipeline.ingest.images import ImageConfig
+    from dataengine.pipeline.ingest.shard import ShardConfig, shard
 
     if Path(root, "images", "index.parquet").exists():
         return
@@ -68,8 +69,8 @@ def annotator_cfg(max_clicks: int, max_objects: int, accept_iou: float) -> dict:
 def _bench_round(corpus, tag: str) -> tuple[int, dict | None]:
     """The round number remembered under ``tag`` (a new one the first time) and, when that
     round is complete, its metrics (a re-run skips it)."""
-    from pipeline import storage
-    from pipeline.rounds import is_complete, next_round
+    from dataengine.pipeline.core import storage
+    from dataengine.pipeline.core.rounds import is_complete, next_round
 
     marker = Path(corpus.root, "bench", f"{tag}.json")
     if marker.exists():
@@ -86,8 +87,8 @@ def _bench_round(corpus, tag: str) -> tuple[int, dict | None]:
 
 def run_round_once(root: str, tag: str, cfg) -> dict:
     """Run (or resume) a round; the round number is remembered under ``tag``."""
-    from pipeline.annotate import run_round
-    from pipeline.layout import Corpus
+    from dataengine.pipeline.annotate.stage import run_round
+    from dataengine.pipeline.core.layout import Corpus
 
     corpus = Corpus(root)
     number, done = _bench_round(corpus, tag)
@@ -105,9 +106,9 @@ def replay_ground_truth_round(root: str, keys: list[str]) -> dict:
     """``--manual-source gt``: an assisted-manual round whose accepted masks are the round-0
     masks of ``keys`` (what annotators with a working SAM would have accepted). Flagged in the
     records (``annotator="gt-replay"``) and in the printout."""
-    from pipeline import storage
-    from pipeline.layout import Corpus
-    from pipeline.rounds import RoundWriter, iter_round_shard, round_shards
+    from dataengine.pipeline.core import storage
+    from dataengine.pipeline.core.layout import Corpus
+    from dataengine.pipeline.core.rounds import RoundWriter, iter_round_shard, round_shards
 
     corpus = Corpus(root)
     number, done = _bench_round(corpus, "manual-gt")
@@ -139,11 +140,11 @@ def detector_box_recall(root: str, version: str, keys: list[str], threshold: flo
     image, on ``keys`` (the detector half of the proposer alone)."""
     import numpy as np
 
-    from pipeline import masks as mu
-    from pipeline.eval_detector import iter_images
-    from pipeline.layout import Corpus
-    from pipeline.proposer import propose_boxes, resolve_detector
-    from pipeline.rounds import read_round_manifest
+    from dataengine.pipeline.core import masks as mu
+    from dataengine.pipeline.core.layout import Corpus
+    from dataengine.pipeline.core.rounds import read_round_manifest
+    from dataengine.pipeline.detector.evaluate import iter_images
+    from dataengine.pipeline.detector.proposer import propose_boxes, resolve_detector
 
     corpus = Corpus(root)
     det, _ = resolve_detector(corpus, version, "cpu")
@@ -172,9 +173,9 @@ def prefill_figures(root: str, number: int) -> dict:
     """Recall of round-0 objects by the pre-filled masks at IoU 0.5, masks and clicks per image,
     from the round's records."""
 
-    from pipeline import masks as mu
-    from pipeline.layout import Corpus
-    from pipeline.rounds import iter_round_shard, round_shards
+    from dataengine.pipeline.core import masks as mu
+    from dataengine.pipeline.core.layout import Corpus
+    from dataengine.pipeline.core.rounds import iter_round_shard, round_shards
 
     corpus = Corpus(root)
     gt: dict[str, list] = {}
@@ -199,8 +200,8 @@ def prefill_figures(root: str, number: int) -> dict:
                 covered += int((mu.iou_matrix(pre, g).max(axis=0) >= 0.5).sum())
     # objects the annotator worked on but discarded (final IoU under accept_iou) cost clicks
     # too: their seconds are in the round's stats; clicks follow from the cost model
-    from pipeline import storage
-    from pipeline.annotators import CostModel
+    from dataengine.pipeline.annotate.annotators import CostModel
+    from dataengine.pipeline.core import storage
 
     metrics = storage.read_json(storage.join(corpus.round_dir(number), "metrics.json"))
     cost = CostModel(**(metrics.get("config", {}).get("annotator", {}).get("cost") or {}))
@@ -256,13 +257,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from pipeline import storage
-    from pipeline.annotate import AnnotateConfig
-    from pipeline.engine import train_keys
-    from pipeline.layout import Corpus
-    from pipeline.train_detector import TrainDetectorConfig, train_detector
-    from pipeline.train_sam import TrainSamConfig, train_sam
-    from pipeline.trainer import ScaleConfig
+    from dataengine.pipeline.annotate.stage import AnnotateConfig
+    from dataengine.pipeline.core import storage
+    from dataengine.pipeline.core.layout import Corpus
+    from dataengine.pipeline.core.trainer import ScaleConfig
+    from dataengine.pipeline.detector.train import TrainDetectorConfig, train_detector
+    from dataengine.pipeline.engine.loop import train_keys
+    from dataengine.pipeline.sam.train import TrainSamConfig, train_sam
 
     root = str(Path(args.work) / "corpus")
     t_all = time.time()

@@ -1,18 +1,20 @@
-"""Benchmark: which small SAM learns to see on this CPU, for the same training budget (issue 10).
+"""Benchmark: which small SAM learns to see on this CPU, for the same training budget.
 
 Options (each trained from random weights for the same CPU budget, pre-training included, on the
 same training images: coco128-seg + coco-mini train2017; objects under 32x32 px at 256 and crowd
 regions dropped):
 
-- ``plain``: the ``tiny`` ViT config with the team's recipe (:mod:`pipeline.sam_loss`: SAM's
+- ``plain``: the ``tiny`` ViT config with the team's recipe (:mod:`dataengine.pipeline.sam.loss`:
+  SAM's
   iterative promptable loss + clicks painted into the mask prompt, the recipe that does not
   collapse);
-- ``conv``: the ``tiny-conv`` hybrid conv + attention encoder (:mod:`models.sam_small`), same
+- ``conv``: the ``tiny-conv`` hybrid conv + attention encoder (:mod:`dataengine.models.sam_small`),
+  same
   recipe;
 - ``conv-copypaste``: ``tiny-conv``, the first ``--pretrain-share`` of the budget on copy-paste
-  composites (:func:`pipeline.pretrain_sam.copy_paste`), the rest on the real masks;
+  composites (:func:`dataengine.pipeline.sam.pretrain.copy_paste`), the rest on the real masks;
 - ``conv-mae``: ``tiny-conv``, the first share as masked-autoencoder pre-training of the encoder
-  (:func:`pipeline.pretrain_sam.mae_loss`), the rest on the real masks.
+  (:func:`dataengine.pipeline.sam.pretrain.mae_loss`), the rest on the real masks.
 
 The budget is process CPU seconds of training (``time.process_time``; torch threads fixed by
 ``--threads``), so other jobs on the machine slow the run down but do not change what each
@@ -48,15 +50,26 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.sam import build_sam, load_sam, save_sam  # noqa: E402
-from models.sam_small import MaeHead  # noqa: E402
-from pipeline.clicker import DiscSegmenter, SamSegmenter  # noqa: E402
-from pipeline.eval_sam import (EvalImage, interactive_metrics, load_coco_objects,  # noqa: E402
-                               tune_disc_radius)
-from pipeline.pretrain_sam import (CopyPasteConfig, PretrainModule, PretrainSamConfig,  # noqa: E402
-                                   composite_batch, pretrain_step, shrink_sample)
-from pipeline.sam_loss import RecipeConfig  # noqa: E402
-from pipeline.training_data import Sample, make_batch  # noqa: E402
+from dataengine.models.sam import build_sam
+from dataengine.models.sam_small import MaeHead  # noqa: E402
+from dataengine.pipeline.core.checkpoints import load_sam, save_sam  # noqa: E402
+from dataengine.pipeline.sam.clicker import DiscSegmenter, SamSegmenter  # noqa: E402
+from dataengine.pipeline.sam.evaluate import (  # noqa: E402
+    EvalImage,
+    interactive_metrics,
+    load_coco_objects,
+    tune_disc_radius,
+)
+from dataengine.pipeline.sam.loss import RecipeConfig  # noqa: E402
+from dataengine.pipeline.sam.pretrain import (  # noqa: E402
+    CopyPasteConfig,
+    PretrainModule,
+    PretrainSamConfig,
+    composite_batch,
+    pretrain_step,
+    shrink_sample,
+)
+from dataengine.pipeline.sam.training_data import Sample, make_batch  # noqa: E402
 
 logger = logging.getLogger("bench_sam_small")
 DATA = REPO.parent / "shared" / "data"
@@ -92,8 +105,8 @@ def load_training(size: int = 256) -> list[Sample]:
     """coco-mini train2017 + coco128-seg objects, shrunk to ``size`` px (longest side)."""
     from PIL import Image, ImageOps
 
-    from pipeline.coco import annotation_mask
-    from pipeline.sources import list_items
+    from dataengine.pipeline.core.coco import annotation_mask
+    from dataengine.pipeline.ingest.sources import list_items
 
     out: list[Sample] = []
     for img in load_coco_objects(str(DATA / "coco-mini/annotations/instances_train2017.json"),

@@ -6,7 +6,8 @@ drops none; the benchmark asserts that all N were written).
 
 Measured in one run, on the same files:
 
-1. **re-encode**: the sharding stage (:func:`pipeline.shard.shard`, Ray tasks, one per shard)
+1. **re-encode**: the sharding stage (:func:`dataengine.pipeline.ingest.shard.shard`, Ray tasks, one
+   per shard)
    with ``resize_mode=keep_ratio, image_size=512``, JPEG quality 90, against a baseline doing the
    same decode + EXIF transpose + RGB + resize (Lanczos) + JPEG encode + sha256 key in a
    single-process loop writing with ``webdataset.ShardWriter``. Target: >= 1.7x.
@@ -15,8 +16,8 @@ Measured in one run, on the same files:
    every core (multiprocessing). Target: >= 0.7 of the limit.
 
 Ray workers run at niceness 0 here (Ray's default is 15), the priority of the baseline and of the
-decode loop. The Ray instance is started and its workers warmed up (a tiny shard job) before timing: the
-figures are the stage's steady state on a running cluster, not Ray's start-up.
+decode loop. The Ray instance is started and its workers warmed up (a tiny shard job) before timing:
+the figures are the stage's steady state on a running cluster, not Ray's start-up.
 
 Run: ``python benchmarks/bench_shard.py`` (a few minutes on 2 cores; ``--n`` for fewer images).
 Last line: ``RESULT images=N speedup_vs_baseline=X passthrough_vs_decode_limit=Y``.
@@ -126,9 +127,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from pipeline.distribute import ensure_ray
-    from pipeline.images import ImageConfig
-    from pipeline.shard import ShardConfig, shard
+    from dataengine.pipeline.core.distribute import ensure_ray
+    from dataengine.pipeline.ingest.images import ImageConfig
+    from dataengine.pipeline.ingest.shard import ShardConfig, shard
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-shard-"))
     shutil.rmtree(work / "out", ignore_errors=True)

@@ -10,9 +10,14 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray,
-                          run_logger)
-from flows.tasks import corpus_state_task, publish_round_task, run_stage_task
+from dataengine.flows.common import (
+    FLOW_OPTIONS,
+    apply_aws_credentials,
+    bridge_logging,
+    connect_ray,
+    run_logger,
+)
+from dataengine.flows.tasks import corpus_state_task, publish_round_task, run_stage_task
 
 
 @flow(name="annotate-round", **FLOW_OPTIONS)

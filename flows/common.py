@@ -271,7 +271,7 @@ def publish(key: str, title: str, *, metrics: dict[str, Any] | None = None,
             rows: list[dict[str, Any]] | None = None, links: dict[str, str] | None = None) -> None:
     """Publish a markdown artifact (title, a table, links to outputs) and one link artifact each.
 
-    Outside a flow run (``python -m flows.jobs``) it only logs.
+    Outside a flow run (``python -m dataengine.flows.jobs``) it only logs.
     """
     from prefect.context import FlowRunContext, TaskRunContext
 

@@ -1,6 +1,6 @@
 """``make demo``: the whole pipeline on ``../shared/data`` with tiny models, no Prefect server.
 
-    python -m flows.demo --data ../shared/data --root demo-corpus
+    dataengine demo --data ../shared/data --root demo-corpus
 
 Runs the ``pipeline`` flow with Prefect's ephemeral API (no server to start), a local Ray and the
 corpus on local disk, from ``configs/demo.yaml`` (tiny models, few steps; sized to finish in well
@@ -11,10 +11,8 @@ clicks per mask, model versions, LDM loss and the sample grid path.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -57,12 +55,12 @@ def _first(d: dict[str, Any], *keys: str) -> Any:
 
 def summarise(root: str) -> dict[str, Any]:
     """The demo's summary from what the corpus holds (done records, manifests, version files)."""
-    from flows import state
-    from pipeline import rounds, storage
-    from pipeline.layout import Corpus
+    from dataengine.pipeline.core import rounds, storage, versions
+    from dataengine.pipeline.core.info import corpus_state
+    from dataengine.pipeline.core.layout import Corpus
 
     corpus = Corpus(root)
-    st = state.corpus_state(root)
+    st = corpus_state(root)
     out: dict[str, Any] = {"state": st, "rounds": [], "models": {}, "grids": []}
     if storage.exists(corpus.index):
         index = storage.read_table(corpus.index)
@@ -72,7 +70,7 @@ def summarise(root: str) -> dict[str, Any]:
             out["splits"] = {s: splits.count(s) for s in sorted(set(splits))}
     for n in st["rounds_complete"]:
         info = rounds.round_info(corpus, n) or {}
-        metrics = state.round_metrics(root, n)
+        metrics = rounds.round_metrics(Corpus(root), n)
         row: dict[str, Any] = {"round": n, "stage": info.get("stage", "imported" if n == 0 else ""),
                                "model": info.get("model_version", "")}
         try:
@@ -87,10 +85,10 @@ def summarise(root: str) -> dict[str, Any]:
             row["clicks/mask"] = _first(metrics, "clicks_per_mask")
         row["mIoU"] = _first(metrics, "miou", "mIoU", "mean_iou")
         out["rounds"].append(row)
-    for kind, versions in st["models"].items():
+    for kind, published in st["models"].items():
         out["models"][kind] = []
-        for v in versions:
-            info = state.version_info(root, kind, v)
+        for v in published:
+            info = versions.version_info(Corpus(root), kind, v)
             out["models"][kind].append({"version": v, "info": info})
             if kind == "ldm" and "://" not in corpus.root:
                 out["grids"] += sorted(str(p) for p in Path(corpus.model_dir(kind, v)).glob(
@@ -99,7 +97,7 @@ def summarise(root: str) -> dict[str, Any]:
         out["grids"] += sorted(str(p) for p in Path(corpus.runs, "samples").glob("*.png"))
         out["engine_reports"] = sorted(str(p) for p in Path(corpus.engine).glob("*/report.md"))
     try:
-        from pipeline.promotion import current_version
+        from dataengine.pipeline.core.promotion import current_version
 
         out["sam_promoted"] = current_version(corpus)
     except ImportError:
@@ -136,8 +134,8 @@ def print_report(root: str, result: dict[str, Any], seconds: float) -> None:
     where.add_row("quarantine", f"{base}/quarantine")
     for n in s["state"]["rounds_complete"]:
         where.add_row(f"round {n}", f"{base}/annotations/round-{n:04d}")
-    for kind, versions in s["models"].items():
-        for v in versions:
+    for kind, published in s["models"].items():
+        for v in published:
             where.add_row(f"{kind} {v['version']}", f"{base}/models/{kind}/{v['version']}")
     for name in s["state"]["latents"]:
         where.add_row("latents", f"{base}/latents/{name}")
@@ -165,35 +163,20 @@ def print_report(root: str, result: dict[str, Any], seconds: float) -> None:
     con.print(summary)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns the exit code."""
-    p = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data"),
-                   help="sample data folder (coco-mini/, coco128-seg/)")
-    p.add_argument("--root", default="demo-corpus", help="corpus root (local folder)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="pipeline YAML")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.KEY=VALUE", help="override one config field (repeatable)")
-    p.add_argument("--step", dest="steps", action="append", default=None,
-                   help="run only these steps (repeatable)")
-    args = p.parse_args(argv)
+def run_demo(data: str | Path, root: str = "demo-corpus", config: str | Path = DEFAULT_CONFIG,
+             overrides: list[str] | None = None, steps: list[str] | None = None) -> dict[str, Any]:
+    """Run the ``pipeline`` flow on the sample data and print the report; returns its result."""
     _env()
-    data = Path(args.data)
+    data = Path(data)
     if not data.is_dir():
-        print(f"--data {str(data)!r} is not a folder (expected coco-mini/ and coco128-seg/)",
-              file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        raise NotADirectoryError(f"--data {str(data)!r} is not a folder (expected coco-mini/ and "
+                                 f"coco128-seg/)")
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from flows.pipeline_flow import pipeline_flow
+    from dataengine.flows.pipeline import pipeline_flow
 
     t0 = time.monotonic()
-    result = pipeline_flow(config=args.config, root=args.root, data=str(data.resolve()),
-                           overrides=args.overrides or None, steps=args.steps)
-    print_report(args.root, result, time.monotonic() - t0)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    result = pipeline_flow(config=str(config), root=root, data=str(data.resolve()),
+                           overrides=overrides or None, steps=steps)
+    print_report(root, result, time.monotonic() - t0)
+    return result

@@ -7,10 +7,9 @@ tags) so :func:`serve` can run them from one process with ``prefect.serve``.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +33,11 @@ def read_prefect_yaml(path: str | Path = PREFECT_YAML) -> list[dict[str, Any]]:
     return deps
 
 
-def load_flow(entrypoint: str, base: Path = REPO):
-    """The flow object named by ``path/to/file.py:function`` (relative to ``base``)."""
-    file, _, func = entrypoint.partition(":")
-    if not func:
-        raise ValueError(f"entrypoint {entrypoint!r} is not of the form path.py:function")
-    module = ".".join(Path(file).with_suffix("").parts)
-    if str(base) not in sys.path:
-        sys.path.insert(0, str(base))
-    if importlib.util.find_spec(module) is None:
-        raise ValueError(f"entrypoint {entrypoint!r}: module {module!r} not found under {base}")
+def load_flow(entrypoint: str):
+    """The flow object named by a module entrypoint ``package.module:function``."""
+    module, _, func = entrypoint.partition(":")
+    if not func or module.endswith(".py"):
+        raise ValueError(f"entrypoint {entrypoint!r} is not of the form package.module:function")
     return getattr(importlib.import_module(module), func)
 
 
@@ -64,7 +58,7 @@ def load_deployments(path: str | Path = PREFECT_YAML, names: list[str] | None = 
     for d in specs:
         if names and d["name"] not in names:
             continue
-        fl = load_flow(d["entrypoint"], Path(path).resolve().parent)
+        fl = load_flow(d["entrypoint"])
         accepted = set(fl.parameters.properties)
         params = {**(d.get("parameters") or {}),
                   **{k: v for k, v in (parameters or {}).items() if k in accepted}}

@@ -10,10 +10,22 @@ from typing import Any
 
 from prefect import flow
 
-from flows import stages
-from flows.common import (FLOW_OPTIONS, apply_aws_credentials, artifact_key, bridge_logging,
-                          connect_ray, publish, stage_task)
-from flows.tasks import corpus_state_task, publish_model_task, publish_round_task, run_stage_task
+from dataengine.flows import stages
+from dataengine.flows.common import (
+    FLOW_OPTIONS,
+    apply_aws_credentials,
+    artifact_key,
+    bridge_logging,
+    connect_ray,
+    publish,
+    stage_task,
+)
+from dataengine.flows.tasks import (
+    corpus_state_task,
+    publish_model_task,
+    publish_round_task,
+    run_stage_task,
+)
 
 
 @stage_task("publish-engine-report", retries=0)
@@ -22,7 +34,7 @@ def publish_engine_report(root: str, config: str | None, overrides: list[str] | 
     metrics) as a markdown artifact, with links to the report files."""
     from prefect.artifacts import create_markdown_artifact
 
-    from pipeline import storage
+    from dataengine.pipeline.core import storage
 
     cfg = stages.build_config("engine", config, overrides)
     d = storage.join(root, "engine", cfg.name)

@@ -10,9 +10,16 @@ from typing import Any
 
 from prefect import flow
 
-from flows import state
-from flows.common import FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray, publish
-from flows.tasks import run_stage_task
+from dataengine.flows.common import (
+    FLOW_OPTIONS,
+    apply_aws_credentials,
+    bridge_logging,
+    connect_ray,
+    publish,
+)
+from dataengine.flows.tasks import run_stage_task
+from dataengine.pipeline.core.info import corpus_state
+from dataengine.pipeline.core.layout import Corpus
 
 
 @flow(name="latents", **FLOW_OPTIONS)
@@ -22,10 +29,10 @@ def latents_flow(root: str, config: str | None = None, overrides: list[str] | No
     bridge_logging()
     apply_aws_credentials()
     connect_ray(ray_address)
-    vae = vae or state.latest_version(root, "vae")
+    vae = vae or Corpus(root).latest_version("vae")
     extra = {"vae": vae, "vae_version": vae} if vae else {}
     result = run_stage_task("latents", root, config, overrides, extra)
-    now = state.corpus_state(root)["latents"]
+    now = corpus_state(root)["latents"]
     publish("latents", "Latent precompute",
             metrics=result if isinstance(result, dict) else {"result": result},
             links={name: f"{root}/latents/{name}" for name in now})

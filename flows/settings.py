@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flows import stages
-from pipeline.config import load_config
+from dataengine.flows import stages
+from dataengine.pipeline.core.config import load_config
 
 STEPS = ("shard", "annotate", "train_sam", "engine", "train_vae", "latents", "train_ldm",
          "sample")
 ROUND_STAGES = ("manual", "semi", "auto")
 #: YAML sections that are not stages: this module's and the promotion gate's
-#: (``pipeline.promotion.GateConfig``, used by the engine-round flow).
+#: (``dataengine.pipeline.core.promotion.GateConfig``, used by the engine-round flow).
 SECTIONS = ("pipeline", "gate")
 
 
@@ -24,8 +24,8 @@ class PipelineConfig:
     """The ``pipeline`` section: which steps run, on what, where."""
 
     root: str = "demo-corpus"
-    #: Steps in order; ``annotate`` runs ``rounds`` (each followed by ``train_sam``) and is the
-    #: fallback when ``engine`` is not available.
+    #: Steps in order; ``annotate`` runs ``rounds`` (each an engine round: annotate, retrain
+    #: SAM, gate) where ``engine`` runs the whole data engine.
     steps: list[str] = field(default_factory=lambda: [
         "shard", "engine", "train_vae", "latents", "train_ldm", "sample"])
     #: Raw image sources for ``shard``; ``{data}`` is replaced by the flow's ``data`` parameter.

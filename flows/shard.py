@@ -9,11 +9,17 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray,
-                          publish, run_logger)
-from flows.settings import load_pipeline_config
-from flows.stages import substitute
-from flows.tasks import corpus_state_task, run_stage_task
+from dataengine.flows.common import (
+    FLOW_OPTIONS,
+    apply_aws_credentials,
+    bridge_logging,
+    connect_ray,
+    publish,
+    run_logger,
+)
+from dataengine.flows.settings import load_pipeline_config
+from dataengine.flows.stages import substitute
+from dataengine.flows.tasks import corpus_state_task, run_stage_task
 
 
 @flow(name="shard", **FLOW_OPTIONS)

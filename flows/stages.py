@@ -1,10 +1,8 @@
-"""The stages as flows and jobs see them: which pipeline function runs each, with which config.
+"""The stages as the flows see them: which pipeline function runs each, with which config.
 
 No Prefect here: :func:`run_stage` builds a stage's config dataclass from a YAML section
-(``pipeline.config.load_config(section=...)``) plus ``key=value`` overrides and calls the stage's
-pipeline function directly. Flows wrap it in tasks; ``python -m flows.jobs`` calls it under
-``ray job submit``. A stage whose module has not been installed is reported as unavailable
-(:func:`available`) instead of failing at import time, so the pipeline runs what exists.
+(``dataengine.pipeline.core.config.load_config(section=...)``) plus ``key=value`` overrides and
+calls the stage's pipeline function directly; flows wrap it in tasks.
 """
 
 from __future__ import annotations
@@ -17,8 +15,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import from_dict, load_config, to_dict
-from pipeline.layout import Corpus
+from dataengine.pipeline.core.config import from_dict, load_config, to_dict
+from dataengine.pipeline.core.layout import Corpus
 
 logger = logging.getLogger(__name__)
 
@@ -37,23 +35,23 @@ class StageSpec:
 
 #: Every stage the flows know, in pipeline order.
 STAGES: dict[str, StageSpec] = {s.name: s for s in [
-    StageSpec("shard", "pipeline.shard", "ShardConfig", "shard", "shard",
+    StageSpec("shard", "dataengine.pipeline.ingest.shard", "ShardConfig", "shard", "shard",
               "raw images -> WebDataset image shards + index + splits (+ round 0 imports)"),
-    StageSpec("annotate", "pipeline.annotate", "AnnotateConfig", "run_round", "annotate",
+    StageSpec("annotate", "dataengine.pipeline.annotate.stage", "AnnotateConfig", "run_round", "annotate",
               "one annotation round (manual | semi | auto) with SAM in the loop"),
-    StageSpec("train_sam", "pipeline.train_sam", "TrainSamConfig", "train_sam", "train_sam",
+    StageSpec("train_sam", "dataengine.pipeline.sam.train", "TrainSamConfig", "train_sam", "train_sam",
               "retrain SAM on the accepted rounds (Ray Train)"),
-    StageSpec("eval_sam", "pipeline.eval_sam", "EvalSamConfig", "evaluate", "eval_sam",
+    StageSpec("eval_sam", "dataengine.pipeline.sam.evaluate", "EvalSamConfig", "evaluate", "eval_sam",
               "held-out interactive and automatic metrics of a SAM version"),
-    StageSpec("engine", "pipeline.engine", "EngineConfig", "run_engine", "engine",
+    StageSpec("engine", "dataengine.pipeline.engine.loop", "EngineConfig", "run_engine", "engine",
               "the data engine: rounds and retraining in order, with a promotion gate"),
-    StageSpec("train_vae", "pipeline.train_vae", "TrainVaeConfig", "train_vae", "train_vae",
+    StageSpec("train_vae", "dataengine.pipeline.ldm.train_vae", "TrainVaeConfig", "train_vae", "train_vae",
               "first-stage KL autoencoder (Ray Train)"),
-    StageSpec("latents", "pipeline.latents", "LatentsConfig", "compute_latents", "latents",
+    StageSpec("latents", "dataengine.pipeline.ldm.latents", "LatentsConfig", "compute_latents", "latents",
               "precompute latent shards with the VAE on a Ray actor pool"),
-    StageSpec("train_ldm", "pipeline.train_ldm", "TrainLdmConfig", "train_ldm", "train_ldm",
+    StageSpec("train_ldm", "dataengine.pipeline.ldm.train_ldm", "TrainLdmConfig", "train_ldm", "train_ldm",
               "latent diffusion U-Net, multi-node (Ray Train)"),
-    StageSpec("sample", "pipeline.sample", "SampleConfig", "sample", "sample",
+    StageSpec("sample", "dataengine.pipeline.ldm.sample", "SampleConfig", "sample", "sample",
               "sample grids from an LDM version"),
 ]}
 
@@ -70,23 +68,6 @@ def _module(name: str):
     s = spec(name)
     return importlib.import_module(s.module)
 
-
-def available(name: str) -> bool:
-    """True when stage ``name``'s module, config class and entry function exist."""
-    s = spec(name)
-    try:
-        if importlib.util.find_spec(s.module) is None:
-            return False
-        mod = importlib.import_module(s.module)
-    except Exception as exc:  # noqa: BLE001 - a half-written module is "not available"
-        logger.warning("stage %s: module %s does not import: %s", name, s.module, exc)
-        return False
-    return hasattr(mod, s.config_class) and callable(getattr(mod, s.function, None))
-
-
-def available_stages() -> list[str]:
-    """Names of the stages that exist in this checkout, in pipeline order."""
-    return [n for n in STAGES if available(n)]
 
 
 def config_class(name: str) -> type:

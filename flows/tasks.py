@@ -1,15 +1,17 @@
 """Prefect tasks shared by the flows: run one stage, read the corpus state, publish artifacts.
 
 Every task retries, persists its result as JSON and never caches on inputs (see
-:mod:`flows.common`); its result is the stage's JSON-safe summary.
+:mod:`dataengine.flows.common`); its result is the stage's JSON-safe summary.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flows import stages, state
-from flows.common import bridge_logging, jsonable, publish, run_logger, stage_task
+from dataengine.flows import stages
+from dataengine.flows.common import bridge_logging, jsonable, publish, run_logger, stage_task
+from dataengine.pipeline.core import rounds, versions
+from dataengine.pipeline.core.info import corpus_state
 
 
 @stage_task("run-stage", task_run_name="{stage}")
@@ -28,15 +30,15 @@ def run_stage_task(stage: str, root: str, config_path: str | None = None,
 @stage_task("corpus-state", retries=1)
 def corpus_state_task(root: str) -> dict[str, Any]:
     """What ``root`` already holds, from the stages' done records."""
-    return state.corpus_state(root)
+    return corpus_state(root)
 
 
 @stage_task("publish-round", retries=0)
 def publish_round_task(root: str, number: int) -> dict[str, Any]:
     """Artifact for one complete round: its metrics table and where its outputs are."""
-    from pipeline.layout import Corpus
+    from dataengine.pipeline.core.layout import Corpus
 
-    metrics = state.round_metrics(root, number)
+    metrics = rounds.round_metrics(Corpus(root), number)
     d = Corpus(root).round_dir(number)
     publish(f"round-{number:04d}", f"Annotation round {number}", metrics=metrics,
             links={"round": d, "manifest": f"{d}/manifest.parquet", "metrics": f"{d}/metrics.json"})
@@ -46,11 +48,11 @@ def publish_round_task(root: str, number: int) -> dict[str, Any]:
 @stage_task("publish-model", retries=0)
 def publish_model_task(root: str, kind: str, version: str | None) -> dict[str, Any]:
     """Artifact for one training run: the version's metrics table and its folder."""
-    from pipeline.layout import Corpus
+    from dataengine.pipeline.core.layout import Corpus
 
     if not version:
         return {}
-    info = state.version_info(root, kind, version)
+    info = versions.version_info(Corpus(root), kind, version)
     d = Corpus(root).model_dir(kind, version)
     links = {"model": d}
     for name in ("samples.png", "grid.png", "report.md", "plot.png"):
@@ -63,7 +65,7 @@ def publish_model_task(root: str, kind: str, version: str | None) -> dict[str, A
 
 
 def _find(folder: str, name: str) -> str | None:
-    from pipeline import storage
+    from dataengine.pipeline.core import storage
 
     url = storage.join(folder, name)
     return url if storage.exists(url) else None

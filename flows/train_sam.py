@@ -10,10 +10,16 @@ from typing import Any
 
 from prefect import flow
 
-from flows import stages, state
-from flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging, connect_ray,
-                          run_logger)
-from flows.tasks import corpus_state_task, publish_model_task, run_stage_task
+from dataengine.flows.common import (
+    FLOW_OPTIONS,
+    apply_aws_credentials,
+    bridge_logging,
+    connect_ray,
+    run_logger,
+)
+from dataengine.flows.tasks import corpus_state_task, publish_model_task, run_stage_task
+from dataengine.pipeline.core import versions
+from dataengine.pipeline.core.layout import Corpus
 
 
 def trained_rounds(info: dict[str, Any]) -> list[int] | None:
@@ -35,18 +41,18 @@ def train_sam_flow(root: str, config: str | None = None, overrides: list[str] | 
     bridge_logging()
     apply_aws_credentials()
     before = corpus_state_task(root)
-    latest = state.latest_version(root, "sam")
+    latest = Corpus(root).latest_version("sam")
     if skip_if_current and latest:
         rounds_done = {r for r in before["rounds_complete"] if r != 0}
-        trained = trained_rounds(state.version_info(root, "sam", latest))
+        trained = trained_rounds(versions.version_info(Corpus(root), "sam", latest))
         if trained is not None and rounds_done <= set(trained):
             run_logger().info("sam %s already trained on rounds %s: skipped", latest, rounds_done)
             return {"version": latest, "skipped": True}
     connect_ray(ray_address)
     result = run_stage_task("train_sam", root, config, overrides)
-    version = state.latest_version(root, "sam")
+    version = Corpus(root).latest_version("sam")
     evaluation = None
-    if evaluate and version and version != latest and stages.available("eval_sam"):
+    if evaluate and version and version != latest:
         evaluation = run_stage_task("eval_sam", root, config, overrides,
                                     {"model": version, "version": version})
     publish_model_task(root, "sam", version)

@@ -12,7 +12,7 @@ Why Conditional DETR (Meng et al. 2021) among the DETR family in transformers:
   with a much slower ``grid_sample`` fallback on CPU) and, for RT-DETR, on denoising queries and a
   varifocal loss that depart from the paper's Hungarian loss this issue asks for.
 
-Registry, in ``models.sam``'s style: ``resnet50`` / ``resnet101`` (the published
+Registry, in ``dataengine.models.sam``'s style: ``resnet50`` / ``resnet101`` (the published
 ``microsoft/conditional-detr-resnet-*`` architectures with transformers' own ResNet backbone, for a
 user's checkpoint from a local path or S3: our safetensors format, a transformers
 ``save_pretrained`` folder, or a weights-only torch state dict), ``tiny`` (256 px, ResNet-10-ish
@@ -29,21 +29,21 @@ square canvas (:func:`preprocess`); boxes are ``cx, cy, w, h`` normalised to tha
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
-import os
-import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from dataengine.models.checkpoint import as_state_dict, load_state
+from dataengine.models.device import autocast, pick_device
+
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -60,7 +60,7 @@ class DetectorConfig:
     resnet_hidden_sizes: tuple[int, ...] = (32, 64, 128, 256)
     resnet_depths: tuple[int, ...] = (1, 1, 1, 1)
     backbone_norm: str = "group"                  # group (from scratch) | frozen_bn (pretrained)
-    sam_config: str = ""                          # models.sam registry name when backbone == sam
+    sam_config: str = ""                          # dataengine.models.sam registry name when backbone == sam
     d_model: int = 128
     encoder_layers: int = 2
     decoder_layers: int = 2
@@ -76,7 +76,7 @@ class DetectorConfig:
         if self.backbone not in ("resnet", "sam"):
             raise ValueError(f"backbone={self.backbone!r}: allowed 'resnet', 'sam'")
         if self.backbone == "sam" and not self.sam_config:
-            raise ValueError("sam_config: a models.sam config name is required when backbone='sam'")
+            raise ValueError("sam_config: a dataengine.models.sam config name is required when backbone='sam'")
         if self.backbone_norm not in ("group", "frozen_bn"):
             raise ValueError(f"backbone_norm={self.backbone_norm!r}: allowed 'group', 'frozen_bn'")
         if self.resnet_layer_type not in ("basic", "bottleneck"):
@@ -151,7 +151,7 @@ def config_of(model: nn.Module) -> DetectorConfig:
     """The :class:`DetectorConfig` a model was built from."""
     cfg = getattr(model, "detector_config", None)
     if cfg is None:
-        raise ValueError("model was not built by models.detector.build_detector")
+        raise ValueError("model was not built by dataengine.models.detector.build_detector")
     return cfg
 
 
@@ -160,7 +160,7 @@ class SamBackbone(nn.Module):
 
     def __init__(self, sam_config: str) -> None:
         super().__init__()
-        from models.sam import build_sam
+        from dataengine.models.sam import build_sam
 
         sam = build_sam(sam_config, seed=0, device="cpu")
         self.encoder = sam.image_encoder
@@ -198,7 +198,7 @@ def _group_norm(module: nn.Module) -> None:
 
 
 def build_detector(config: str | DetectorConfig | dict[str, Any] = "tiny",
-                   checkpoint: str | None = None, *, categories: list[str] | None = None,
+                   checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None, *, categories: list[str] | None = None,
                    seed: int | None = 0, device: str | torch.device | None = None) -> nn.Module:
     """Build a ``ConditionalDetrForObjectDetection`` in eval mode; random init (deterministic for
     ``seed``) or a checkpoint (see :func:`load_weights`). ``categories`` overrides the config's
@@ -233,80 +233,18 @@ detector_registry = {name: (lambda n: lambda **kw: build_detector(n, **kw))(name
                      for name in DETECTOR_CONFIGS}
 
 
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` when given, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def read_state_dict(url: str) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint: ``.safetensors`` file, a directory holding ``model.safetensors``
-    (ours or transformers' ``save_pretrained``), or a weights-only torch state dict."""
-    from safetensors.torch import load as st_load
-
-    from pipeline import storage
-
-    if storage.exists(storage.join(url, WEIGHTS_FILE)):
-        url = storage.join(url, WEIGHTS_FILE)
-    if not storage.exists(url):
-        raise FileNotFoundError(f"detector checkpoint {url!r} does not exist")
-    data = storage.read_bytes(url)
-    if url.endswith(".safetensors"):
-        return st_load(data)
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"detector checkpoint {url!r} is not a weights-only torch state dict: "
-                         f"{exc}") from exc
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"detector checkpoint {url!r} does not hold a state dict")
-    return state
-
-
-def load_weights(model: nn.Module, checkpoint: str) -> nn.Module:
-    """Load a checkpoint into ``model`` strictly (transformers' ``conditional_detr.`` prefix of
-    ``save_pretrained`` folders is mapped to ours); a clear error when it does not fit."""
-    state = read_state_dict(checkpoint)
-    own = model.state_dict()
-    if not set(state) & set(own):
+def load_weights(model: nn.Module,
+                 checkpoint: str | Path | Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load a state dict or local checkpoint into ``model`` strictly (transformers'
+    ``conditional_detr.`` prefix of ``save_pretrained`` folders is mapped to ours); a clear error
+    when it does not fit."""
+    state = as_state_dict(checkpoint)
+    if not set(state) & set(model.state_dict()):
         state = {k.replace("conditional_detr.model.", "model.", 1)
                  .replace("conditional_detr.", "", 1): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"detector checkpoint {checkpoint!r} does not fit config "
-                         f"{config_of(model).name!r}: {str(exc)[:500]}") from exc
-    return model
-
-
-def save_detector(model: nn.Module, url: str, *, extra: dict[str, Any] | None = None) -> None:
-    """Write ``model.safetensors`` then ``config.json`` (``{"detector": config, **extra}``)."""
-    from safetensors.torch import save as st_save
-
-    from pipeline import storage
-
-    cfg = config_of(model)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    storage.write_bytes(storage.join(url, WEIGHTS_FILE), st_save(state))
-    storage.write_json(storage.join(url, CONFIG_FILE), {"detector": cfg.to_dict(), **(extra or {})})
-
-
-def load_detector(url: str, device: str | torch.device | None = None) -> nn.Module:
-    """Load a model written by :func:`save_detector` (bit-exact), in eval mode."""
-    from pipeline import storage
-
-    cfg_url = storage.join(url, CONFIG_FILE)
-    if not storage.exists(cfg_url):
-        raise FileNotFoundError(f"{url!r} has no {CONFIG_FILE}: not a saved detector")
-    meta = storage.read_json(cfg_url)
-    if "detector" not in meta:
-        raise ValueError(f"{cfg_url} has no 'detector' section")
-    model = build_detector(meta["detector"], seed=None, device="cpu")
-    load_weights(model, storage.join(url, WEIGHTS_FILE))
-    return model.to(pick_device(device))
+    where = "a state dict" if isinstance(checkpoint, Mapping) else repr(str(checkpoint))
+    return load_state(model, state,
+                      f"detector checkpoint {where} (config {config_of(model).name!r})")
 
 
 def init_backbone_from_sam(model: nn.Module, sam: Any) -> nn.Module:
@@ -328,7 +266,8 @@ def init_backbone_from_sam(model: nn.Module, sam: Any) -> nn.Module:
 def preprocess(images: list[np.ndarray], size: int
                ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """HxWx3 uint8 RGB images -> ``(Bx3xSxS float pixel_values, BxSxS long pixel_mask,
-    per-image scale)``: longest side resized to ``size``, padded bottom-right, ImageNet-normalised."""
+    per-image scale)``: longest side resized to ``size``, padded bottom-right,
+    ImageNet-normalised."""
     import cv2
 
     b = len(images)
@@ -422,46 +361,3 @@ def detect(model: nn.Module, images: list[np.ndarray], *, threshold: float = 0.5
                     "scores": scores[keep].numpy().astype(np.float32),
                     "labels": labels[keep].numpy().astype(np.int64)})
     return out
-
-
-def autocast(device: str | torch.device):
-    """bf16 autocast on CUDA; a no-op elsewhere."""
-    import contextlib
-
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def load_hf_pretrained(url: str, device: str | torch.device | None = None) -> nn.Module:
-    """Load a transformers ``save_pretrained`` Conditional DETR folder (local or fsspec URL)
-    into the matching registry architecture (weights only; no code or download)."""
-    from pipeline import storage
-
-    if storage.is_local(url):
-        return build_detector(_guess_config(url), url, seed=None, device=device)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            src = storage.join(url, name)
-            if storage.exists(src):
-                with open(os.path.join(tmp, name), "wb") as f:
-                    f.write(storage.read_bytes(src))
-        return build_detector(_guess_config(tmp), tmp, seed=None, device=device)
-
-
-def _guess_config(folder: str) -> DetectorConfig:
-    import json
-
-    with open(os.path.join(folder, CONFIG_FILE)) as f:
-        hf = json.load(f)
-    bb = hf.get("backbone_config") or {}
-    depths = tuple(bb.get("depths") or (3, 4, 6, 3))
-    labels = hf.get("id2label") or {"0": "object"}
-    cats = tuple(labels[k] for k in sorted(labels, key=int))
-    return _published("resnet101" if depths[2] == 23 else "resnet50", depths).replace(
-        num_queries=int(hf.get("num_queries", 300)), categories=cats)

@@ -138,10 +138,6 @@ class LdmSpec:
         return "layout" in self.conditions
 
     @property
-    def uses_text(self) -> bool:
-        return "class" in self.conditions or "caption" in self.conditions
-
-    @property
     def max_tokens(self) -> int:
         return int(TEXT_CONFIGS[self.text]["max_position_embeddings"])
 

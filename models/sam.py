@@ -1,4 +1,4 @@
-"""SAM registry and checkpoint I/O, built from Meta's ``segment_anything`` classes.
+"""SAM registry and builder, from Meta's ``segment_anything`` classes.
 
 One registry of named configs (as ``segment_anything.build_sam``): the published ``vit_b``,
 ``vit_l``, ``vit_h`` (1024 px, load Meta's official ``.pth`` checkpoints) and small configs
@@ -8,34 +8,37 @@ depth 6, 4 heads, window 8, global attention at 2 layers, 128-d prompt/decoder) 
 ``ImageEncoderViT`` / ``PromptEncoder`` / ``MaskDecoder`` classes, so Meta's ``SamPredictor``
 and ``SamAutomaticMaskGenerator`` work on every model unchanged.
 
-Our own versions are saved as ``model.safetensors`` + ``config.json`` in a directory (any fsspec
-URL) and load back bit-exact; official ``.pth`` files load with ``torch.load(weights_only=True)``
-from a local path or S3. The device is chosen at run time (:func:`pick_device`); bf16 autocast
-only on CUDA (:func:`autocast`). :func:`export_onnx_decoder` exports the prompt encoder + mask
-decoder as Meta's ``scripts/export_onnx_model.py`` does (``SamOnnxModel``).
+:func:`build_sam` takes a state dict or a local checkpoint (official ``.pth`` read with
+``weights_only=True``, ``.safetensors``, or a saved model directory); versions on any fsspec URL
+are saved and loaded by :mod:`dataengine.pipeline.core.checkpoints`. The device is chosen at run
+time (:mod:`dataengine.models.device`). :func:`export_onnx_decoder` exports the prompt encoder +
+mask decoder as Meta's ``scripts/export_onnx_model.py`` does (``SamOnnxModel``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
-                                       TwoWayTransformer)
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+from dataengine.models.checkpoint import as_state_dict, load_state
+from dataengine.models.device import pick_device
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-
 
 @dataclass(frozen=True)
 class SamConfig:
@@ -60,7 +63,7 @@ class SamConfig:
     num_multimask_outputs: int = 3
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
-    encoder: str = "vit"          # vit (ImageEncoderViT) | conv (models.sam_small, hybrid CNN)
+    encoder: str = "vit"          # vit (ImageEncoderViT) | conv (dataengine.models.sam_small, hybrid CNN)
 
     def __post_init__(self) -> None:
         if self.encoder not in ("vit", "conv"):
@@ -124,7 +127,8 @@ SAM_CONFIGS: dict[str, SamConfig] = {
                            encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
                            window_size=4, prompt_embed_dim=64, decoder_mlp_dim=128,
                            decoder_num_heads=4, iou_head_hidden_dim=64),
-    # models.sam_small: hybrid conv encoder (3 conv stages + 2 global attention blocks at 1/16)
+    # dataengine.models.sam_small: hybrid conv encoder (3 conv stages + 2 global attention blocks at
+    # 1/16)
     "tiny-conv": SamConfig(name="tiny-conv", encoder="conv", encoder_depth=2,
                            encoder_global_attn_indexes=(0, 1)),
     "tiny-conv-test": SamConfig(name="tiny-conv-test", encoder="conv", image_size=128,
@@ -150,16 +154,17 @@ def config_of(model: Sam) -> SamConfig:
     """The :class:`SamConfig` a model was built from (attribute set by :func:`build_sam`)."""
     cfg = getattr(model, "sam_config", None)
     if cfg is None:
-        raise ValueError("model was not built by models.sam.build_sam (no sam_config attribute)")
+        raise ValueError("model was not built by dataengine.models.sam.build_sam (no sam_config attribute)")
     return cfg
 
 
-def build_sam(config: str | SamConfig | dict[str, Any] = "tiny", checkpoint: str | None = None,
+def build_sam(config: str | SamConfig | dict[str, Any] = "tiny",
+              checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None,
               *, seed: int | None = 0, device: str | torch.device | None = None) -> Sam:
     """Build a SAM model in eval mode; random init (deterministic for ``seed``) or a checkpoint.
 
-    ``checkpoint`` is an official ``.pth`` state dict, a ``.safetensors`` file, or a directory
-    written by :func:`save_sam`; any local path or fsspec URL (``s3://...``).
+    ``checkpoint`` is a state dict, or a local official ``.pth`` file, ``.safetensors`` file or
+    saved model directory (URLs: :func:`dataengine.pipeline.core.checkpoints.load_sam`).
     """
     cfg = get_config(config)
     emb = cfg.embedding_size
@@ -167,7 +172,7 @@ def build_sam(config: str | SamConfig | dict[str, Any] = "tiny", checkpoint: str
         if seed is not None:
             torch.manual_seed(seed)
         if cfg.encoder != "vit":
-            from models.sam_small import build_encoder
+            from dataengine.models.sam_small import build_encoder
 
             image_encoder = build_encoder(cfg)
         else:
@@ -206,96 +211,11 @@ sam_model_registry = {name: partial(build_sam, name) for name in SAM_CONFIGS}
 sam_model_registry["default"] = sam_model_registry["vit_h"]
 
 
-def read_state_dict(url: str) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint: ``.safetensors``, a :func:`save_sam` directory, or a torch
-    ``.pth`` state dict (``torch.load(weights_only=True)``; never unpickles code)."""
-    from safetensors.torch import load as st_load
-
-    from pipeline import storage
-
-    if storage.exists(storage.join(url, WEIGHTS_FILE)):
-        url = storage.join(url, WEIGHTS_FILE)
-    if not storage.exists(url):
-        raise FileNotFoundError(f"SAM checkpoint {url!r} does not exist")
-    data = storage.read_bytes(url)
-    if url.endswith(".safetensors"):
-        return st_load(data)
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"SAM checkpoint {url!r} is not a weights-only torch state dict: "
-                         f"{exc}") from exc
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"SAM checkpoint {url!r} does not hold a state dict")
-    return state
-
-
-def load_weights(model: Sam, checkpoint: str) -> Sam:
-    """Load a checkpoint into ``model`` (strict: every key must match, with a clear error)."""
-    state = read_state_dict(checkpoint)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"SAM checkpoint {checkpoint!r} does not fit config "
-                         f"{config_of(model).name!r}: {str(exc)[:500]}") from exc
-    return model
-
-
-def save_sam(model: Sam, url: str, *, extra: dict[str, Any] | None = None) -> None:
-    """Write ``model.safetensors`` + ``config.json`` (``{"sam": config, **extra}``) under ``url``.
-
-    Weights are written first, the config last; both atomically.
-    """
-    from safetensors.torch import save as st_save
-
-    from pipeline import storage
-
-    cfg = config_of(model)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    storage.write_bytes(storage.join(url, WEIGHTS_FILE), st_save(state))
-    storage.write_json(storage.join(url, CONFIG_FILE), {"sam": cfg.to_dict(), **(extra or {})})
-
-
-def load_sam(url: str, device: str | torch.device | None = None) -> Sam:
-    """Load a model written by :func:`save_sam` (bit-exact weights), in eval mode."""
-    from pipeline import storage
-
-    cfg_url = storage.join(url, CONFIG_FILE)
-    if not storage.exists(cfg_url):
-        raise FileNotFoundError(f"{url!r} has no {CONFIG_FILE}: not a saved SAM model")
-    meta = storage.read_json(cfg_url)
-    if "sam" not in meta:
-        raise ValueError(f"{cfg_url} has no 'sam' section")
-    model = build_sam(meta["sam"], seed=None, device="cpu")
-    load_weights(model, storage.join(url, WEIGHTS_FILE))
-    return model.to(pick_device(device))
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` when given, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of a model's parameters."""
-    return next(model.parameters()).device
-
-
-def autocast(device: str | torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU inference stays fp32)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameters."""
-    return sum(p.numel() for p in model.parameters())
+def load_weights(model: Sam, checkpoint: str | Path | Mapping[str, torch.Tensor]) -> Sam:
+    """Load a state dict or a local checkpoint into ``model`` (strict, with a clear error)."""
+    where = "a state dict" if isinstance(checkpoint, Mapping) else repr(str(checkpoint))
+    return load_state(model, as_state_dict(checkpoint),
+                      f"SAM checkpoint {where} (config {config_of(model).name!r})")
 
 
 @dataclass
@@ -399,14 +319,3 @@ def upscale_logits(low_res: np.ndarray, input_size: tuple[int, int],
                     interpolation=cv2.INTER_LINEAR)
     up = up[:input_size[0], :input_size[1]]
     return cv2.resize(up, (original_size[1], original_size[0]), interpolation=cv2.INTER_LINEAR)
-
-
-def model_info(model: Sam) -> dict[str, Any]:
-    """A small JSON-safe summary (config name, parameters, device)."""
-    return {"config": config_of(model).name, "parameters": count_parameters(model),
-            "device": str(model_device(model))}
-
-
-def dumps_config(model: Sam) -> str:
-    """The model's config as a JSON string."""
-    return json.dumps(config_of(model).to_dict(), sort_keys=True)

@@ -2,7 +2,7 @@
 
 ``../shared/findings/sam-from-scratch-on-cpu.md`` measured that the tiny ViT encoder trained from
 random weights on a few hundred masks learns to paint clicks but hardly to see. This module gives
-the registry (``models.sam``) a convolutional alternative with the same contract as
+the registry (``dataengine.models.sam``) a convolutional alternative with the same contract as
 ``segment_anything``'s ``ImageEncoderViT``: input ``Bx3xSxS`` float (normalised and padded by
 ``Sam.preprocess``), output ``BxCx(S/16)x(S/16)`` float image embedding, attribute ``img_size``.
 So ``Sam``, ``SamPredictor``, ``SamAutomaticMaskGenerator``, the ONNX decoder export and every
@@ -16,8 +16,8 @@ TinyViT are), then SAM's neck (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d) to
 ``prompt_embed_dim`` channels. Convolutions bring the locality prior a ViT must learn from data.
 
 :class:`MaeHead` is the pixel decoder of masked-autoencoder pre-training
-(``pipeline.pretrain_sam``): from the ``BxCxGxG`` embedding to ``Bx3xSxS`` pixels (a 1x1 conv
-to ``16*16*3`` values per cell, then pixel shuffle); it is not part of the SAM model.
+(``dataengine.pipeline.sam.pretrain``): from the ``BxCxGxG`` embedding to ``Bx3xSxS`` pixels (a 1x1
+conv to ``16*16*3`` values per cell, then pixel shuffle); it is not part of the SAM model.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ class ConvImageEncoder(nn.Module):
 
 
 def build_encoder(cfg: Any) -> nn.Module:
-    """The image encoder named by ``cfg.encoder`` for a :class:`models.sam.SamConfig` (only
-    the non-ViT kinds; ``models.sam.build_sam`` builds the ViT itself)."""
+    """The image encoder named by ``cfg.encoder`` for a :class:`dataengine.models.sam.SamConfig` (only
+    the non-ViT kinds; ``dataengine.models.sam.build_sam`` builds the ViT itself)."""
     if cfg.encoder == "conv":
         return ConvImageEncoder(img_size=cfg.image_size, embed_dim=cfg.encoder_embed_dim,
                                 depth=cfg.encoder_depth, num_heads=cfg.encoder_num_heads,

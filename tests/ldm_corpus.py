@@ -1,8 +1,9 @@
 """A tiny synthetic corpus for the latent diffusion tests: image shards with done records,
 splits, captions in each image's ``.json`` and round-0 masks with categories.
 
-Written with the foundation contracts (``pipeline.shards``, ``pipeline.layout``,
-``pipeline.rounds``, ``pipeline.splits``) so the tests do not depend on the sharding stage.
+Written with the foundation contracts (``dataengine.pipeline.core.shards``,
+``dataengine.pipeline.core.layout``, ``dataengine.pipeline.core.rounds``,
+``dataengine.pipeline.core.splits``) so the tests do not depend on the sharding stage.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import json
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline import splits, storage
-from pipeline.layout import Corpus, shard_name
-from pipeline.masks import area, bbox, encode
-from pipeline.rounds import RoundWriter
-from pipeline.shards import write_tar
+from dataengine.pipeline.core import splits, storage
+from dataengine.pipeline.core.layout import Corpus, shard_name
+from dataengine.pipeline.core.masks import area, bbox, encode
+from dataengine.pipeline.core.rounds import RoundWriter
+from dataengine.pipeline.core.shards import write_tar
 
 SHAPES = {1: ("red", "square", (220, 40, 40)), 2: ("blue", "circle", (40, 60, 220))}
 
@@ -96,8 +97,8 @@ def publish_random_vae(root: str, name: str = "test-f4", resolution: int = 32) -
 
     import torch
 
-    from models.ldm import build_vae
-    from pipeline.train_vae import TrainVaeConfig, train_vae
+    from dataengine.models.ldm import build_vae
+    from dataengine.pipeline.ldm.train_vae import TrainVaeConfig, train_vae
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +110,7 @@ def publish_random_vae(root: str, name: str = "test-f4", resolution: int = 32) -
 
 def corpus_with_latents(root: str, **corpus_kw) -> dict:
     """A synthetic corpus, a published random VAE and its latents (in-process, no Ray)."""
-    from pipeline.latents import LatentsConfig, compute_latents
+    from dataengine.pipeline.ldm.latents import LatentsConfig, compute_latents
 
     keys = make_corpus(root, **corpus_kw)
     version = publish_random_vae(root)

@@ -14,11 +14,11 @@ import json
 import numpy as np
 from PIL import Image
 
-from pipeline import splits, storage
-from pipeline.layout import Corpus, shard_name
-from pipeline.masks import area, bbox, encode
-from pipeline.rounds import RoundWriter
-from pipeline.shards import write_tar
+from dataengine.pipeline.core import splits, storage
+from dataengine.pipeline.core.layout import Corpus, shard_name
+from dataengine.pipeline.core.masks import area, bbox, encode
+from dataengine.pipeline.core.rounds import RoundWriter
+from dataengine.pipeline.core.shards import write_tar
 
 
 def _image(rng: np.random.Generator, h: int, w: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -92,7 +92,7 @@ def add_round(root: str, number: int, info: dict, keys: list[str], *, stage: str
     w = RoundWriter(corpus, number, stage, model_version=model_version)
     w.begin()
     wanted = set(keys)
-    from pipeline.rounds import iter_round_shard
+    from dataengine.pipeline.core.rounds import iter_round_shard
 
     for shard in info["shards"]:
         recs = []

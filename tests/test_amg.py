@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import masks as M
-from pipeline.amg import AmgConfig, MaskGenerator, official_generate
+from dataengine.pipeline.core import masks as M
+from dataengine.pipeline.sam.amg import AmgConfig, MaskGenerator, official_generate
 
 
 def _image(shared_data) -> np.ndarray:
@@ -21,7 +21,7 @@ def _image(shared_data) -> np.ndarray:
 
 @pytest.mark.parametrize("extra", [{}, {"crop_n_layers": 1, "min_mask_region_area": 30}])
 def test_matches_official_generator(shared_data, extra):
-    from models.sam import build_sam
+    from dataengine.models.sam import build_sam
 
     model = build_sam("tiny-test", seed=0)
     img = _image(shared_data)
@@ -44,8 +44,8 @@ def test_matches_official_generator(shared_data, extra):
 
 
 def test_cached_features_give_the_same_masks(shared_data):
-    from models.sam import build_sam
-    from pipeline.embeddings import compute_embeddings
+    from dataengine.models.sam import build_sam
+    from dataengine.pipeline.sam.embeddings import compute_embeddings
 
     model = build_sam("tiny-test", seed=0)
     img = _image(shared_data)
@@ -66,8 +66,8 @@ def test_disc_prompts_match_a_painted_mask_prompt(shared_data):
     import torch
     from segment_anything import SamPredictor
 
-    from models.sam import build_sam
-    from pipeline.sam_loss import paint_clicks
+    from dataengine.models.sam import build_sam
+    from dataengine.pipeline.sam.prompts import paint_clicks
 
     model = build_sam("tiny-test", seed=1)
     img = _image(shared_data)

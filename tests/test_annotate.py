@@ -15,12 +15,21 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from pipeline import storage
-from pipeline.annotate import AnnotateConfig, ShardAnnotator, holdout_keys, run_round
-from pipeline.layout import Corpus
-from pipeline.rounds import (iter_round_shard, read_round_manifest, round_info, round_shards,
-                             validate_record)
-from pipeline.shards import iter_tar, write_tar
+from dataengine.pipeline.annotate.stage import (
+    AnnotateConfig,
+    ShardAnnotator,
+    run_round,
+)
+from dataengine.pipeline.core import splits, storage
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.rounds import (
+    iter_round_shard,
+    read_round_manifest,
+    round_info,
+    round_shards,
+    validate_record,
+)
+from dataengine.pipeline.core.shards import iter_tar, write_tar
 
 FAST = {"target_iou": 0.75, "max_clicks": 3, "accept_iou": 0.0, "max_objects_per_image": 4}
 GRID = {"points_per_side": 6, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -43,8 +52,8 @@ def _subset(data: Path, split: str, n: int, out: Path, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def base_corpus(shared_data, tmp_path_factory) -> Path:
-    from pipeline.images import ImageConfig
-    from pipeline.shard import ShardConfig, shard
+    from dataengine.pipeline.ingest.images import ImageConfig
+    from dataengine.pipeline.ingest.shard import ShardConfig, shard
 
     out = tmp_path_factory.mktemp("annotate")
     train = _subset(shared_data, "train2017", 4, out / "src", "trainmini")
@@ -70,7 +79,7 @@ def _cfg(stage: str, **kw) -> AnnotateConfig:
 
 def _check_round(root: str, number: int, stage: str) -> list[dict]:
     corpus = Corpus(root)
-    held = holdout_keys(corpus)
+    held = splits.keys_of(corpus, "holdout")
     assert held, "the val images are held out"
     records = []
     for shard in round_shards(corpus, number):
@@ -121,7 +130,7 @@ def test_three_stages_write_valid_sa1b_rounds(root):
     tars = storage.listdir(emb_dir, r"shard-\d+\.tar")
     assert [t.rsplit("/", 1)[-1] for t in tars] == ["shard-000000.tar", "shard-000001.tar"]
     first = next(iter_tar(tars[0]))
-    from pipeline.embeddings import load_npy
+    from dataengine.pipeline.core.shards import load_npy
     assert load_npy(first["npy"]).dtype == np.float16
 
     m2 = run_round(root, _cfg("semi"))
@@ -151,7 +160,7 @@ def test_crashed_round_resumes_without_duplicates_and_records_bad_images(root):
 
     cfg = _cfg("manual")
     # the round starts, finishes shard-000000, then the process dies
-    from pipeline.rounds import RoundWriter
+    from dataengine.pipeline.core.rounds import RoundWriter
 
     RoundWriter(corpus, 1, "manual", "tiny-test-random-s0").begin()
     ShardAnnotator(root, cfg, 1, None)("shard-000000")
@@ -176,7 +185,7 @@ def test_crashed_round_resumes_without_duplicates_and_records_bad_images(root):
 def test_coco_export_import_round_trip(root, tmp_path):
     from pycocotools.coco import COCO
 
-    from pipeline.export import export_coco, export_sa1b, import_coco
+    from dataengine.pipeline.annotate.export import export_coco, export_sa1b, import_coco
 
     run_round(root, _cfg("manual"))
     out = str(tmp_path / "round1.json")
@@ -219,7 +228,7 @@ def test_coco_export_import_round_trip(root, tmp_path):
 def test_auto_round_on_ray_actor_pool_and_cli(root, ray_cluster):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from dataengine.pipeline.cli.app import app
 
     cfg = _cfg("auto", num_actors=2, num_cpus=0.5)
     cfg.use_ray = True

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import curation
-from pipeline.server.app import ServerConfig, create_app
-from pipeline.server.synthetic import build_corpus
+from dataengine.pipeline.core import curation
+from dataengine.pipeline.server.app import ServerConfig, create_app
+from dataengine.pipeline.server.synthetic import build_corpus
 from tests.browser_util import ARTIFACTS, chromium_page, require_chromium, serve
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -71,12 +71,13 @@ def test_dashboard_filter_sample_reject(corpus_root, tmp_path):
 
 
 def test_annotate_click_negative_accept_submit(tmp_path, shared_data):
-    """Issue 9: click inside an object, see the mask, add a negative click, accept, submit; the
+    """The annotate page: click inside an object, see the mask, add a negative click, accept, submit; the
     mask is in the round's shard with the clicks recorded."""
     require_chromium()
-    from models.sam import build_sam, save_sam
-    from pipeline import storage
-    from pipeline.rounds import iter_round_shard, read_round_manifest
+    from dataengine.models.sam import build_sam
+    from dataengine.pipeline.core import storage
+    from dataengine.pipeline.core.checkpoints import save_sam
+    from dataengine.pipeline.core.rounds import iter_round_shard, read_round_manifest
 
     ARTIFACTS.mkdir(exist_ok=True)
     imgs = sorted((shared_data / "coco128-seg/images/train2017").glob("*.jpg"))[:2]

@@ -5,9 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.clicker import (Click, ClickerConfig, DiscSegmenter, EmptySegmenter,
-                              OracleSegmenter, SamSegmenter, click_disc_logits, clicks_to_iou,
-                              iou_at, next_click, paint_discs, run_clicker)
+from dataengine.pipeline.sam.clicker import (
+    Click,
+    ClickerConfig,
+    DiscSegmenter,
+    EmptySegmenter,
+    OracleSegmenter,
+    SamSegmenter,
+    clicks_to_iou,
+    iou_at,
+    next_click,
+    paint_discs,
+    run_clicker,
+)
+from dataengine.pipeline.sam.prompts import click_disc_logits
 
 
 def _real_objects(shared_data, n_images=2):
@@ -71,7 +82,7 @@ def test_disc_reference_improves_with_clicks(shared_data):
 
 
 def test_sam_in_the_loop_records_clicks_and_feeds_back_logits(shared_data):
-    from models.sam import build_sam
+    from dataengine.models.sam import build_sam
 
     img, objects = _real_objects(shared_data, 1)[0]
     seg = SamSegmenter(build_sam("tiny-test"), disc_radius=10)
@@ -96,7 +107,7 @@ def test_sam_in_the_loop_records_clicks_and_feeds_back_logits(shared_data):
 def test_paint_first_off_keeps_the_first_click_point_only(shared_data):
     """``paint_first=False``: the first click is SAM's own point prompt (multimask, best score),
     the corrections are painted: what a model trained with ``paint_first_prob`` 0 saw."""
-    from models.sam import build_sam
+    from dataengine.models.sam import build_sam
 
     img, objects = _real_objects(shared_data, 1)[0]
     model = build_sam("tiny-test", seed=2)

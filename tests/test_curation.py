@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 import pyarrow as pa
 import pytest
 
-from pipeline import curation, storage
-from pipeline.curation import Decision
-from pipeline.layout import Corpus
-from pipeline.rounds import MANIFEST_SCHEMA
+from dataengine.pipeline.core import curation, storage
+from dataengine.pipeline.core.curation import Decision
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.rounds import MANIFEST_SCHEMA
 
 K1, K2 = "00aa11bb22cc33dd", "ffee00112233aabb"
 

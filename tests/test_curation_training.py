@@ -1,17 +1,18 @@
 """Integration: a mask rejected in the dashboard (and an image rejected there) is absent from
-the next SAM training's data (``pipeline.training_data``: the plan and the worker stream)."""
+the next SAM training's data (``dataengine.pipeline.sam.training_data``: the plan and the worker
+stream)."""
 
 from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline.server.app import ServerConfig, create_app
-from pipeline.server.synthetic import build_corpus
+from dataengine.pipeline.server.app import ServerConfig, create_app
+from dataengine.pipeline.server.synthetic import build_corpus
 
 
 def test_dashboard_rejections_leave_sam_training_data(tmp_path):
-    training_data = pytest.importorskip("pipeline.training_data")
+    training_data = pytest.importorskip("dataengine.pipeline.sam.training_data")
     corpus = build_corpus(str(tmp_path / "c"), n_generated=4, masks_per_image=6,
                           images_per_shard=2, holdout_every=0)
     api = TestClient(create_app(corpus.root, ServerConfig(cache_dir=str(tmp_path / "cache"),

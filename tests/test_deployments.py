@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import stages
+from dataengine.flows import stages
 from tests.test_flows import make_images
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_prefect_yaml_deployments_load():
-    from flows.deployments import load_deployments, read_prefect_yaml
+    from dataengine.flows.deployments import load_deployments, read_prefect_yaml
 
     specs = {d["name"]: d for d in read_prefect_yaml()}
     assert {"pipeline", "data-engine-round", "nightly-retrain", "shard"} <= set(specs)
@@ -80,9 +80,13 @@ def test_served_shard_deployment_runs_and_cron_schedules_runs(prefect_server, se
     if not stages.available("shard"):
         pytest.skip("shard stage not built")
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId,
-                                                FlowRunFilter, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -143,6 +147,6 @@ def test_prefect_deploy_all_registers_every_deployment_on_a_process_pool(prefect
                          if d.work_pool_name == "dataengine"}
             assert {"pipeline", "data-engine-round", "nightly-retrain", "shard"} <= set(pool_deps)
             nightly = pool_deps["nightly-retrain"]
-            assert nightly.entrypoint == "flows/retrain.py:engine_round_flow"
+            assert nightly.entrypoint == "dataengine.flows.retrain:engine_round_flow"
             assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
             assert pool_deps["pipeline"].parameters == {"config": "configs/pipeline.yaml"}

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import detector as D
-from pipeline import hungarian as H
-from pipeline.eval_detector import ImageBoxes, coco_box_metrics
+from dataengine.models import detector as D
+from dataengine.pipeline.detector import hungarian as H
+from dataengine.pipeline.detector.evaluate import ImageBoxes, coco_box_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +112,7 @@ def test_configs_validate_and_registry():
 
 
 def test_sam_encoder_backbone():
-    from models.sam import build_sam
+    from dataengine.models.sam import build_sam
 
     cfg = D.DetectorConfig(name="sam-test", image_size=128, backbone="sam", sam_config="tiny-test",
                            d_model=64, attention_heads=4, ffn_dim=128, num_queries=8)

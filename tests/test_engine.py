@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from pipeline import rounds, storage
-from pipeline.config import to_dict
-from pipeline.engine import EngineConfig, StagePlan, StepLog, run_engine, train_keys
-from pipeline.layout import Corpus
+from dataengine.pipeline.core import rounds, storage
+from dataengine.pipeline.core.config import to_dict
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.engine.loop import EngineConfig, StagePlan, StepLog, run_engine, train_keys
 from tests.sam_corpus import build_corpus
 
 
@@ -47,7 +47,7 @@ def test_config_validation():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, monkeypatch):
-    import pipeline.train_sam as train_mod
+    import dataengine.pipeline.sam.train as train_mod
 
     root = str(tmp_path / "corpus")
     info = build_corpus(root, shards=2, per_shard=4)
@@ -57,7 +57,7 @@ def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, m
     real = train_mod.train_sam
     calls = []
 
-    from pipeline import promotion
+    from dataengine.pipeline.core import promotion
 
     # a tolerant gate promotes every retrained version, so round 2 continues an engine-trained
     # model and its retraining must run at the lowered rate

@@ -12,15 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from flows import stages
-from flows.settings import PipelineConfig, load_pipeline_config, split_overrides
+from dataengine.flows import stages
+from dataengine.flows.settings import PipelineConfig, load_pipeline_config, split_overrides
 
 
 @pytest.fixture()
 def prefect_api(prefect_server, tmp_path):
     """Point this process's Prefect client at the session server; results under tmp_path."""
-    from prefect.settings import (PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH,
-                                  PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings)
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
 
     store = tmp_path / "results"
     with temporary_settings({PREFECT_API_URL: prefect_server["url"],
@@ -62,7 +66,7 @@ def _read_flow_run(flow_run_id):
 
 @pytest.mark.timeout(300)
 def test_shard_flow_runs_and_rerun_skips_done_shards(prefect_api, ray_cluster, tmp_path):
-    from flows.shard import shard_flow
+    from dataengine.flows.shard import shard_flow
 
     if not stages.available("shard"):
         pytest.skip("shard stage not built")
@@ -100,13 +104,13 @@ def test_shard_flow_runs_and_rerun_skips_done_shards(prefect_api, ray_cluster, t
     run, logs, artifacts = _read_flow_run(state1.state_details.flow_run_id)
     assert run.state.is_completed()
     messages = "\n".join(log.message for log in logs)
-    assert "[pipeline.shard] shard summary" in messages, messages[-2000:]
+    assert "[dataengine.pipeline.ingest.shard] shard summary" in messages, messages[-2000:]
     assert any(a.key == "shard" and "Sharding" in str(a.data) for a in artifacts)
 
 
 @pytest.mark.timeout(300)
 def test_pipeline_flow_runs_only_built_stages(prefect_api, ray_cluster, tmp_path):
-    from flows.pipeline_flow import pipeline_flow
+    from dataengine.flows.pipeline import pipeline_flow
 
     if not stages.available("shard"):
         pytest.skip("shard stage not built")
@@ -151,7 +155,7 @@ def test_stage_registry_reports_missing_modules():
 
 
 def test_ray_runtime_env_carries_package_and_prefect_url(monkeypatch):
-    from flows.common import ray_runtime_env
+    from dataengine.flows.common import ray_runtime_env
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     local = ray_runtime_env(remote=False)
@@ -168,7 +172,7 @@ def test_ray_runtime_env_carries_package_and_prefect_url(monkeypatch):
 def test_config_files_map_to_stage_dataclasses(name):
     import yaml
 
-    from pipeline.config import load_config
+    from dataengine.pipeline.core.config import load_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / name
     sections = yaml.safe_load(path.read_text())
@@ -179,7 +183,7 @@ def test_config_files_map_to_stage_dataclasses(name):
             stages.build_config(section, str(path), variables={"data": "/d"})
             built += 1
         elif section == "gate" and stages.available("eval_sam"):
-            from pipeline.promotion import GateConfig
+            from dataengine.pipeline.core.promotion import GateConfig
 
             load_config(GateConfig, str(path), section="gate")
         else:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import hungarian as H
+from dataengine.pipeline.detector import hungarian as H
 
 
 def _brute_force(cost: np.ndarray) -> float:

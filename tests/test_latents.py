@@ -1,4 +1,4 @@
-"""pipeline.latents: latent shards on a Ray actor pool, aligned with the image shards,
+"""dataengine.pipeline.ldm.latents: latent shards on a Ray actor pool, aligned with the image shards,
 resumable per shard, corrupt samples recorded, curation honoured."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import storage
-from pipeline.curation import Decision, record
-from pipeline.latents import LatentsConfig, compute_latents, load_npy
-from pipeline.layout import Corpus
-from pipeline.shards import iter_tar
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.curation import Decision, record
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.shards import iter_tar, load_npy
+from dataengine.pipeline.ldm.latents import LatentsConfig, compute_latents
 from tests.ldm_corpus import make_corpus, publish_random_vae
 
 

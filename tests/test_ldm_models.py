@@ -1,4 +1,4 @@
-"""models.ldm: registry, conditioning encoder, layout planes, guidance, export to diffusers."""
+"""dataengine.models.ldm: registry, conditioning encoder, layout planes, guidance, export to diffusers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import ldm
+from dataengine.models import ldm
 
 
 @pytest.fixture(scope="module")

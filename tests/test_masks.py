@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import masks as M
+from dataengine.pipeline.core import masks as M
 
 
 def test_stability_score_matches_segment_anything():

@@ -9,16 +9,24 @@ import numpy as np
 import pytest
 import torch
 
-from models.sam import build_sam, load_sam
-from models.sam_small import MaeHead
-from pipeline import storage
-from pipeline.layout import Corpus
-from pipeline.pretrain_sam import (CopyPasteConfig, PretrainModule, PretrainSamConfig,
-                                   composite_batch, copy_paste, mae_loss, pretrain_sam,
-                                   pretrain_step)
-from pipeline.sam_loss import RecipeConfig
-from pipeline.trainer import ScaleConfig
-from pipeline.training_data import Sample
+from dataengine.models.sam import build_sam
+from dataengine.models.sam_small import MaeHead
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.checkpoints import load_sam
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.trainer import ScaleConfig
+from dataengine.pipeline.sam.loss import RecipeConfig
+from dataengine.pipeline.sam.pretrain import (
+    CopyPasteConfig,
+    PretrainModule,
+    PretrainSamConfig,
+    composite_batch,
+    copy_paste,
+    mae_loss,
+    pretrain_sam,
+    pretrain_step,
+)
+from dataengine.pipeline.sam.training_data import Sample
 from tests.sam_corpus import build_corpus
 
 RED = np.array([255, 0, 0], np.uint8)
@@ -125,7 +133,7 @@ def test_config_validation():
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pretrain_sam_on_ray_train_publishes_a_startable_version(ray_cluster, tmp_path):
-    from pipeline.eval_sam import trained_disc_radius, trained_paint_first
+    from dataengine.pipeline.sam.evaluate import trained_disc_radius, trained_paint_first
 
     root = str(tmp_path / "corpus")
     info = build_corpus(root, shards=2, per_shard=4)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.sam import build_sam, save_sam
-from pipeline import promotion, storage
-from pipeline.engine import EngineConfig, promote_if_better
-from pipeline.layout import Corpus
-from pipeline.promotion import GateConfig, decide
+from dataengine.models.sam import build_sam
+from dataengine.pipeline.core import promotion, storage
+from dataengine.pipeline.core.checkpoints import save_sam
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.promotion import GateConfig, decide
+from dataengine.pipeline.engine.loop import EngineConfig, promote_if_better
 from tests.sam_corpus import build_corpus
 
 

@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import storage
-from pipeline.layout import Corpus
-from pipeline.proposer import DetectorProposer, DetectorProposerConfig, resolve_detector
-from pipeline.rounds import iter_round_shard, round_shards, validate_record
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.rounds import iter_round_shard, round_shards, validate_record
+from dataengine.pipeline.detector.proposer import (
+    DetectorProposer,
+    DetectorProposerConfig,
+    resolve_detector,
+)
 from tests.sam_corpus import build_corpus
 
 OPEN = {"box_threshold": 0.0, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
@@ -26,8 +30,9 @@ def one_thread():
 
 
 def _publish_detector(root: str) -> str:
-    from models.detector import build_detector, save_detector
-    from pipeline import eval_detector
+    from dataengine.models.detector import build_detector
+    from dataengine.pipeline.core.checkpoints import save_detector
+    from dataengine.pipeline.detector import evaluate as eval_detector
 
     corpus = Corpus(root)
     vdir = corpus.model_dir("detector", "v0001")
@@ -40,8 +45,8 @@ def _publish_detector(root: str) -> str:
 
 
 def test_generate_batches_boxes_on_one_embedding_per_image():
-    from models.detector import build_detector
-    from models.sam import build_sam
+    from dataengine.models.detector import build_detector
+    from dataengine.models.sam import build_sam
 
     sam = build_sam("tiny-test", seed=0, device="cpu")
     calls = []
@@ -75,7 +80,7 @@ def test_no_promoted_detector_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_semi_round_with_detector_proposer(tmp_path):
-    from pipeline.annotate import AnnotateConfig, run_round
+    from dataengine.pipeline.annotate.stage import AnnotateConfig, run_round
 
     root = str(tmp_path / "corpus")
     build_corpus(root, shards=2, per_shard=2, h=64, w=80)

@@ -2,10 +2,11 @@
 
 import pytest
 
-from pipeline import storage
-from pipeline.dataset import iter_corpus, load_index, ray_dataset
-from pipeline.images import ImageConfig
-from pipeline.shard import ShardConfig, shard
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.dataset import iter_corpus, ray_dataset
+from dataengine.pipeline.core.index import load_index
+from dataengine.pipeline.ingest.images import ImageConfig
+from dataengine.pipeline.ingest.shard import ShardConfig, shard
 
 pytestmark = pytest.mark.s3
 

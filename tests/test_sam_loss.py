@@ -6,11 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from models.sam import build_sam
-from pipeline import clicker
-from pipeline.sam_loss import (Batch, RecipeConfig, SamLossModule, dice_loss, focal_loss,
-                               iteration_plan, noisy_boxes, paint_clicks, promptable_loss,
-                               train_step)
+from dataengine.models.sam import build_sam
+from dataengine.pipeline.sam import clicker
+from dataengine.pipeline.sam.loss import (
+    Batch,
+    RecipeConfig,
+    SamLossModule,
+    dice_loss,
+    focal_loss,
+    iteration_plan,
+    noisy_boxes,
+    promptable_loss,
+    train_step,
+)
+from dataengine.pipeline.sam.prompts import paint_clicks
 
 
 def synthetic_batch(size: int = 128, n_images: int = 2, n_masks: int = 3, seed: int = 0) -> Batch:
@@ -116,7 +125,7 @@ def test_batch_without_masks_steps_and_logs():
     """A batch whose images have no usable mask still steps (zero loss, so DDP workers stay in
     lockstep) and the logged window averages only the batches that had prompts (a run on the
     real corpus died here with KeyError 'focal' before)."""
-    from pipeline.train_sam import window_stats
+    from dataengine.pipeline.sam.train import window_stats
 
     sam = build_sam("tiny-test", seed=0)
     module = SamLossModule(sam, RecipeConfig(iterations=3, mask_only_iterations=1))

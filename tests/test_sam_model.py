@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from models.sam import (SAM_CONFIGS, autocast, build_sam, config_of, count_parameters,
-                        export_onnx_decoder, get_config, load_sam, load_weights, pick_device,
-                        sam_model_registry, save_sam)
+from dataengine.models.device import autocast, count_parameters, pick_device
+from dataengine.models.sam import (
+    SAM_CONFIGS,
+    build_sam,
+    config_of,
+    export_onnx_decoder,
+    get_config,
+    load_weights,
+    sam_model_registry,
+)
+from dataengine.pipeline.core.checkpoints import load_sam, save_sam
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -59,7 +67,7 @@ def test_save_load_bit_exact_local_and_s3(tmp_path, s3_bucket):
 
 
 def test_official_pth_checkpoint_loads_weights_only(tmp_path, s3_bucket):
-    from pipeline import storage
+    from dataengine.pipeline.core import storage
 
     model = build_sam("tiny-test", seed=1)
     path = tmp_path / "sam_tiny.pth"
@@ -119,7 +127,7 @@ def test_server_onnx_decoder_matches_torch_predictor(tmp_path):
     gives SamPredictor's masks, scores and low-res logits, first click and with a mask prompt."""
     from segment_anything import SamPredictor
 
-    from pipeline.server.sam_session import OnnxDecoder
+    from dataengine.pipeline.server.sam_session import OnnxDecoder
 
     model = build_sam("tiny-test", seed=3)
     img = np.random.default_rng(2).integers(0, 255, (90, 130, 3), dtype=np.uint8)

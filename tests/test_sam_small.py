@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.sam import SamConfig, build_sam, get_config, load_sam, save_sam
-from models.sam_small import ConvImageEncoder, MaeHead
+from dataengine.models.sam import SamConfig, build_sam, get_config
+from dataengine.models.sam_small import ConvImageEncoder, MaeHead
+from dataengine.pipeline.core.checkpoints import load_sam, save_sam
 
 
 def test_conv_encoder_gives_sams_embedding_shape():

@@ -8,18 +8,20 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline import auth, storage
-from pipeline.layout import Corpus
-from pipeline.rounds import is_complete, iter_round_shard, read_round_manifest
-from pipeline.server.app import ServerConfig, create_app
-from pipeline.server.synthetic import build_corpus
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.rounds import is_complete, iter_round_shard, read_round_manifest
+from dataengine.pipeline.server import auth
+from dataengine.pipeline.server.app import ServerConfig, create_app
+from dataengine.pipeline.server.synthetic import build_corpus
 
 LOOP = ("127.0.0.1", 50000)
 
 
 @pytest.fixture()
 def corpus(tmp_path, shared_data) -> Corpus:
-    from models.sam import build_sam, save_sam
+    from dataengine.models.sam import build_sam
+    from dataengine.pipeline.core.checkpoints import save_sam
 
     imgs = sorted((shared_data / "coco128-seg/images/train2017").glob("*.jpg"))[:5]
     c = build_corpus(str(tmp_path / "c"), images=imgs, masks_per_image=4, images_per_shard=2,
@@ -243,10 +245,10 @@ def test_semi_round_prefill_keep_remove(corpus, tmp_path):
 
 
 def test_embeddings_ahead_of_time_are_used(corpus, tmp_path):
-    """Opening a round computes the embeddings into ROOT/embeddings/<version>/ (issue 3's
+    """Opening a round computes the embeddings into ROOT/embeddings/<version>/ (the
     cache format); clicks then need no encoder pass in the server."""
-    from pipeline.embeddings import EmbeddingCache
-    from pipeline.server.sam_session import precompute
+    from dataengine.pipeline.sam.embeddings import EmbeddingCache
+    from dataengine.pipeline.server.sam_session import precompute
 
     api = make_client(corpus, tmp_path)
     keys = train_keys(corpus)[:2]
@@ -269,9 +271,9 @@ def test_embeddings_ahead_of_time_are_used(corpus, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_precompute_on_ray(corpus, ray_cluster):
-    from pipeline.embeddings import EmbeddingCache
-    from pipeline.server import people
-    from pipeline.server.sam_session import precompute
+    from dataengine.pipeline.sam.embeddings import EmbeddingCache
+    from dataengine.pipeline.server import people
+    from dataengine.pipeline.server.sam_session import precompute
 
     n = people.open_round(corpus, stage="manual", model_version="v0001", n_images=3)
     r = people.PeopleRound(corpus, n)

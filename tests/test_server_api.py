@@ -13,9 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pipeline import auth, curation, storage
-from pipeline.server.app import ServerConfig, create_app
-from pipeline.server.synthetic import build_corpus
+from dataengine.pipeline.core import curation, storage
+from dataengine.pipeline.server import auth
+from dataengine.pipeline.server.app import ServerConfig, create_app
+from dataengine.pipeline.server.synthetic import build_corpus
 
 LOOP = ("127.0.0.1", 50000)
 
@@ -30,7 +31,8 @@ def corpus_root(tmp_path_factory, shared_data) -> str:
     # a SAM version with held-out metrics and a sample grid, an LDM run with a loss curve
     vdir = Path(corpus.model_dir("sam", "v0001"))
     vdir.mkdir(parents=True)
-    # the formats of pipeline.eval_sam / pipeline.promotion / pipeline.engine
+    # the formats of dataengine.pipeline.sam.evaluate / dataengine.pipeline.core.promotion /
+    # dataengine.pipeline.engine.loop
     (vdir / "eval-abc123.json").write_text(json.dumps(
         {"miou1": 0.42, "noc90": 17.5, "nomodel": {"miou1": 0.11, "noc90": 20.0}}))
     (vdir / "promotion.json").write_text(json.dumps(
@@ -253,7 +255,7 @@ def test_path_traversal_is_refused(api, url):
 
 
 def test_tokens_off_loopback(corpus_root, tmp_path):
-    from pipeline.layout import Corpus
+    from dataengine.pipeline.core.layout import Corpus
 
     corpus = Corpus(corpus_root)
     token = auth.create_token(corpus, "alice")
@@ -338,7 +340,7 @@ def test_config_validation():
 def test_cli_tokens_and_refusal_off_loopback(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from dataengine.pipeline.cli.app import app
 
     root = str(tmp_path / "c")
     runner = CliRunner()

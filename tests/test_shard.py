@@ -18,12 +18,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline import masks, quarantine, rounds
-from pipeline.dataset import image_shard_urls, iter_corpus, load_index, load_splits
-from pipeline.images import ImageConfig
-from pipeline.info import corpus_info
-from pipeline.layout import Corpus
-from pipeline.shard import ShardConfig, content_key, shard
+from dataengine.pipeline.core import masks, quarantine, rounds, splits
+from dataengine.pipeline.core.dataset import image_shard_urls, iter_corpus
+from dataengine.pipeline.core.index import load_index
+from dataengine.pipeline.core.info import corpus_info
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.ingest.images import ImageConfig
+from dataengine.pipeline.ingest.shard import ShardConfig, content_key, shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def test_demo_corpus_on_real_data(ray_cluster, shared_data, tmp_path):
 
     index = load_index(str(root))
     assert index.num_rows == 287 and len(set(index.column("key").to_pylist())) == 287
-    split_of = load_splits(str(root))
+    split_of = splits.load_map(Corpus(str(root)))
     val = [r for r in index.to_pylist() if "/val2017/" in r["uri"]]
     assert len(val) == 79 and all(split_of[r["key"]] == "holdout" for r in val)
     assert sum(v == "train" for v in split_of.values()) == 208
@@ -80,7 +81,7 @@ def test_demo_corpus_on_real_data(ray_cluster, shared_data, tmp_path):
     assert "person" in set(man.column("category").to_pylist())
     assert set(man.column("key").to_pylist()) <= set(index.column("key").to_pylist())
     rec = next(rounds.iter_round_shard(corpus, 0, "shard-000000"))
-    from pipeline.coco import load_coco
+    from dataengine.pipeline.core.coco import load_coco
     images, anns, _ = load_coco(str(ann / "instances_train2017.json"))
     fname = rec["image"]["file_name"].rsplit("/", 1)[-1]
     src_anns = [a for a in anns[fname] if a["polygons"]]
@@ -115,7 +116,7 @@ def test_demo_corpus_on_real_data(ray_cluster, shared_data, tmp_path):
 
 
 def _app():
-    from pipeline.cli import app
+    from dataengine.pipeline.cli.app import app
     return app
 
 
@@ -233,7 +234,7 @@ def test_memory_root_roundtrip(tmp_path):
     keys = [x["__key__"] for x in iter_corpus(root, decode=None)]
     assert sorted(keys) == sorted(load_index(root).column("key").to_pylist())
     assert len(image_shard_urls(root)) == 3
-    assert set(load_splits(root).values()) <= {"train", "holdout"}
+    assert set(splits.load_map(Corpus(root)).values()) <= {"train", "holdout"}
 
 
 def test_missing_source_and_unwritable_root_fail_at_once(tmp_path, shared_data):
@@ -287,7 +288,7 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
             "--resize", "keep_ratio", "--image-size", "320"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     log = open(tmp_path / "killed-run.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", "from pipeline.cli import app; app()", *args],
+    proc = subprocess.Popen([sys.executable, "-c", "from dataengine.pipeline.cli.app import app; app()", *args],
                             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     images = root / "images"

@@ -1,4 +1,4 @@
-"""pipeline.sources and pipeline.coco: folders, COCO JSON, YOLO-seg, path/URL lists over HTTP."""
+"""dataengine.pipeline.ingest.sources and dataengine.pipeline.core.coco: folders, COCO JSON, YOLO-seg, path/URL lists over HTTP."""
 
 import functools
 import http.server
@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import coco, sources, storage
+from dataengine.pipeline.core import coco, storage
+from dataengine.pipeline.ingest import sources
 
 
 def _jpg(path, color=(200, 10, 10), size=(32, 24)):

@@ -1,4 +1,4 @@
-"""pipeline.storage on memory:// and local disk: atomic publish, retries, braces, listdir."""
+"""dataengine.pipeline.core.storage on memory:// and local disk: atomic publish, retries, braces, listdir."""
 
 import os
 import uuid
@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipeline import storage
+from dataengine.pipeline.core import storage
 
 
 @pytest.fixture(params=["memory", "local"])
@@ -140,7 +140,7 @@ def test_bytes_tar_writer_is_read_back_by_webdataset_and_tarfile(tmp_path):
 
     import webdataset as wds
 
-    from pipeline.shards import BytesTarWriter, iter_tar
+    from dataengine.pipeline.core.shards import BytesTarWriter, iter_tar
 
     samples = [{"__key__": f"{i:016x}", "jpg": bytes([i]) * (100 + 700 * i),
                 "json": f'{{"i": {i}}}'.encode()} for i in range(5)]

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import storage
-from pipeline.hungarian import LossConfig
-from pipeline.layout import Corpus
-from pipeline.train_detector import TrainDetectorConfig
-from pipeline.trainer import ScaleConfig
-from pipeline.training_data import DataConfig
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.trainer import ScaleConfig
+from dataengine.pipeline.detector.hungarian import LossConfig
+from dataengine.pipeline.detector.train import TrainDetectorConfig
+from dataengine.pipeline.sam.training_data import DataConfig
 from tests.sam_corpus import add_round, build_corpus
 
 
@@ -42,7 +42,7 @@ def test_two_workers_disjoint_shards_identical_weights(ray_cluster, corpus_info)
     # the semi round's proposer is the detector only if the gate promoted it
     from dataclasses import asdict
 
-    from pipeline.train_detector import engine_detector_step
+    from dataengine.pipeline.detector.train import engine_detector_step
 
     cfg = _cfg(scale=scale, gate={"metrics": {"ar100": "max"}, "tolerance": {}})
     train = {k: v for k, v in asdict(cfg).items()}
@@ -78,20 +78,23 @@ def test_two_workers_disjoint_shards_identical_weights(ray_cluster, corpus_info)
     assert training["rounds"] == [1] and training["data"]["masks"] > 0
     assert storage.read_json(storage.join(vdir, "version.json"))["promoted"] == out["promoted"]
     # the saved weights are the trained replicas'
-    from models.detector import load_detector
-    from pipeline.train_sam import weights_digest
+    from dataengine.models.checkpoint import weights_digest
+    from dataengine.pipeline.core.checkpoints import load_detector
 
     assert weights_digest(load_detector(vdir, device="cpu")) == a["weights_sha256"]
 
 
 def test_unfinished_version_is_resumed_and_gate_rejects_a_regression(tmp_path):
-    from pipeline import eval_detector
-    from pipeline.train_detector import _fingerprint
-    from pipeline.trainer import begin_version
+    from dataengine.pipeline.core.config import to_dict
+    from dataengine.pipeline.core.versions import begin_version, fingerprint
+    from dataengine.pipeline.detector import evaluate as eval_detector
+    from dataengine.pipeline.sam.training_data import plan_training_data
 
     def _pick_version(corpus, fp):
         return begin_version(corpus, "detector", fp, "detector")[0]
-    from pipeline.training_data import plan_training_data
+
+    def _fingerprint(cfg, plan, parent):
+        return fingerprint(to_dict(cfg), rounds=plan.rounds, masks=plan.n_masks, parent=parent)
 
     root = str(tmp_path / "c")
     info = build_corpus(root, shards=2, per_shard=2, h=64, w=80)
@@ -125,7 +128,7 @@ def test_unfinished_version_is_resumed_and_gate_rejects_a_regression(tmp_path):
     assert eval_detector.gate(corpus, "v0003", good) == d, "a version is gated once"
     assert len(eval_detector.decisions(corpus)) == 4
     # the engine hook without retraining picks the promoted version (or amg when disabled)
-    from pipeline.train_detector import engine_detector_step
+    from dataengine.pipeline.detector.train import engine_detector_step
 
     rec = engine_detector_step(root, {"enabled": True, "proposer": {"box_threshold": 0.4}},
                                previous_stage="semi")
@@ -136,15 +139,15 @@ def test_unfinished_version_is_resumed_and_gate_rejects_a_regression(tmp_path):
     with pytest.raises(ValueError, match="version"):
         engine_detector_step(root, {"enabled": True, "proposer": {"version": "v1"}}, "semi")
     # per-category mode takes the corpus' categories for the planned masks
-    from pipeline.train_detector import corpus_categories
+    from dataengine.pipeline.detector.train import corpus_categories
 
     cats, class_of = corpus_categories(plan, corpus)
     assert cats == ["shape"] and set(class_of) == {m for ms in plan.masks.values() for m in ms}
-    from models.detector import build_detector
-
-    from pipeline.train_detector import make_batch
-    from pipeline.training_data import shard_samples
     import random
+
+    from dataengine.models.detector import build_detector
+    from dataengine.pipeline.detector.train import make_batch
+    from dataengine.pipeline.sam.training_data import shard_samples
 
     samples = list(shard_samples(corpus, plan, plan.shards[0]))
     pix, mask, targets = make_batch(samples, 64, class_of=class_of, min_box_px=4, max_boxes=16,

@@ -1,4 +1,4 @@
-"""pipeline.train_ldm on the two-node Ray cluster: DDP across nodes on disjoint latent shards ends
+"""dataengine.pipeline.ldm.train_ldm on the two-node Ray cluster: DDP across nodes on disjoint latent shards ends
 with identical weights, a control run without gradient sync diverges, a SIGKILLed worker resumes
 at its last checkpoint's step; the published version loads into a diffusers pipeline."""
 
@@ -13,10 +13,10 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import storage
-from pipeline.layout import Corpus
-from pipeline.trainer import ScaleConfig
-from pipeline.train_ldm import TrainLdmConfig, pick_latents, train_ldm
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.trainer import ScaleConfig
+from dataengine.pipeline.ldm.train_ldm import TrainLdmConfig, pick_latents, train_ldm
 from tests.ldm_corpus import corpus_with_latents
 
 
@@ -51,7 +51,7 @@ def test_config_validation():
 @pytest.mark.timeout(300)
 @pytest.mark.slow
 def test_two_nodes_identical_weights_control_diverges_and_export(ray_cluster, ldm_root):
-    from models.ldm import LayoutDiffusionPipeline
+    from dataengine.models.ldm import LayoutDiffusionPipeline
 
     info = train_ldm(ldm_root, _cfg(run_name="sync", grad_accum=2))
     w = sorted(_workers(ldm_root, "sync"), key=lambda r: r["rank"])

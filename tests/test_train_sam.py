@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from pipeline import storage
-from pipeline.layout import Corpus
-from pipeline.sam_loss import RecipeConfig
-from pipeline.train_sam import TrainSamConfig, train_sam
-from pipeline.trainer import ScaleConfig
-from pipeline.training_data import DataConfig, HeldOutLeak, plan_training_data
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.trainer import ScaleConfig
+from dataengine.pipeline.sam.loss import RecipeConfig
+from dataengine.pipeline.sam.train import TrainSamConfig, train_sam
+from dataengine.pipeline.sam.training_data import DataConfig, HeldOutLeak, plan_training_data
 from tests.sam_corpus import add_round, build_corpus
 
 
@@ -43,7 +43,7 @@ def corpus_info(tmp_path_factory):
 
 
 def test_plan_excludes_holdout_curation_and_respects_imported(corpus_info):
-    from pipeline import curation
+    from dataengine.pipeline.core import curation
 
     corpus = Corpus(corpus_info["root"])
     plan = plan_training_data(corpus, DataConfig())
@@ -57,8 +57,8 @@ def test_plan_excludes_holdout_curation_and_respects_imported(corpus_info):
     # curation rejections are excluded (a mask, and a whole image)
     mid = plan.masks[plan.shards[0]][0]
     key = corpus_info["train"][1]
-    import tempfile
     import shutil
+    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         copy = os.path.join(tmp, "c")
         shutil.copytree(corpus_info["root"], copy)
@@ -72,7 +72,7 @@ def test_plan_excludes_holdout_curation_and_respects_imported(corpus_info):
 
 
 def test_stream_refuses_a_key_outside_the_plan(corpus_info):
-    from pipeline.training_data import shard_samples
+    from dataengine.pipeline.sam.training_data import shard_samples
 
     corpus = Corpus(corpus_info["root"])
     plan = plan_training_data(corpus, DataConfig())
@@ -116,8 +116,8 @@ def test_two_nodes_disjoint_shards_identical_weights_and_control_diverges(ray_cl
     training = storage.read_json(storage.join(vdir, "training.json"))
     assert training["rounds"] == [0, 1] and training["mask_counts"]["round-0001"] > 0
     assert storage.read_json(storage.join(vdir, "metrics.json"))["steps"] == 4
-    from models.sam import load_sam
-    from pipeline.train_sam import weights_digest
+    from dataengine.models.checkpoint import weights_digest
+    from dataengine.pipeline.core.checkpoints import load_sam
 
     assert weights_digest(load_sam(vdir, device="cpu")) == a["weights_sha256"]
 

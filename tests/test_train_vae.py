@@ -1,4 +1,4 @@
-"""pipeline.train_vae: Ray Train VAE run (L1 + KL + patch discriminator) published as a version
+"""dataengine.pipeline.ldm.train_vae: Ray Train VAE run (L1 + KL + patch discriminator) published as a version
 with its latent scale factor and held-out PSNR; pretrained import; loss pieces."""
 
 from __future__ import annotations
@@ -8,12 +8,18 @@ import math
 import pytest
 import torch
 
-from models.ldm import build_vae
-from pipeline import storage
-from pipeline.layout import Corpus
-from pipeline.trainer import ScaleConfig
-from pipeline.train_vae import (PatchDiscriminator, TrainVaeConfig, load_vae_version, psnr,
-                                train_vae, vae_losses)
+from dataengine.models.ldm import build_vae
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.trainer import ScaleConfig
+from dataengine.pipeline.ldm.train_vae import (
+    PatchDiscriminator,
+    TrainVaeConfig,
+    load_vae_version,
+    psnr,
+    train_vae,
+    vae_losses,
+)
 from tests.ldm_corpus import make_corpus
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from pipeline import trainer
+from dataengine.pipeline.core import trainer
 
 
 def _loop(config):

@@ -1,10 +1,10 @@
 """HTTP routes of the browser annotation tool (SAM-assisted click-to-mask), in the dashboard app.
 
-All routes act as the request's identity (token name, or ``local`` on loopback) and validate
-every id and coordinate: rounds must be open for people, leases must be live and the caller's,
-points must lie inside the leased image, boxes must be proper, clicks at most
-:data:`MAX_POINTS`. Prompts are answered by :class:`pipeline.server.sam_session.SamService`;
-work is saved through :class:`pipeline.server.people.PeopleRound`.
+All routes act as the request's identity (token name, or ``local`` on loopback) and validate every
+id and coordinate: rounds must be open for people, leases must be live and the caller's, points must
+lie inside the leased image, boxes must be proper, clicks at most :data:`MAX_POINTS`. Prompts are
+answered by :class:`dataengine.pipeline.server.sam_session.SamService`; work is saved through
+:class:`dataengine.pipeline.server.people.PeopleRound`.
 
     GET  /api/annotate/rounds                          people rounds + progress
     POST /api/annotate/rounds                          open a round {stage, model_version, ...}
@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 
-from pipeline import masks as masklib
-from pipeline.layout import Corpus
-from pipeline.server import people
-from pipeline.server.sam_session import SamService, precompute
+from dataengine.pipeline.core import masks as masklib
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.server import people
+from dataengine.pipeline.server.sam_session import SamService, precompute
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def register(app: FastAPI, corpus: Corpus, view: Any, renderer: Any, cfg: Any) -
 
     def prefill_amg(r: people.PeopleRound, key: str) -> list[dict[str, Any]]:
         """The model's confident masks (strict automatic generation) for a semi round."""
-        from pipeline.amg import AmgConfig, MaskGenerator
+        from dataengine.pipeline.sam.amg import AmgConfig, MaskGenerator
 
         st = r.images[key]
         model = sam.model(r.model_version)

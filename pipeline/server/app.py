@@ -1,11 +1,11 @@
 """The FastAPI app: curation dashboard pages + JSON API (and the annotation tool's routes).
 
-Pages (single static page, plain JS): Overview, Browse, Sample, Models and runs, Annotate.
-Every request is attributed to an identity (:mod:`pipeline.auth`); a state-changing request must
-be JSON (``Content-Type: application/json``), which browsers cannot send cross-site without a
-CORS pre-flight this app never grants; bound to loopback, the ``Host`` header must be a loopback
-name (no DNS rebinding). No path outside the corpus can be named: every key, mask id, version and
-file name is checked against a strict pattern before it becomes part of a storage path.
+Pages (single static page, plain JS): Overview, Browse, Sample, Models and runs, Annotate. Every
+request is attributed to an identity (:mod:`dataengine.pipeline.server.auth`); a state-changing
+request must be JSON (``Content-Type: application/json``), which browsers cannot send cross-site
+without a CORS pre-flight this app never grants; bound to loopback, the ``Host`` header must be a
+loopback name (no DNS rebinding). No path outside the corpus can be named: every key, mask id,
+version and file name is checked against a strict pattern before it becomes part of a storage path.
 """
 
 from __future__ import annotations
@@ -21,10 +21,17 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from pipeline import auth, curation
-from pipeline.layout import MODEL_KINDS, Corpus
-from pipeline.server.corpus_view import VERSION_RE, BadQuery, BrowseQuery, CorpusView, NotFound
-from pipeline.server.render import Renderer
+from dataengine.pipeline.core import curation
+from dataengine.pipeline.core.layout import MODEL_KINDS, Corpus
+from dataengine.pipeline.server import auth
+from dataengine.pipeline.server.corpus_view import (
+    VERSION_RE,
+    BadQuery,
+    BrowseQuery,
+    CorpusView,
+    NotFound,
+)
+from dataengine.pipeline.server.render import Renderer
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +167,7 @@ def create_app(root: str, config: ServerConfig | None = None) -> FastAPI:
     def _static(name: str) -> Response:
         if name not in STATIC_FILES:
             raise ApiError(404, f"no static file {name!r}")
-        data = resources.files("pipeline.server").joinpath("static", name).read_bytes()
+        data = resources.files("dataengine.pipeline.server").joinpath("static", name).read_bytes()
         return Response(data, media_type=STATIC_FILES[name],
                         headers={"Cache-Control": "no-cache"})
 
@@ -344,7 +351,7 @@ def create_app(root: str, config: ServerConfig | None = None) -> FastAPI:
         if not FILE_NAME_RE.fullmatch(name) or ".." in name:
             raise BadQuery(f"file name {name!r} is not allowed (png/jpg/json/md under the "
                            "version folder)")
-        from pipeline import storage
+        from dataengine.pipeline.core import storage
 
         url = corpus.path("models", kind, version, *name.split("/"))
         if not storage.exists(url):
@@ -360,7 +367,7 @@ def create_app(root: str, config: ServerConfig | None = None) -> FastAPI:
             raise BadQuery(f"engine name {name!r} is malformed")
         if fname not in ("report.png", "report.md", "report.json"):
             raise BadQuery(f"file {fname!r}: allowed report.png, report.md, report.json")
-        from pipeline import storage
+        from dataengine.pipeline.core import storage
 
         url = corpus.path("engine", name, fname)
         if not storage.exists(url):
@@ -369,9 +376,9 @@ def create_app(root: str, config: ServerConfig | None = None) -> FastAPI:
                  "json": "application/json"}[fname.rsplit(".", 1)[1]]
         return Response(storage.read_bytes(url), media_type=media)
 
-    # the annotation tool (issue 9) shares identities, corpus view and renderer
+    # the annotation tool shares identities, corpus view and renderer
     try:
-        from pipeline.server import annotate_api
+        from dataengine.pipeline.server import annotate_api
     except ImportError as exc:  # pragma: no cover - only while the module is being written
         logger.warning("annotation routes unavailable: %s", exc)
     else:

@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import storage
-from pipeline.curation import DecisionLog
-from pipeline.layout import MODEL_KINDS, STAGES, Corpus
-from pipeline.rounds import MANIFEST_SCHEMA
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.curation import DecisionLog
+from dataengine.pipeline.core.layout import MODEL_KINDS, STAGES, Corpus
+from dataengine.pipeline.core.rounds import MANIFEST_SCHEMA
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Rounds annotated by people in the browser: queue, leases, saved work, and the round output.
 
 A people round is an ordinary round (``annotations/round-NNNN/``, written through
-:class:`pipeline.rounds.RoundWriter`, ``annotator`` = the person's id) plus its working state
-under ``annotations/round-NNNN/people/``::
+:class:`dataengine.pipeline.core.rounds.RoundWriter`, ``annotator`` = the person's id) plus its
+working state under ``annotations/round-NNNN/people/``::
 
     queue.json                      written once when the round is opened: keys (in image-shard
                                     order) with shard and size, stage, model version, pre-fill
@@ -33,9 +33,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline import storage
-from pipeline.layout import Corpus
-from pipeline.rounds import RoundWriter, is_complete, load_manifest, next_round, round_info
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.rounds import (
+    RoundWriter,
+    is_complete,
+    load_manifest,
+    next_round,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +321,7 @@ class PeopleRound:
     def _compute_prefill(self, key: str) -> list[dict[str, Any]]:
         if self.prefill_mode.startswith("round:"):
             n = int(self.prefill_mode.split(":")[1])
-            from pipeline.rounds import read_round_manifest
+            from dataengine.pipeline.core.rounds import read_round_manifest
 
             t = read_round_manifest(self.corpus, n)
             rows = [r for r in t.to_pylist() if r["key"] == key]
@@ -475,8 +480,3 @@ class PeopleRound:
                                     else None,
                                     "seconds_per_mask": p["seconds"] / p["masks"] if p["masks"]
                                     else None} for a, p in sorted(per.items())]}
-
-
-def started_round(corpus: Corpus, number: int) -> dict[str, Any] | None:
-    """``round.json`` of a round (re-exported for the API)."""
-    return round_info(corpus, number)

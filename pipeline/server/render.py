@@ -1,8 +1,8 @@
 """Images, thumbnails and mask overlays for the dashboard, rendered on demand and cached.
 
 Image bytes come from the image shard named in the index (one ranged read through
-:class:`~pipeline.server.tar_index.TarIndex`); rendered JPEGs are kept in a small in-memory LRU
-and under ``cache_dir`` on local disk, so a restart keeps the disk cache.
+:class:`~dataengine.pipeline.server.tar_index.TarIndex`); rendered JPEGs are kept in a small
+in-memory LRU and under ``cache_dir`` on local disk, so a restart keeps the disk cache.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from pipeline import masks as masklib
-from pipeline.layout import Corpus
-from pipeline.server.tar_index import TarIndex
+from dataengine.pipeline.core import masks as masklib
+from dataengine.pipeline.core.imagecodec import IMAGE_EXTS
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.server.tar_index import TarIndex
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MIME = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
 

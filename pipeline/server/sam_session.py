@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.layout import Corpus
+from dataengine.models.checkpoint import weights_digest
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.sam.predictor import set_features
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +30,13 @@ DECODERS = ("auto", "onnx", "torch")
 
 class OnnxDecoder:
     """The prompt encoder + mask decoder of one SAM version as ONNX Runtime sessions (exported
-    once by :func:`models.sam.export_onnx_decoder`, Meta's export without its upsampling, into
-    the local cache).
+    once by :func:`dataengine.models.sam.export_onnx_decoder`, Meta's export without its upsampling,
+    into the local cache).
 
     Two graphs: ``multi`` returns all four mask tokens (for a first click's three choices and
     for a box alone, token 0), ``single`` lets the graph pick one (SAM's own rule: the
     single-mask token once there are several clicks). Both stop at the low-res logits; only the
-    masks sent back are upsampled to the image (:func:`models.sam.upscale_logits`)."""
+    masks sent back are upsampled to the image (:func:`dataengine.models.sam.upscale_logits`)."""
 
     GRAPH_VERSION = "lowres1"  # part of the cache file name: a changed export never reuses old files
 
@@ -43,7 +45,7 @@ class OnnxDecoder:
 
         import onnxruntime as ort
 
-        from models.sam import export_onnx_decoder
+        from dataengine.models.sam import export_onnx_decoder
 
         os.makedirs(cache_dir, exist_ok=True)
         self.sessions = {}
@@ -54,7 +56,7 @@ class OnnxDecoder:
         so.intra_op_num_threads = threads if threads > 0 else min(4, os.cpu_count() or 1)
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        digest = weights_digest(model)  # same weights -> same graphs, whatever the corpus
+        digest = weights_digest(model.prompt_encoder, model.mask_decoder)[:24]  # same weights -> same graphs, whatever the corpus
         for name, single in (("multi", False), ("single", True)):
             path = os.path.join(cache_dir, f"{digest}-{name}-{self.GRAPH_VERSION}.onnx")
             if not os.path.exists(path):
@@ -75,7 +77,7 @@ class OnnxDecoder:
                 mask_input: np.ndarray | None, multimask: bool
                 ) -> list[tuple[np.ndarray, float, np.ndarray]]:
         """``[(logits HxW, score, low-res 1xSxS)]``: three for ``multimask``, else one."""
-        from models.sam import upscale_logits
+        from dataengine.models.sam import upscale_logits
 
         coords = np.zeros((0, 2), np.float32) if points is None else points.astype(np.float32)
         labs = np.zeros((0,), np.float32) if labels is None else labels.astype(np.float32)
@@ -109,16 +111,6 @@ class OnnxDecoder:
                  float(scores[0, i]), low[0, i][None]) for i in idx]
 
 
-def weights_digest(model: Any) -> str:
-    """sha256 over the prompt encoder + mask decoder weights (what the ONNX graph holds)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for part in (model.prompt_encoder, model.mask_decoder):
-        for name, t in sorted(part.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
 
 
 def _stability(logits: np.ndarray, threshold: float, offset: float = 1.0) -> float:
@@ -159,7 +151,7 @@ class SamService:
             if version in self._models:
                 self._models.move_to_end(version)
                 return self._models[version]
-        from models.sam import load_sam
+        from dataengine.pipeline.core.checkpoints import load_sam
 
         if self.threads > 0:
             import torch
@@ -202,11 +194,11 @@ class SamService:
             event.set()
 
     def _from_cache(self, version: str, key: str, shard: str | None) -> Embedding | None:
-        """One sample of ``ROOT/embeddings/<version>/<shard>.tar`` (issue 3's format: ``npy``
+        """One sample of ``ROOT/embeddings/<version>/<shard>.tar`` (format: ``npy``
         CxSxS float16 + ``json`` sizes), read with a ranged read, never the whole tar."""
         if shard is None or self.tars is None:
             return None
-        from pipeline import storage
+        from dataengine.pipeline.core import storage
 
         url = storage.join(self.corpus.embeddings_dir(version), f"{shard}.tar")
         try:
@@ -219,7 +211,7 @@ class SamService:
 
             import torch
 
-            from pipeline.embeddings import load_npy
+            from dataengine.pipeline.core.shards import load_npy
 
             feats = load_npy(self.tars.read(url, key, "npy"))
             meta = json.loads(self.tars.read(url, key, "json"))
@@ -237,7 +229,7 @@ class SamService:
         import torch
         from segment_anything import SamPredictor
 
-        from models.sam import autocast
+        from dataengine.models.device import autocast
 
         model = self.model(version)
         image = image_fn()
@@ -322,7 +314,7 @@ class SamService:
         from segment_anything import SamPredictor
         from segment_anything.utils.amg import calculate_stability_score
 
-        from models.sam import autocast
+        from dataengine.models.device import autocast
 
         feats, input_size, original_size = self.embedding(version, key, image_fn, shard)
         model = self.model(version)
@@ -333,9 +325,7 @@ class SamService:
                      "stability": _stability(lg, onnx.threshold),
                      "low_res": low.astype(np.float32)} for lg, sc, low in out]
         p = SamPredictor(model)
-        p.features = feats.to(p.device)
-        p.input_size, p.original_size = input_size, original_size
-        p.is_image_set = True
+        set_features(p, feats, original_size, input_size)
         with torch.inference_mode(), autocast(p.device):
             logits, scores, low_res = p.predict(point_coords=points, point_labels=labels, box=box,
                                                 mask_input=mask_input,
@@ -352,7 +342,7 @@ class EmbeddingWorker:
     a Ray actor wraps it, like the annotation stage's ``ShardAnnotator``)."""
 
     def __init__(self, root: str, version: str, torch_threads: int = 0) -> None:
-        from pipeline.embeddings import EmbeddingCache
+        from dataengine.pipeline.sam.embeddings import EmbeddingCache
 
         if torch_threads > 0:
             import torch
@@ -363,9 +353,9 @@ class EmbeddingWorker:
         self.cache = EmbeddingCache(self.corpus, version)
 
     def __call__(self, item: tuple[str, list[str]]) -> dict[str, Any]:
-        from models.sam import load_sam
-        from pipeline.embeddings import decode_image
-        from pipeline.shards import iter_tar
+        from dataengine.pipeline.core.checkpoints import load_sam
+        from dataengine.pipeline.core.imagecodec import sample_image
+        from dataengine.pipeline.core.shards import iter_tar
 
         shard, keys = item
         try:
@@ -374,7 +364,7 @@ class EmbeddingWorker:
             if self.cache.model is None:
                 self.cache.model = load_sam(self.corpus.model_dir("sam", self.version))
             wanted = set(keys)
-            images = [(s["__key__"], decode_image(s))
+            images = [(s["__key__"], sample_image(s))
                       for s in iter_tar(self.corpus.image_shard(shard)) if s["__key__"] in wanted]
             n = self.cache.ensure_shard(shard, images)
             self.cache.drop_shard(keys)
@@ -400,19 +390,12 @@ def precompute(corpus: Corpus, version: str, shard_keys: dict[str, list[str]],
     if mode == "local":
         worker = EmbeddingWorker(corpus.root, version)
         return [worker(i) for i in items]
-    import ray
-    from ray.util import ActorPool
+    from dataengine.pipeline.core.distribute import map_actors
 
-    from pipeline.distribute import ensure_ray
-
-    ensure_ray()
-    cls = ray.remote(EmbeddingWorker).options(num_cpus=num_cpus, num_gpus=num_gpus)
-    actors = [cls.remote(corpus.root, version) for _ in range(min(num_actors, len(items)))]
-    try:
-        results = list(ActorPool(actors).map_unordered(lambda a, i: a.__call__.remote(i), items))
-    finally:
-        for a in actors:
-            ray.kill(a)
+    results = map_actors(EmbeddingWorker, (corpus.root, version), items, num_actors=num_actors,
+                         num_cpus=num_cpus, num_gpus=num_gpus, retries=1,
+                         failed=lambda r: "error" in r,
+                         failure=lambda item, msg: {"shard": item[0], "error": msg})
     for r in results:
         if "error" in r:
             logger.warning("embedding precompute failed for %s: %s", r["shard"], r["error"])

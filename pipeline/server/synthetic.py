@@ -1,33 +1,28 @@
 """Small corpora in the documented layout for dashboard tests, benchmarks and demos.
 
-:func:`build_corpus` writes image shards (+ done records, ``index.parquet``) from given image
-files or generated pictures, and annotation rounds through :class:`pipeline.rounds.RoundWriter`:
-masks from YOLO-seg polygons (round 0, ``imported``) and/or ``masks_per_image`` synthetic
-ellipses (an ``auto`` round with random scores). It is not the shard stage: it writes only what
-the dashboard reads, in the same format.
+:func:`build_corpus` writes image shards (+ done records, ``index.parquet``) from given image files
+or generated pictures, and annotation rounds through
+:class:`dataengine.pipeline.core.rounds.RoundWriter`: masks from YOLO-seg polygons (round 0,
+``imported``) and/or ``masks_per_image`` synthetic ellipses (an ``auto`` round with random scores).
+It is not the shard stage: it writes only what the dashboard reads, in the same format.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
-from pipeline import masks as masklib
-from pipeline import storage
-from pipeline.layout import Corpus, shard_name
-from pipeline.rounds import RoundWriter
-from pipeline.shards import write_tar
-
-INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("width", pa.int32()),
-                          ("height", pa.int32()), ("bytes", pa.int64()), ("sha256", pa.string()),
-                          ("source", pa.string()), ("split", pa.string())])
+from dataengine.pipeline.core import masks as masklib
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.index import write_index
+from dataengine.pipeline.core.layout import Corpus, shard_name
+from dataengine.pipeline.core.rounds import RoundWriter
+from dataengine.pipeline.core.shards import write_tar
 
 
 def generated_jpeg(i: int, width: int = 640, height: int = 480) -> bytes:
@@ -129,8 +124,8 @@ def build_corpus(root: str, *, images: Sequence[Path] | None = None, n_generated
         write_tar(corpus.image_shard(shard), samples)
         storage.write_json(corpus.image_done(shard), {"shard": shard, "keys": keys,
                                                       "ok": len(keys)})
-    storage.write_table(corpus.index, pa.Table.from_pylist(index_rows, schema=INDEX_SCHEMA))
-    from pipeline import splits
+    write_index(corpus, index_rows, sorted({r["shard"] for r in index_rows}))
+    from dataengine.pipeline.core import splits
 
     splits.record(corpus, "synthetic", ((r["key"], r["split"], r["source"], "synthetic")
                                         for r in index_rows), splits.load_map(corpus))
@@ -156,19 +151,3 @@ def _ann(ann_id: int, rle: dict, number: int, stage: str, version: str,
             "point_coords": [], "crop_box": [0, 0, rle["size"][1], rle["size"][0]],
             "stage": stage, "round": number, "model_version": version, "clicks": [],
             "annotator": "", "seconds": 0.0, "category_id": category_id}
-
-
-def main() -> None:  # pragma: no cover - convenience for demos
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("root")
-    p.add_argument("--generated", type=int, default=20)
-    p.add_argument("--masks", type=int, default=20)
-    a = p.parse_args()
-    build_corpus(a.root, n_generated=a.generated, masks_per_image=a.masks)
-    print(json.dumps({"root": a.root}))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

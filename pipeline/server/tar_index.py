@@ -15,7 +15,7 @@ import tarfile
 import threading
 from collections import OrderedDict
 
-from pipeline import storage
+from dataengine.pipeline.core import storage
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-// dataengine annotate page: SAM-assisted click-to-mask (issue 9). Plain JS.
+// dataengine annotate page: SAM-assisted click-to-mask. Plain JS.
 // Left click = positive point, right click or shift+click = negative point, drag = box.
 // Keys: a/Enter accept (next object) · z undo · c/Esc clear · 1-3 pick a mask choice ·
 //       s submit image · k skip image · r remove last accepted mask ·

@@ -1,0 +1,1 @@
+"""Annotation rounds: the manual, semi-automatic and automatic stages, annotators, exports."""

@@ -1,0 +1,258 @@
+"""Rounds out and in: COCO JSON and SA-1B-style tars; COCO JSON imported back as a round.
+
+- :func:`export_coco`: masks of some rounds (default: every complete round after round 0) as one
+  COCO instances JSON with RLE segmentations, ``score`` = predicted IoU and the provenance under
+  ``attributes`` (stage, round, model version, clicks, annotator, seconds, mask id); images carry
+  ``dataengine_key``. Optionally writes the images next to it (``images_dir``), which is what
+  CVAT / Label Studio need to open the task with the masks as pre-annotations.
+- :func:`export_sa1b`: one tar per image shard with ``<key>.jpg`` + ``<key>.json`` (SA-1B's
+  per-image schema with our provenance), like SA-1B's own tars.
+- :func:`import_coco`: a COCO JSON (people's corrections, or any tool's output) becomes a new
+  round: images are matched to corpus keys by ``dataengine_key``, file-name stem or original source
+  name; masks must be in the stored image's frame; per-image problems are recorded in the shard's
+  done record, never stop the import. Parsing reuses
+  :func:`dataengine.pipeline.core.coco.load_coco`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import PurePosixPath
+from typing import Any
+
+from dataengine.pipeline.core import masks as mask_utils
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.imagecodec import IMAGE_EXTS
+from dataengine.pipeline.core.layout import STAGES, Corpus
+from dataengine.pipeline.core.rounds import (
+    RoundWriter,
+    complete_rounds,
+    iter_round_shard,
+    next_round,
+    round_shards,
+)
+from dataengine.pipeline.core.shards import iter_tar, write_tar
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_CATEGORY = {"id": 0, "name": "object", "supercategory": "object"}
+PROVENANCE = ("stage", "round", "model_version", "clicks", "annotator", "seconds",
+              "predicted_iou", "stability_score", "point_coords", "crop_box", "prefilled")
+
+
+def _rounds(corpus: Corpus, rounds: list[int] | None, include_imported: bool) -> list[int]:
+    if rounds:
+        return list(rounds)
+    return [n for n in complete_rounds(corpus) if include_imported or n != 0]
+
+
+def _records(corpus: Corpus, rounds: list[int]) -> dict[str, dict[str, Any]]:
+    """key -> merged per-image record over ``rounds`` (image order: shard, then key order)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for n in rounds:
+        for shard in round_shards(corpus, n):
+            for rec in iter_round_shard(corpus, n, shard):
+                key = rec["image"]["image_id"]
+                cur = merged.setdefault(key, {"image": dict(rec["image"]), "annotations": [],
+                                              "shard": shard})
+                cur["annotations"].extend(rec["annotations"])
+    return merged
+
+
+def _image_bytes(corpus: Corpus, shards: set[str], keys: set[str]) -> dict[str, tuple[str, bytes]]:
+    out = {}
+    for shard in sorted(shards):
+        for s in iter_tar(corpus.image_shard(shard)):
+            if s["__key__"] in keys:
+                ext = next((e for e in IMAGE_EXTS if e in s), None)
+                if ext:
+                    out[s["__key__"]] = (ext, s[ext])
+    return out
+
+
+def export_coco(root: str, out_path: str, *, rounds: list[int] | None = None,
+                include_imported: bool = False, images_dir: str | None = None) -> dict[str, Any]:
+    """Write rounds as one COCO instances JSON at ``out_path``; returns a summary."""
+    from dataengine.pipeline.core.coco import COCO80, COCO80_IDS
+
+    corpus = Corpus(root)
+    root = corpus.root
+    numbers = _rounds(corpus, rounds, include_imported)
+    merged = _records(corpus, numbers)
+    names = {cid: name for cid, name in zip(COCO80_IDS, COCO80)}
+    cats: dict[int, dict[str, Any]] = {}
+    images, anns = [], []
+    exts = {}
+    if images_dir:
+        blobs = _image_bytes(corpus, {r["shard"] for r in merged.values()}, set(merged))
+        for key, (ext, data) in blobs.items():
+            storage.write_bytes(storage.join(images_dir, f"{key}.{ext}"), data)
+            exts[key] = ext
+    for img_id, (key, rec) in enumerate(merged.items(), start=1):
+        info = rec["image"]
+        images.append({"id": img_id, "file_name": f"{key}.{exts.get(key, 'jpg')}",
+                       "width": int(info["width"]), "height": int(info["height"]),
+                       "dataengine_key": key, "dataengine_shard": rec["shard"]})
+        for ann in rec["annotations"]:
+            cid = ann.get("category_id")
+            if cid is None or cid < 0:
+                cid = UNKNOWN_CATEGORY["id"]
+                cats.setdefault(cid, dict(UNKNOWN_CATEGORY))
+            else:
+                cats.setdefault(int(cid), {"id": int(cid), "name": ann.get("category") or
+                                           names.get(int(cid), str(cid)), "supercategory": ""})
+            seg = ann["segmentation"]
+            attrs = {k: ann.get(k) for k in PROVENANCE if k in ann}
+            attrs["mask_id"] = f"round-{int(ann['round']):04d}/{key}/{int(ann['id'])}"
+            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": int(cid),
+                         "segmentation": {"size": list(seg["size"]), "counts": seg["counts"]},
+                         "area": int(ann["area"]), "bbox": [float(v) for v in ann["bbox"]],
+                         "iscrowd": int(ann.get("iscrowd", 0) or 0),
+                         "score": float(ann.get("predicted_iou") or 0.0), "attributes": attrs})
+    coco = {"info": {"description": f"dataengine export of {root}", "rounds": numbers},
+            "licenses": [], "images": images, "annotations": anns,
+            "categories": sorted(cats.values(), key=lambda c: c["id"])}
+    storage.write_json(out_path, coco)
+    logger.info("exported %d images, %d masks of rounds %s to %s", len(images), len(anns),
+                numbers, out_path)
+    return {"rounds": numbers, "images": len(images), "masks": len(anns), "path": out_path}
+
+
+def export_sa1b(root: str, out_dir: str, *, rounds: list[int] | None = None,
+                include_imported: bool = False) -> dict[str, Any]:
+    """One SA-1B-style tar per image shard under ``out_dir`` (``<key>.<ext>`` + ``<key>.json``)."""
+    corpus = Corpus(root)
+    root = corpus.root
+    numbers = _rounds(corpus, rounds, include_imported)
+    merged = _records(corpus, numbers)
+    by_shard: dict[str, list[str]] = {}
+    for key, rec in merged.items():
+        by_shard.setdefault(rec["shard"], []).append(key)
+    n_tars = n_masks = 0
+    for shard, keys in sorted(by_shard.items()):
+        wanted = set(keys)
+
+        def samples(shard=shard, wanted=wanted):
+            nonlocal n_masks
+            for s in iter_tar(corpus.image_shard(shard)):  # image-shard key order
+                key = s["__key__"]
+                if key not in wanted:
+                    continue
+                ext = next((e for e in IMAGE_EXTS if e in s), "jpg")
+                rec = merged[key]
+                image = {**rec["image"], "file_name": f"{key}.{ext}"}
+                n_masks += len(rec["annotations"])
+                yield {"__key__": key, ext: s.get(ext, b""),
+                       "json": {"image": image, "annotations": rec["annotations"]}}
+
+        write_tar(storage.join(out_dir, f"{shard}.tar"), samples())
+        n_tars += 1
+    return {"rounds": numbers, "tars": n_tars, "images": len(merged), "masks": n_masks}
+
+
+def _key_lookup(corpus: Corpus) -> tuple[dict[str, str], dict[str, tuple[int, int]],
+                                          dict[str, str]]:
+    """(key -> shard, key -> (h, w), name -> key) from the image shards' metadata."""
+    import json
+
+    shard_of, size, by_name = {}, {}, {}
+    for shard in corpus.image_shards():
+        for s in iter_tar(corpus.image_shard(shard)):
+            key = s["__key__"]
+            shard_of[key] = shard
+            meta = json.loads(s["json"]) if "json" in s else {}
+            if "height" in meta and "width" in meta:
+                size[key] = (int(meta["height"]), int(meta["width"]))
+            by_name[key] = key
+            for field in ("source", "uri", "source_uri", "file_name", "original_name"):
+                v = meta.get(field)
+                if isinstance(v, str) and v:
+                    by_name.setdefault(PurePosixPath(v.split("#")[0]).name, key)
+                    by_name.setdefault(PurePosixPath(v.split("#")[0]).stem, key)
+    return shard_of, size, by_name
+
+
+def import_coco(root: str, coco_path: str, *, stage: str = "manual",
+                round_number: int | None = None, model_version: str = "",
+                annotator: str = "human") -> dict[str, Any]:
+    """Import a COCO instances JSON as round ``round_number`` (default: the next round).
+
+    Annotations keep the provenance found under ``attributes`` (our export) and otherwise get
+    ``stage`` / ``annotator`` / ``model_version`` given here. Returns a summary.
+    """
+    from dataengine.pipeline.core.coco import annotation_mask, load_coco
+
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {STAGES}")
+    corpus = Corpus(root)
+    root = corpus.root
+    problems: list[tuple[str, str]] = []
+    images, anns_by_file, _ = load_coco(coco_path, captions_json=None, problems=problems)
+    raw = storage.read_json(coco_path)
+    extra = {a.get("id"): a for a in raw.get("annotations") or [] if isinstance(a, dict)}
+    raw_images = {i.get("file_name"): i for i in raw.get("images") or [] if isinstance(i, dict)}
+    shard_of, size, by_name = _key_lookup(corpus)
+    number = round_number if round_number is not None else next_round(corpus)
+    writer = RoundWriter(corpus, number, stage, model_version,
+                         config={"imported_from": coco_path, "annotator": annotator})
+    writer.begin()
+    per_shard: dict[str, dict[str, dict[str, Any]]] = {}
+    failures: dict[str, list[dict[str, str]]] = {}
+    unmatched = []
+    for fname, info in images.items():
+        rimg = raw_images.get(fname, {})
+        key = rimg.get("dataengine_key") or by_name.get(fname) or \
+            by_name.get(PurePosixPath(fname).name) or by_name.get(PurePosixPath(fname).stem)
+        if key not in shard_of:
+            unmatched.append(fname)
+            continue
+        shard = shard_of[key]
+        h, w = size.get(key, (int(info["height"]), int(info["width"])))
+        try:
+            if (int(info["height"]), int(info["width"])) != (h, w):
+                raise ValueError(f"COCO image {fname} is {info['height']}x{info['width']} but "
+                                 f"the stored image {key} is {h}x{w}")
+            out = []
+            for ann in anns_by_file.get(fname, []):
+                m = annotation_mask(ann, h, w)
+                rle = mask_utils.encode(m)
+                attrs = (extra.get(ann["id"]) or {}).get("attributes") or {}
+                score = (extra.get(ann["id"]) or {}).get("score")
+                out.append({
+                    "id": len(out) + 1, "segmentation": rle, "bbox": mask_utils.bbox(rle),
+                    "area": mask_utils.area(rle),
+                    "predicted_iou": float(attrs.get("predicted_iou", score or 0.0) or 0.0),
+                    "stability_score": float(attrs.get("stability_score") or 0.0),
+                    "point_coords": attrs.get("point_coords") or [],
+                    "crop_box": attrs.get("crop_box") or [0, 0, w, h],
+                    "stage": stage, "round": number,
+                    "model_version": attrs.get("model_version", model_version) or model_version,
+                    "clicks": attrs.get("clicks") or [], "annotator":
+                        attrs.get("annotator", annotator) if stage == attrs.get("stage")
+                        else annotator,
+                    "seconds": float(attrs.get("seconds") or 0.0),
+                    "category_id": ann["category_id"] or None, "category": ann["category"],
+                    "iscrowd": ann.get("iscrowd", 0), "source_id": ann["id"]})
+            per_shard.setdefault(shard, {})[key] = {
+                "image": {"image_id": key, "width": w, "height": h, "file_name": fname},
+                "annotations": out}
+        except (ValueError, KeyError, TypeError) as exc:
+            failures.setdefault(shard, []).append({"key": key, "reason": str(exc)})
+    n_masks = 0
+    for shard in corpus.image_shards():
+        recs = per_shard.get(shard, {})
+        if not recs and shard not in failures:
+            continue
+        if writer.shard_done(shard):
+            continue
+        order = [s["__key__"] for s in iter_tar(corpus.image_shard(shard))]
+        records = [recs[k] for k in order if k in recs]
+        n_masks += writer.write_shard(shard, records, {
+            "images": len(records), "failures": failures.get(shard, []),
+            "problems": [f"{w_}: {r}" for w_, r in problems][:1000]})
+    summary = {"round": number, "images": sum(len(v) for v in per_shard.values()),
+               "masks": n_masks, "unmatched_images": unmatched[:1000],
+               "failed_images": sum(len(v) for v in failures.values()),
+               "problems": len(problems)}
+    writer.finish({"stage": stage, "imported_from": coco_path, **summary})
+    return summary

@@ -1,0 +1,296 @@
+"""The curation decision log: who approved or rejected which mask or image, when and why.
+
+Decisions live append-only under ``ROOT/curation/``: every batch of decisions is one parquet file
+``decisions-<UTC time>-<random>.parquet`` published atomically and never rewritten (the schema is
+:data:`DECISION_SCHEMA`). Two kinds of target:
+
+- ``mask``: a ``mask_id`` from the round manifests (``round-NNNN/<key>/<ann id>``);
+- ``image``: an image key; rejecting an image excludes every mask on it.
+
+For each target the latest decision wins (ordered by time, then by file and row), so a later
+``approve`` undoes an earlier ``reject``. The two levels are independent: an image-level approve
+does not undo a mask-level reject. Every trainer excludes :func:`rejected_mask_ids` and every mask
+of :func:`rejected_image_keys`; :func:`exclude_rejected` does both on a manifest table.
+
+Public contract used by the trainers::
+
+    from dataengine.pipeline.core.curation import rejected_mask_ids, rejected_image_keys,
+    exclude_rejected masks_to_drop = rejected_mask_ids(corpus)      # set[str] of mask_id
+    images_to_drop = rejected_image_keys(corpus)   # set[str] of image key manifest =
+    exclude_rejected(corpus, manifest)  # pyarrow manifest without either
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.layout import Corpus
+
+logger = logging.getLogger(__name__)
+
+DECISIONS = ("approve", "reject")
+TARGET_TYPES = ("mask", "image")
+STATES = ("approved", "rejected", "pending")
+
+DECISION_SCHEMA = pa.schema([
+    ("decision_id", pa.string()),          # uuid4 hex, unique
+    ("ts", pa.timestamp("us", tz="UTC")),  # when the decision was made
+    ("who", pa.string()),                  # identity (token name, or "local" on loopback)
+    ("target_type", pa.string()),          # mask | image
+    ("target", pa.string()),               # mask_id or image key
+    ("key", pa.string()),                  # image key of the target (== target for images)
+    ("decision", pa.string()),             # approve | reject
+    ("reason", pa.string()),               # free text, may be empty
+])
+
+_FILE_RE = r"decisions-[0-9TZ]+-[0-9a-f]{12}\.parquet"
+WHO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MASK_ID_RE = re.compile(r"round-(\d{4,})/([A-Za-z0-9][A-Za-z0-9_.-]{0,127})/(\d{1,9})")
+MAX_REASON = 1000
+
+
+def _as_corpus(corpus: Corpus | str) -> Corpus:
+    return corpus if isinstance(corpus, Corpus) else Corpus(str(corpus))
+
+
+def parse_mask_id(mask_id: str) -> tuple[int, str, int]:
+    """``'round-0003/<key>/7'`` -> ``(3, key, 7)``; ValueError naming the id otherwise."""
+    m = MASK_ID_RE.fullmatch(mask_id or "")
+    if not m:
+        raise ValueError(f"mask_id {mask_id!r} is not of the form round-NNNN/<key>/<ann id>")
+    return int(m.group(1)), m.group(2), int(m.group(3))
+
+
+@dataclass
+class Decision:
+    """One curation decision on a mask or an image."""
+
+    target_type: str
+    target: str
+    decision: str
+    who: str
+    reason: str = ""
+    ts: datetime | None = None
+    decision_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        if self.target_type not in TARGET_TYPES:
+            raise ValueError(f"target_type {self.target_type!r} is not one of {TARGET_TYPES}")
+        if self.decision not in DECISIONS:
+            raise ValueError(f"decision {self.decision!r} is not one of {DECISIONS}")
+        if not isinstance(self.who, str) or not WHO_RE.fullmatch(self.who):
+            raise ValueError(f"who {self.who!r} is not a valid identity "
+                             f"(letters, digits, _ . @ -, at most 64 characters)")
+        if self.target_type == "mask":
+            parse_mask_id(self.target)
+        elif not isinstance(self.target, str) or not KEY_RE.fullmatch(self.target):
+            raise ValueError(f"image key {self.target!r} is not a valid key")
+        if not isinstance(self.reason, str):
+            raise ValueError(f"reason must be text, got {type(self.reason).__name__}")
+        if len(self.reason) > MAX_REASON:
+            raise ValueError(f"reason is {len(self.reason)} characters; at most {MAX_REASON}")
+        if self.ts is None:
+            self.ts = datetime.now(UTC)
+        elif self.ts.tzinfo is None:
+            raise ValueError("ts must be timezone-aware (UTC)")
+
+    @property
+    def key(self) -> str:
+        """The image key this decision concerns."""
+        return parse_mask_id(self.target)[1] if self.target_type == "mask" else self.target
+
+    def row(self) -> dict[str, Any]:
+        return {"decision_id": self.decision_id, "ts": self.ts, "who": self.who,
+                "target_type": self.target_type, "target": self.target, "key": self.key,
+                "decision": self.decision, "reason": self.reason}
+
+
+def record(corpus: Corpus | str, decisions: Iterable[Decision]) -> str | None:
+    """Append one batch of decisions as a new parquet file; returns its URL (None if empty)."""
+    corpus = _as_corpus(corpus)
+    rows = [d.row() for d in decisions]
+    if not rows:
+        return None
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    url = storage.join(corpus.curation, f"decisions-{stamp}-{uuid.uuid4().hex[:12]}.parquet")
+    storage.write_table(url, pa.Table.from_pylist(rows, schema=DECISION_SCHEMA), overwrite=False)
+    logger.info("curation: %d decision(s) by %s -> %s", len(rows),
+                ",".join(sorted({r["who"] for r in rows})), url)
+    return url
+
+
+class DecisionLog:
+    """The decision log of a corpus, read incrementally (new files only) on :meth:`refresh`.
+
+    Thread-safe; the dashboard keeps one per corpus, scripts call the module functions.
+    """
+
+    def __init__(self, corpus: Corpus | str) -> None:
+        self.corpus = _as_corpus(corpus)
+        self._lock = threading.Lock()
+        self._files: dict[str, pa.Table] = {}
+        self._table: pa.Table = DECISION_SCHEMA.empty_table()
+        self._mask_latest: dict[str, tuple[str, str, str, Any]] = {}
+        self._image_latest: dict[str, tuple[str, str, str, Any]] = {}
+        self.version = 0  # bumps whenever new decisions were read
+
+    def refresh(self) -> bool:
+        """Read decision files published since the last call; True when something new came."""
+        urls = storage.listdir(self.corpus.curation, _FILE_RE)
+        with self._lock:
+            new = [u for u in urls if u not in self._files]
+            if not new:
+                return False
+            for u in new:
+                try:
+                    self._files[u] = storage.read_table(u).cast(DECISION_SCHEMA)
+                except Exception as exc:  # noqa: BLE001 - one bad file must not hide the rest
+                    logger.error("curation: cannot read %s: %s", u, exc)
+                    self._files[u] = DECISION_SCHEMA.empty_table()
+            self._rebuild()
+            return True
+
+    def _rebuild(self) -> None:
+        tables = [self._files[u] for u in sorted(self._files) if self._files[u].num_rows]
+        table = pa.concat_tables(tables) if tables else DECISION_SCHEMA.empty_table()
+        # Stable sort by time keeps file then row order among equal timestamps.
+        if table.num_rows:
+            order = pc.sort_indices(table, sort_keys=[("ts", "ascending")])
+            table = table.take(order)
+        self._table = table
+        mask_latest: dict[str, tuple[str, str, str, Any]] = {}
+        image_latest: dict[str, tuple[str, str, str, Any]] = {}
+        cols = table.to_pydict()
+        for tt, tgt, dec, who, reason, ts in zip(cols["target_type"], cols["target"],
+                                                 cols["decision"], cols["who"], cols["reason"],
+                                                 cols["ts"], strict=True):
+            (mask_latest if tt == "mask" else image_latest)[tgt] = (dec, who, reason, ts)
+        self._mask_latest, self._image_latest = mask_latest, image_latest
+        self.version += 1
+
+    @property
+    def table(self) -> pa.Table:
+        """Every decision, oldest first."""
+        return self._table
+
+    def rejected_mask_ids(self) -> set[str]:
+        return {m for m, v in self._mask_latest.items() if v[0] == "reject"}
+
+    def rejected_image_keys(self) -> set[str]:
+        return {k for k, v in self._image_latest.items() if v[0] == "reject"}
+
+    def mask_decision(self, mask_id: str) -> dict[str, Any] | None:
+        """Latest mask-level decision on ``mask_id`` (decision, who, reason, ts) or None."""
+        v = self._mask_latest.get(mask_id)
+        return None if v is None else dict(zip(("decision", "who", "reason", "ts"), v,
+                                               strict=True))
+
+    def image_decision(self, key: str) -> dict[str, Any] | None:
+        """Latest image-level decision on ``key`` or None."""
+        v = self._image_latest.get(key)
+        return None if v is None else dict(zip(("decision", "who", "reason", "ts"), v,
+                                               strict=True))
+
+    def mask_state(self, mask_id: str, key: str | None = None) -> str:
+        """Effective state of a mask: ``rejected`` if the mask or its image is rejected,
+        ``approved`` if the mask (or, without a mask decision, its image) is approved, else
+        ``pending``."""
+        key = key if key is not None else parse_mask_id(mask_id)[1]
+        m = self._mask_latest.get(mask_id)
+        i = self._image_latest.get(key)
+        if (m and m[0] == "reject") or (i and i[0] == "reject"):
+            return "rejected"
+        if m or i:
+            return "approved"
+        return "pending"
+
+
+
+def load_log(corpus: Corpus | str) -> DecisionLog:
+    """The decision log of ``corpus``, fully read."""
+    log = DecisionLog(corpus)
+    log.refresh()
+    return log
+
+
+def rejected_mask_ids(corpus: Corpus | str) -> set[str]:
+    """Mask ids whose latest mask-level decision is ``reject``."""
+    return load_log(corpus).rejected_mask_ids()
+
+
+def rejected_image_keys(corpus: Corpus | str) -> set[str]:
+    """Image keys whose latest image-level decision is ``reject`` (all their masks excluded)."""
+    return load_log(corpus).rejected_image_keys()
+
+
+def decision_states(corpus: Corpus | str) -> dict[str, str]:
+    """Latest mask-level decision per mask id: ``{"mask_id": "approve" | "reject"}``."""
+    log = load_log(corpus)
+    return {m: v[0] for m, v in log._mask_latest.items()}
+
+
+def exclude_rejected(corpus: Corpus | str, manifest: pa.Table,
+                     log: DecisionLog | None = None) -> pa.Table:
+    """``manifest`` (rows with ``mask_id`` and ``key``) without rejected masks and images."""
+    log = log or load_log(corpus)
+    masks, images = log.rejected_mask_ids(), log.rejected_image_keys()
+    if not manifest.num_rows or (not masks and not images):
+        return manifest
+    keep = pc.invert(pc.or_(pc.is_in(manifest["mask_id"], pa.array(sorted(masks), pa.string())),
+                            pc.is_in(manifest["key"], pa.array(sorted(images), pa.string()))))
+    return manifest.filter(keep)
+
+
+def is_excluded(mask_id: str, key: str, rejected_masks: set[str],
+                rejected_images: set[str]) -> bool:
+    """Whether a mask must be left out of training, given the two rejected sets."""
+    return mask_id in rejected_masks or key in rejected_images
+
+
+EXPORT_FORMATS = ("parquet", "csv", "jsonl")
+
+
+def export_log(corpus: Corpus | str, dest: str, fmt: str | None = None) -> int:
+    """Write the whole decision log (oldest first) to ``dest`` as parquet, csv or jsonl
+    (from ``fmt`` or the extension). Returns the number of decisions."""
+    fmt = fmt or dest.rsplit(".", 1)[-1].lower()
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format {fmt!r} is not one of {EXPORT_FORMATS}")
+    table = load_log(corpus).table
+    storage.write_bytes(dest, export_bytes(table, fmt))
+    return table.num_rows
+
+
+def export_bytes(table: pa.Table, fmt: str) -> bytes:
+    """A decision table serialised as parquet, csv or jsonl."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format {fmt!r} is not one of {EXPORT_FORMATS}")
+    buf = io.BytesIO()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, buf)
+    elif fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, buf)
+    else:
+        import json
+
+        for row in table.to_pylist():
+            row["ts"] = row["ts"].isoformat()
+            buf.write((json.dumps(row, sort_keys=True) + "\n").encode())
+    return buf.getvalue()

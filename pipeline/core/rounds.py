@@ -1,0 +1,235 @@
+"""Annotation rounds on disk: SA-1B per-image JSON shards, per-mask manifests, metrics.
+
+A round lives in ``ROOT/annotations/round-NNNN/``::
+
+    round.json                 written once when the round starts (stage, model version, config)
+    shard-NNNNNN.tar           one per image shard worked on: ``__key__`` + ``json`` (SA-1B schema)
+    manifest/shard-NNNNNN.parquet   one row per mask of that shard; written after the tar, so its
+                                    presence marks the shard done (resume unit)
+    done/shard-NNNNNN.json     per-shard stats: per-image seconds, clicks, failures with reasons
+    manifest.parquet           all masks of the round (derived from manifest/, published atomically)
+    metrics.json               written last: its presence means the round is complete
+
+The per-image JSON follows SA-1B (``image`` + ``annotations`` with ``segmentation`` RLE, ``bbox``,
+``area``, ``predicted_iou``, ``stability_score``, ``point_coords``, ``crop_box``), extended with
+provenance on every annotation: ``stage``, ``round``, ``model_version``, ``clicks``
+(``[{"x", "y", "label"}]``), ``annotator``, ``seconds``, ``category_id``/``category`` when known.
+Masks are in the stored image's frame.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.layout import STAGES, Corpus, round_name
+from dataengine.pipeline.core.shards import iter_tar, write_tar
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = pa.schema([
+    ("mask_id", pa.string()),          # "round-NNNN/<key>/<ann id>", unique in the corpus
+    ("key", pa.string()),
+    ("shard", pa.string()),
+    ("round", pa.int32()),
+    ("stage", pa.string()),            # imported | manual | semi | auto
+    ("model_version", pa.string()),
+    ("annotator", pa.string()),
+    ("ann_id", pa.int32()),
+    ("category_id", pa.int32()),       # -1 when unknown
+    ("category", pa.string()),
+    ("area", pa.int64()),
+    ("bbox_x", pa.float32()),
+    ("bbox_y", pa.float32()),
+    ("bbox_w", pa.float32()),
+    ("bbox_h", pa.float32()),
+    ("predicted_iou", pa.float32()),
+    ("stability_score", pa.float32()),
+    ("n_clicks", pa.int32()),
+    ("seconds", pa.float32()),
+    ("prefilled", pa.bool_()),         # semi stage: pre-filled by the model, not clicked
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("rle", pa.string()),              # compressed COCO RLE counts (size = height x width)
+])
+
+
+def round_info(corpus: Corpus, number: int) -> dict[str, Any] | None:
+    """The ``round.json`` of a round, or None when it was never started."""
+    url = storage.join(corpus.round_dir(number), "round.json")
+    return storage.read_json(url) if storage.exists(url) else None
+
+
+def is_complete(corpus: Corpus, number: int) -> bool:
+    """A round is complete once its ``metrics.json`` is published."""
+    return storage.exists(storage.join(corpus.round_dir(number), "metrics.json"))
+
+
+def round_metrics(corpus: Corpus, number: int) -> dict[str, Any]:
+    """The ``metrics.json`` of a complete round ({} while it is not complete)."""
+    url = storage.join(corpus.round_dir(number), "metrics.json")
+    return storage.read_json(url) if storage.exists(url) else {}
+
+
+def complete_rounds(corpus: Corpus, *, include_imported: bool = True) -> list[int]:
+    """Numbers of complete rounds, oldest first (round 0 holds imported ground truth)."""
+    out = [n for n in corpus.rounds() if is_complete(corpus, n)]
+    return [n for n in out if include_imported or n != 0]
+
+
+def next_round(corpus: Corpus) -> int:
+    """The next unused round number (round 0 is reserved for imports)."""
+    return max([0, *corpus.rounds()]) + 1
+
+
+def manifest_row(record: dict[str, Any], ann: dict[str, Any], shard: str) -> dict[str, Any]:
+    """One manifest row for annotation ``ann`` of per-image ``record``."""
+    img = record["image"]
+    key = img["image_id"]
+    x, y, w, h = ann["bbox"]
+    return {
+        "mask_id": f"{round_name(int(ann['round']))}/{key}/{int(ann['id'])}",
+        "key": key, "shard": shard, "round": int(ann["round"]), "stage": ann["stage"],
+        "model_version": ann.get("model_version") or "", "annotator": ann.get("annotator") or "",
+        "ann_id": int(ann["id"]),
+        "category_id": int(ann["category_id"]) if ann.get("category_id") is not None else -1,
+        "category": ann.get("category") or "",
+        "area": int(ann["area"]), "bbox_x": x, "bbox_y": y, "bbox_w": w, "bbox_h": h,
+        "predicted_iou": float(ann.get("predicted_iou") or 0.0),
+        "stability_score": float(ann.get("stability_score") or 0.0),
+        "n_clicks": len(ann.get("clicks") or []), "seconds": float(ann.get("seconds") or 0.0),
+        "prefilled": bool(ann.get("prefilled", False)),
+        "height": int(ann["segmentation"]["size"][0]), "width": int(ann["segmentation"]["size"][1]),
+        "rle": ann["segmentation"]["counts"],
+    }
+
+
+def validate_record(record: dict[str, Any]) -> None:
+    """Raise ValueError when a per-image record is not valid SA-1B + provenance JSON."""
+    if "image" not in record or "annotations" not in record:
+        raise ValueError("record needs 'image' and 'annotations'")
+    img = record["image"]
+    for k in ("image_id", "width", "height"):
+        if k not in img:
+            raise ValueError(f"record image info lacks {k!r}")
+    for ann in record["annotations"]:
+        for k in ("id", "segmentation", "bbox", "area", "stage", "round"):
+            if k not in ann:
+                raise ValueError(f"annotation {ann.get('id')} of {img['image_id']} lacks {k!r}")
+        if ann["stage"] not in STAGES:
+            raise ValueError(f"annotation stage {ann['stage']!r} is not one of {STAGES}")
+        size = ann["segmentation"]["size"]
+        if [int(size[0]), int(size[1])] != [int(img["height"]), int(img["width"])]:
+            raise ValueError(f"mask size {size} is not the image's {img['height']}x{img['width']}")
+
+
+@dataclass
+class RoundWriter:
+    """Writes one round: ``begin`` once, ``write_shard`` per image shard, ``finish`` at the end.
+
+    Shards already written (their manifest part exists) are skipped by callers through
+    :meth:`shard_done`, so a crashed round resumes per shard without duplicates.
+    """
+
+    corpus: Corpus
+    number: int
+    stage: str
+    model_version: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage {self.stage!r} is not one of {STAGES}")
+        self.dir = self.corpus.round_dir(self.number)
+
+    def begin(self) -> None:
+        """Publish ``round.json`` (once); a resumed round must match what was started."""
+        url = storage.join(self.dir, "round.json")
+        info = {"round": self.number, "stage": self.stage, "model_version": self.model_version,
+                "config": self.config}
+        if storage.exists(url):
+            old = storage.read_json(url)
+            if old.get("stage") != self.stage or old.get("model_version") != self.model_version:
+                raise ValueError(f"{url} was started as stage={old.get('stage')} "
+                                 f"model={old.get('model_version')}; cannot resume it as "
+                                 f"stage={self.stage} model={self.model_version}")
+            return
+        if is_complete(self.corpus, self.number):
+            raise FileExistsError(f"round {self.number} is complete and append-only")
+        storage.write_json(url, info)
+
+    def shard_done(self, shard: str) -> bool:
+        return storage.exists(storage.join(self.dir, "manifest", f"{shard}.parquet"))
+
+    def write_shard(self, shard: str, records: list[dict[str, Any]],
+                    stats: dict[str, Any] | None = None) -> int:
+        """Publish one shard's per-image records (in the image shard's key order).
+
+        Returns the number of masks written. Writes the tar, then the per-shard stats, then the
+        manifest part (the done marker).
+        """
+        rows = []
+        for rec in records:
+            validate_record(rec)
+            rows.extend(manifest_row(rec, ann, shard) for ann in rec["annotations"])
+        write_tar(storage.join(self.dir, f"{shard}.tar"),
+                  ({"__key__": r["image"]["image_id"], "json": r} for r in records))
+        storage.write_json(storage.join(self.dir, "done", f"{shard}.json"),
+                           {"shard": shard, "images": len(records), "masks": len(rows),
+                            **(stats or {})})
+        table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+        storage.write_table(storage.join(self.dir, "manifest", f"{shard}.parquet"), table)
+        return len(rows)
+
+    def shard_stats(self) -> list[dict[str, Any]]:
+        """The per-shard stats records written so far."""
+        return [storage.read_json(u)
+                for u in storage.listdir(storage.join(self.dir, "done"), r"shard-\d+\.json")]
+
+    def finish(self, metrics: dict[str, Any]) -> pa.Table:
+        """Aggregate the manifest, then publish ``metrics.json`` (round complete)."""
+        table = read_round_manifest(self.corpus, self.number)
+        storage.write_table(storage.join(self.dir, "manifest.parquet"), table)
+        storage.write_json(storage.join(self.dir, "metrics.json"),
+                           {"round": self.number, "stage": self.stage,
+                            "model_version": self.model_version, **metrics})
+        return table
+
+
+def read_round_manifest(corpus: Corpus, number: int) -> pa.Table:
+    """All mask rows of one round from its per-shard manifest parts."""
+    parts = storage.listdir(storage.join(corpus.round_dir(number), "manifest"),
+                            r"shard-\d+\.parquet")
+    if not parts:
+        return MANIFEST_SCHEMA.empty_table()
+    return storage.read_tables(parts).cast(MANIFEST_SCHEMA)
+
+
+def load_manifest(corpus: Corpus, rounds: Iterable[int] | None = None) -> pa.Table:
+    """Mask rows of the given rounds (default: every complete round), one table."""
+    numbers = complete_rounds(corpus) if rounds is None else list(rounds)
+    tables = [read_round_manifest(corpus, n) for n in numbers]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+
+
+def iter_round_shard(corpus: Corpus, number: int, shard: str) -> Iterator[dict[str, Any]]:
+    """Per-image records of one round shard, in key order."""
+    url = corpus.round_shard(number, shard)
+    if not storage.exists(url):
+        return
+    for sample in iter_tar(url):
+        yield json.loads(sample["json"])
+
+
+def round_shards(corpus: Corpus, number: int) -> list[str]:
+    """Basenames of the shards a round has finished."""
+    return [u.rsplit("/", 1)[-1][: -len(".parquet")]
+            for u in storage.listdir(storage.join(corpus.round_dir(number), "manifest"),
+                                     r"shard-\d+\.parquet")]

@@ -1,0 +1,89 @@
+"""The train / held-out assignment of every image key: ``ROOT/splits/part-*.parquet``.
+
+A key's split is fixed the first time the key is added and never changes: parts are
+append-only and a key that already has a split is never written again. ``--holdout FRACTION``
+holds out the keys whose hash falls below the fraction (deterministic, independent of order
+and of the other keys); ``--holdout-source SRC`` holds out every image of a source.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.layout import SPLITS, Corpus
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = pa.schema([("key", pa.string()), ("split", pa.string()), ("source", pa.string()),
+                    ("rule", pa.string()), ("time", pa.string())])
+
+
+def holdout_by_key(key: str, fraction: float) -> bool:
+    """Whether ``key`` (16 hex digits) falls in the held-out ``fraction``."""
+    return int(key[:15], 16) / 16 ** 15 < fraction
+
+
+def load(corpus: Corpus) -> pa.Table:
+    """All split rows (key, split, source, rule, time)."""
+    parts = storage.listdir(corpus.splits, r"part-.*\.parquet")
+    return storage.read_tables(parts).cast(SCHEMA) if parts else SCHEMA.empty_table()
+
+
+def load_map(corpus: Corpus) -> dict[str, str]:
+    """``key -> split`` for every key (the first recorded split wins)."""
+    table = load(corpus)
+    out: dict[str, str] = {}
+    for k, s in zip(table.column("key").to_pylist(), table.column("split").to_pylist(),
+                    strict=True):
+        out.setdefault(k, s)
+    return out
+
+
+def keys_of(corpus: Corpus, split: str) -> set[str]:
+    """The keys recorded in ``split`` (``train`` or ``holdout``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    return {k for k, s in load_map(corpus).items() if s == split}
+
+
+def decide(key: str, held_out_source: bool, fraction: float) -> tuple[str, str]:
+    """(split, rule) for a new key."""
+    if held_out_source:
+        return "holdout", "source"
+    if fraction > 0 and holdout_by_key(key, fraction):
+        return "holdout", "fraction"
+    return "train", "default" if fraction <= 0 else "fraction"
+
+
+def record(corpus: Corpus, name: str, new: Iterable[tuple[str, str, str, str]],
+           existing: dict[str, str]) -> dict[str, str]:
+    """Append ``splits/part-<name>.parquet`` for keys without a split yet.
+
+    ``new`` yields ``(key, split, source, rule)``; keys already in ``existing`` keep their split
+    (a warning names the ones a different split was requested for). Returns the full map.
+    """
+    rows, changed = [], 0
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out = dict(existing)
+    for key, split, source, rule in new:
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {SPLITS}")
+        if key in out:
+            changed += out[key] != split
+            continue
+        out[key] = split
+        rows.append({"key": key, "split": split, "source": source, "rule": rule, "time": now})
+    if changed:
+        logger.warning("%d keys already had a different split; splits never change, kept them",
+                       changed)
+    if rows:
+        url = storage.join(corpus.splits, f"part-{name}.parquet")
+        if storage.exists(url):  # a resumed run: the same part was published before
+            return out
+        storage.write_table(url, pa.Table.from_pylist(rows, schema=SCHEMA), overwrite=False)
+    return out

@@ -1,0 +1,1 @@
+"""The data-engine loop: rounds in stage order, retraining, evaluation and promotion."""

@@ -1,0 +1,1 @@
+"""Latent diffusion: the KL autoencoder, precomputed latent shards, the U-Net, sampling."""
