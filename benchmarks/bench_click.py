@@ -84,9 +84,9 @@ def main() -> None:
     del cache, model
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dataengine.pipeline.server", "--root", corpus.root,
-                             "--port", str(port), "--cache-dir", os.path.join(tmp, "cache"),
-                             "--torch-threads", str(a.torch_threads)],
+    proc = subprocess.Popen([sys.executable, "-m", "dataengine", "dashboard", "--root",
+                             corpus.root, "--port", str(port), "--cache-dir",
+                             os.path.join(tmp, "cache"), "--torch-threads", str(a.torch_threads)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     lat: list[float] = []

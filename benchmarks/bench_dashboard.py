@@ -4,7 +4,7 @@ One command: ``python benchmarks/bench_dashboard.py [--images 1000 --masks 100]`
 
 Builds the corpus (image shards, index, one ``auto`` round through RoundWriter, plus 1,000 curation
 decisions so the curation-state filter has work to do), starts the dashboard in a separate process
-(``python -m dataengine.pipeline.server``) and measures from this process over HTTP:
+(``python -m dataengine dashboard``) and measures from this process over HTTP:
 
 - overview: ``GET /api/overview``
 - browse: a filtered, sorted page ``GET /api/browse?stage=auto&min_iou=..&sort=..&page=..``
@@ -57,8 +57,8 @@ class Server:
         self.port = free_port()
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dataengine.pipeline.server", "--root", root, "--port", str(self.port),
-             "--cache-dir", cache_dir], cwd=REPO, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "dataengine", "dashboard", "--root", root, "--port",
+             str(self.port), "--cache-dir", cache_dir], cwd=REPO, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 120

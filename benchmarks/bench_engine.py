@@ -176,7 +176,8 @@ def main() -> None:
              runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
     from dataengine.pipeline.core.config import from_dict
     from dataengine.pipeline.core.layout import Corpus
-    from dataengine.pipeline.engine.loop import EngineConfig, run_engine, train_keys
+    from dataengine.pipeline.engine.config import EngineConfig
+    from dataengine.pipeline.engine.loop import run_engine, train_keys
     from dataengine.pipeline.ingest.shard import ShardConfig, shard
 
     t0 = time.time()
@@ -263,7 +264,7 @@ def blank_image_metrics(root: str, cfg, version: str) -> dict:
     clicker run on a grey image instead."""
     from dataengine.pipeline.core.checkpoints import load_sam
     from dataengine.pipeline.core.layout import Corpus
-    from dataengine.pipeline.engine.loop import eval_config
+    from dataengine.pipeline.engine.config import eval_config
     from dataengine.pipeline.sam.clicker import SamSegmenter
     from dataengine.pipeline.sam.evaluate import eval_images, interactive_metrics
 

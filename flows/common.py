@@ -28,7 +28,6 @@ from prefect import task
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "models", "flows")
 
 def run_key(context: Any, parameters: dict[str, Any]) -> str:
     """Result key of a task run: its own id, so a result is stored but never reused by another run
@@ -108,7 +107,7 @@ class _RunLoggerBridge(logging.Handler):
 _BRIDGE = _RunLoggerBridge(level=logging.INFO)
 
 
-def bridge_logging(names: tuple[str, ...] = PACKAGES, level: int = logging.INFO) -> None:
+def bridge_logging(names: tuple[str, ...] = ("dataengine",), level: int = logging.INFO) -> None:
     """Forward the records of the ``names`` loggers to Prefect's run logger (idempotent)."""
     for name in names:
         lg = logging.getLogger(name)
@@ -175,8 +174,8 @@ def ray_runtime_env(*, remote: bool) -> dict[str, Any]:
     """The ``runtime_env`` for Ray workers: environment (``PREFECT_API_URL``, S3) and the package.
 
     On a local Ray the workers import the package from this checkout (``PYTHONPATH``); on a remote
-    cluster the package folders are uploaded as ``py_modules`` unless
-    ``DATAENGINE_RAY_UPLOAD_PACKAGE=0`` (clusters whose image already has the same version).
+    cluster the ``dataengine`` package is uploaded as a ``py_module`` (:func:`package_dir`)
+    unless ``DATAENGINE_RAY_UPLOAD_PACKAGE=0`` (clusters whose image has the same version).
     """
     env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
     try:
@@ -190,11 +189,36 @@ def ray_runtime_env(*, remote: bool) -> dict[str, Any]:
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if remote:
         if os.environ.get("DATAENGINE_RAY_UPLOAD_PACKAGE", "1") != "0":
-            runtime_env["py_modules"] = [str(REPO / p) for p in PACKAGES]
+            runtime_env["py_modules"] = [str(package_dir())]
     else:
         paths = [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
         env_vars["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return runtime_env
+
+
+def package_dir() -> Path:
+    """A folder that is the whole ``dataengine`` package: the installed one, or (in a source
+    checkout, where the subpackages are the top-level folders) a copy assembled once per
+    process in a temporary folder."""
+    import shutil
+    import tempfile
+
+    import dataengine
+
+    here = Path(dataengine.__file__).resolve().parent
+    if (here / "pipeline").is_dir():
+        return here
+    global _PACKAGE_COPY
+    if _PACKAGE_COPY is None or not _PACKAGE_COPY.is_dir():
+        dest = Path(tempfile.mkdtemp(prefix="dataengine-pkg-")) / "dataengine"
+        shutil.copytree(here, dest, ignore=shutil.ignore_patterns("__pycache__"))
+        for sub in ("pipeline", "models", "flows"):
+            shutil.copytree(REPO / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__"))
+        _PACKAGE_COPY = dest
+    return _PACKAGE_COPY
+
+
+_PACKAGE_COPY: Path | None = None
 
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:

@@ -54,12 +54,13 @@ def state_dict_bytes(model: nn.Module) -> bytes:
     return st_save({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()})
 
 
-def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
-    """Load ``state`` strictly into ``model``; a ValueError naming ``what`` when it does not fit."""
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], mismatch: str) -> nn.Module:
+    """Load ``state`` strictly into ``model``; a ValueError starting with ``mismatch`` (what
+    does not fit what) when a key or a shape differs."""
     try:
         model.load_state_dict(dict(state), strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{what} does not fit the model: {str(exc)[:500]}") from exc
+        raise ValueError(f"{mismatch}: {str(exc)[:500]}") from exc
     return model
 
 

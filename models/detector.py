@@ -243,8 +243,8 @@ def load_weights(model: nn.Module,
         state = {k.replace("conditional_detr.model.", "model.", 1)
                  .replace("conditional_detr.", "", 1): v for k, v in state.items()}
     where = "a state dict" if isinstance(checkpoint, Mapping) else repr(str(checkpoint))
-    return load_state(model, state,
-                      f"detector checkpoint {where} (config {config_of(model).name!r})")
+    return load_state(model, state, f"detector checkpoint {where} does not fit config "
+                                    f"{config_of(model).name!r}")
 
 
 def init_backbone_from_sam(model: nn.Module, sam: Any) -> nn.Module:

@@ -215,7 +215,7 @@ def load_weights(model: Sam, checkpoint: str | Path | Mapping[str, torch.Tensor]
     """Load a state dict or a local checkpoint into ``model`` (strict, with a clear error)."""
     where = "a state dict" if isinstance(checkpoint, Mapping) else repr(str(checkpoint))
     return load_state(model, as_state_dict(checkpoint),
-                      f"SAM checkpoint {where} (config {config_of(model).name!r})")
+                      f"SAM checkpoint {where} does not fit config {config_of(model).name!r}")
 
 
 @dataclass

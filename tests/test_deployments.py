@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dataengine.flows import stages
 from tests.test_flows import make_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,8 +76,6 @@ def _wait(what: str, fn, timeout: float, log: Path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_served_shard_deployment_runs_and_cron_schedules_runs(prefect_server, served, tmp_path):
-    if not stages.available("shard"):
-        pytest.skip("shard stage not built")
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,

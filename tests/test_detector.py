@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dataengine.models import detector as D
+from dataengine.pipeline.core.checkpoints import load_detector, save_detector
 from dataengine.pipeline.detector import hungarian as H
 from dataengine.pipeline.detector.evaluate import ImageBoxes, coco_box_metrics
 
@@ -59,8 +60,8 @@ def test_checkpoint_round_trips(tmp_path, where, request):
     base = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
     model = D.build_detector("tiny-test", categories=["cat", "dog"], seed=3)
     url = f"{base}/det-v1"
-    D.save_detector(model, url, extra={"version": "v0001"})
-    back = D.load_detector(url, device="cpu")
+    save_detector(model, url, extra={"version": "v0001"})
+    back = load_detector(url, device="cpu")
     assert D.config_of(back).categories == ("cat", "dog")
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys()
@@ -77,7 +78,7 @@ def test_checkpoint_round_trips(tmp_path, where, request):
     with pytest.raises(ValueError, match="does not fit"):
         D.build_detector("tiny-test", str(pt))  # one class, checkpoint has two
     with pytest.raises(FileNotFoundError):
-        D.load_detector(str(tmp_path / "missing"))
+        load_detector(str(tmp_path / "missing"))
 
 
 def test_cocoeval_gives_ap_one_for_perfect_predictions():

@@ -10,7 +10,9 @@ import pytest
 from dataengine.pipeline.core import rounds, storage
 from dataengine.pipeline.core.config import to_dict
 from dataengine.pipeline.core.layout import Corpus
-from dataengine.pipeline.engine.loop import EngineConfig, StagePlan, StepLog, run_engine, train_keys
+from dataengine.pipeline.engine.config import EngineConfig, StagePlan
+from dataengine.pipeline.engine.loop import run_engine, train_keys
+from dataengine.pipeline.engine.steps import StepLog
 from tests.sam_corpus import build_corpus
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,8 +112,11 @@ def test_tests_and_benchmarks_use_the_namespace():
 def installed_wheel(tmp_path_factory) -> Path:
     """The project built as a wheel and installed (without dependencies) into a folder."""
     out = tmp_path_factory.mktemp("wheel")
+    src = out / "src"  # a copy: building writes build/ and *.egg-info/ beside the sources
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "demo-corpus", "bench-output"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out / "dist"), str(REPO)],
+                    "--no-build-isolation", "-w", str(out / "dist"), str(src)],
                    check=True, capture_output=True, timeout=300)
     wheel = next((out / "dist").glob("dataengine-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",

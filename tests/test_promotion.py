@@ -11,7 +11,8 @@ from dataengine.pipeline.core import promotion, storage
 from dataengine.pipeline.core.checkpoints import save_sam
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.promotion import GateConfig, decide
-from dataengine.pipeline.engine.loop import EngineConfig, promote_if_better
+from dataengine.pipeline.engine.config import EngineConfig
+from dataengine.pipeline.engine.loop import promote_if_better
 from tests.sam_corpus import build_corpus
 
 

@@ -68,13 +68,14 @@ def test_save_load_bit_exact_local_and_s3(tmp_path, s3_bucket):
 
 def test_official_pth_checkpoint_loads_weights_only(tmp_path, s3_bucket):
     from dataengine.pipeline.core import storage
+    from dataengine.pipeline.core.checkpoints import read_state_dict
 
     model = build_sam("tiny-test", seed=1)
     path = tmp_path / "sam_tiny.pth"
     torch.save(model.state_dict(), path)  # the format of Meta's published checkpoints
     assert _same(model, sam_model_registry["tiny-test"](checkpoint=str(path)))
     storage.write_bytes(f"{s3_bucket}/ckpt/sam.pth", path.read_bytes())
-    assert _same(model, build_sam("tiny-test", f"{s3_bucket}/ckpt/sam.pth"))
+    assert _same(model, build_sam("tiny-test", read_state_dict(f"{s3_bucket}/ckpt/sam.pth")))
     # a checkpoint of another architecture is a clear error, not a silent partial load
     with pytest.raises(ValueError, match="does not fit config"):
         load_weights(build_sam("tiny"), str(path))

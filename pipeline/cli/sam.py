@@ -88,7 +88,8 @@ def engine_command(
 ) -> None:
     """Run (or resume) the data engine: rounds in stage order, each followed by retraining,
     held-out evaluation and the promotion gate; writes ROOT/engine/<name>/report.{json,md,png}."""
-    from dataengine.pipeline.engine.loop import EngineConfig, run_engine
+    from dataengine.pipeline.engine.config import EngineConfig
+    from dataengine.pipeline.engine.loop import run_engine
 
     cfg = stage_config(EngineConfig, config, overrides, "engine")
     report = run_engine(root, cfg, progress=lambda s: console.log(s))

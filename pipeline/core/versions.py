@@ -41,7 +41,7 @@ def fingerprint(config: dict[str, Any], **inputs: Any) -> str:
 
 
 
-def begin_version(corpus: Corpus, kind: str, run_fingerprint: str, run_prefix: str,
+def begin_version(corpus: Corpus, model_kind: str, run_fingerprint: str, run_prefix: str,
                   **info: Any) -> tuple[str, str, str, str]:
     """Pick the version a training run publishes and record its start once.
 
@@ -49,15 +49,15 @@ def begin_version(corpus: Corpus, kind: str, run_fingerprint: str, run_prefix: s
     otherwise the next version is taken. ``run.json`` (fingerprint, run URL, ``info``) is written
     once. Returns ``(version, version dir, run name, run URL)``.
     """
-    version = corpus.next_model_version(kind)
-    dirs = storage.listdir(corpus.path("models", kind), r"v\d{4,}")
+    version = corpus.next_model_version(model_kind)
+    dirs = storage.listdir(corpus.path("models", model_kind), r"v\d{4,}")
     for u in sorted(dirs, key=lambda x: parse_version(x.rsplit("/", 1)[-1]), reverse=True)[:3]:
         run = storage.join(u, "run.json")
         if not storage.exists(storage.join(u, "version.json")) and storage.exists(run) and \
                 storage.read_json(run).get("fingerprint") == run_fingerprint:
             version = u.rsplit("/", 1)[-1]
             break
-    vdir = corpus.model_dir(kind, version)
+    vdir = corpus.model_dir(model_kind, version)
     run_name = f"{run_prefix}-{version}"
     run_url = storage.join(corpus.runs, run_name)
     if not storage.exists(storage.join(vdir, "run.json")):

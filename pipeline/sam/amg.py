@@ -26,6 +26,7 @@ import torch
 
 from dataengine.pipeline.core import masks as mask_utils
 from dataengine.pipeline.sam.predictor import set_image
+from dataengine.pipeline.sam.prompts import paint_clicks
 
 logger = logging.getLogger(__name__)
 
@@ -148,97 +149,114 @@ class MaskGenerator:
 
     def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int,
                       orig_size: tuple[int, int], features: Any) -> list[dict[str, Any]]:
-        from segment_anything.utils.amg import batched_mask_to_box, is_box_near_crop_edge
-
-        c = self.config
-        p = self.predictor
-        model = p.model
         x0, y0, x1, y1 = crop_box
         crop_h, crop_w = y1 - y0, x1 - x0
         self._set_crop(image, crop_box, features)
         points = self.point_grids[layer] * np.array([[crop_w, crop_h]])
-        in_h, in_w = p.input_size
-        lr = model.mask_decoder.output_upscaling  # noqa: F841 - documents the 4x upscale
-        emb = p.features.shape[-1]
-        low_side = 4 * emb
-        scale_lr = low_side / model.image_encoder.img_size
-        lh, lw = int(np.ceil(in_h * scale_lr)), int(np.ceil(in_w * scale_lr))
-        thr = model.mask_threshold
         kept: list[dict[str, Any]] = []
-        boxes_all: list[torch.Tensor] = []
-        for start in range(0, len(points), c.points_per_batch):
-            pts = points[start:start + c.points_per_batch]
-            tp = torch.as_tensor(p.transform.apply_coords(pts, (crop_h, crop_w)),
-                                 device=p.device)
-            labels = torch.ones(tp.shape[0], dtype=torch.int, device=p.device)
-            discs = None
-            if c.disc_radius > 0:
-                from dataengine.pipeline.sam.prompts import paint_clicks
+        for start in range(0, len(points), self.config.points_per_batch):
+            pts = points[start:start + self.config.points_per_batch]
+            low, iou = self._decode_points(pts, (crop_h, crop_w))
+            idx = self._low_res_filter(low, iou)
+            if idx.numel():
+                kept += self._full_res_filter(low, iou, idx, pts, crop_box, orig_size)
+        self.predictor.reset_image()
+        return self._crop_nms(kept, crop_box, orig_size)
 
-                discs = paint_clicks(None, tp[:, None, :].float(), labels[:, None].long(),
-                                     model.image_encoder.img_size, c.disc_radius)
-            sparse, dense = model.prompt_encoder(points=(tp[:, None, :], labels[:, None]),
-                                                 boxes=None, masks=discs)
-            low, iou = model.mask_decoder(image_embeddings=p.features,
-                                          image_pe=model.prompt_encoder.get_dense_pe(),
-                                          sparse_prompt_embeddings=sparse,
-                                          dense_prompt_embeddings=dense,
-                                          multimask_output=discs is None)
-            low, iou = low.float().flatten(0, 1), iou.float().flatten(0, 1)
-            pt_idx = np.repeat(np.arange(len(pts)), low.shape[0] // len(pts))
-            self.stats["candidates"] += int(low.shape[0])
-            keep = iou > c.pred_iou_thresh if c.pred_iou_thresh > 0 else \
-                torch.ones_like(iou, dtype=torch.bool)
-            self.stats["after_iou"] += int(keep.sum())
-            if c.stability_score_thresh > 0 and keep.any():
-                valid = low[:, :lh, :lw]
-                off = c.stability_score_offset
-                inter = (valid > thr + off).sum((-1, -2))
-                union = (valid > thr - off).sum((-1, -2)).clamp(min=1)
-                keep &= (inter / union) >= c.stability_score_thresh - c.low_res_margin
-            self.stats["after_lowres"] += int(keep.sum())
-            idx = torch.nonzero(keep).flatten()
-            if idx.numel() == 0:
-                continue
-            full = model.postprocess_masks(low[idx][:, None], p.input_size, (crop_h, crop_w))[:, 0]
-            off = c.stability_score_offset
-            inter = (full > thr + off).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
-            union = (full > thr - off).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
-            stab = inter / union
-            ok = stab >= c.stability_score_thresh if c.stability_score_thresh > 0 else \
-                torch.ones_like(stab, dtype=torch.bool)
-            self.stats["after_stability"] += int(ok.sum())
-            binm = full[ok] > thr
-            if binm.shape[0] == 0:
-                continue
-            boxes = batched_mask_to_box(binm)
-            edge_ok = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
-            sel = torch.nonzero(ok).flatten()[edge_ok]
-            binm, boxes = binm[edge_ok], boxes[edge_ok]
-            self.stats["after_edge"] += int(binm.shape[0])
-            stab_k, iou_k = stab[sel], iou[idx][sel]
-            for j in range(binm.shape[0]):
-                i_cand = int(idx[sel[j]])
-                kept.append({"mask": binm[j].cpu().numpy(), "iou": float(iou_k[j]),
-                             "stability": float(stab_k[j]),
-                             "point": [float(v) for v in pts[pt_idx[i_cand]]]})
-            boxes_all.append(boxes.cpu())
-        p.reset_image()
+    def _decode_points(self, pts: np.ndarray, crop_hw: tuple[int, int]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Single-point prompts at ``pts`` (crop px): ``(P*K)xLxL`` low-res logits and
+        ``(P*K)`` predicted IoUs, the K outputs of each point consecutive."""
+        p, c = self.predictor, self.config
+        model = p.model
+        tp = torch.as_tensor(p.transform.apply_coords(pts, crop_hw), device=p.device)
+        labels = torch.ones(tp.shape[0], dtype=torch.int, device=p.device)
+        discs = None
+        if c.disc_radius > 0:
+            discs = paint_clicks(None, tp[:, None, :].float(), labels[:, None].long(),
+                                 model.image_encoder.img_size, c.disc_radius)
+        sparse, dense = model.prompt_encoder(points=(tp[:, None, :], labels[:, None]),
+                                             boxes=None, masks=discs)
+        low, iou = model.mask_decoder(image_embeddings=p.features,
+                                      image_pe=model.prompt_encoder.get_dense_pe(),
+                                      sparse_prompt_embeddings=sparse,
+                                      dense_prompt_embeddings=dense,
+                                      multimask_output=discs is None)
+        low, iou = low.float().flatten(0, 1), iou.float().flatten(0, 1)
+        self.stats["candidates"] += int(low.shape[0])
+        return low, iou
+
+    def _low_res_filter(self, low: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
+        """Indices of the candidates that pass the IoU threshold and a stability pre-check on
+        the low-res logits (with ``low_res_margin`` of slack), before any upsampling."""
+        p, c = self.predictor, self.config
+        keep = iou > c.pred_iou_thresh if c.pred_iou_thresh > 0 else \
+            torch.ones_like(iou, dtype=torch.bool)
+        self.stats["after_iou"] += int(keep.sum())
+        if c.stability_score_thresh > 0 and keep.any():
+            in_h, in_w = p.input_size
+            scale = low.shape[-1] / p.model.image_encoder.img_size
+            valid = low[:, :int(np.ceil(in_h * scale)), :int(np.ceil(in_w * scale))]
+            thr, off = p.model.mask_threshold, c.stability_score_offset
+            inter = (valid > thr + off).sum((-1, -2))
+            union = (valid > thr - off).sum((-1, -2)).clamp(min=1)
+            keep &= (inter / union) >= c.stability_score_thresh - c.low_res_margin
+        self.stats["after_lowres"] += int(keep.sum())
+        return torch.nonzero(keep).flatten()
+
+    def _full_res_filter(self, low: torch.Tensor, iou: torch.Tensor, idx: torch.Tensor,
+                         pts: np.ndarray, crop_box: list[int], orig_size: tuple[int, int]
+                         ) -> list[dict[str, Any]]:
+        """The exact stability filter and crop-edge filter on the upsampled survivors; each
+        kept mask with its crop-frame box, scores and point."""
+        from segment_anything.utils.amg import batched_mask_to_box, is_box_near_crop_edge
+
+        p, c = self.predictor, self.config
+        x0, y0, x1, y1 = crop_box
+        thr, off = p.model.mask_threshold, c.stability_score_offset
+        full = p.model.postprocess_masks(low[idx][:, None], p.input_size, (y1 - y0, x1 - x0))[:, 0]
+        inter = (full > thr + off).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
+        union = (full > thr - off).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
+        stab = inter / union
+        ok = stab >= c.stability_score_thresh if c.stability_score_thresh > 0 else \
+            torch.ones_like(stab, dtype=torch.bool)
+        self.stats["after_stability"] += int(ok.sum())
+        binm = full[ok] > thr
+        if binm.shape[0] == 0:
+            return []
+        boxes = batched_mask_to_box(binm)
+        edge_ok = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
+        sel = torch.nonzero(ok).flatten()[edge_ok]
+        binm, boxes = binm[edge_ok], boxes[edge_ok]
+        self.stats["after_edge"] += int(binm.shape[0])
+        outputs = low.shape[0] // len(pts)
+        return [{"mask": binm[j].cpu().numpy(), "box": boxes[j].cpu().float().numpy(),
+                 "iou": float(iou[idx][sel][j]), "stability": float(stab[sel][j]),
+                 "point": [float(v) for v in pts[int(idx[sel[j]]) // outputs]]}
+                for j in range(binm.shape[0])]
+
+    def _crop_nms(self, kept: list[dict[str, Any]], crop_box: list[int],
+                  orig_size: tuple[int, int]) -> list[dict[str, Any]]:
+        """Box NMS within the crop (by predicted IoU), then masks, boxes and points moved to
+        the original image's frame."""
         if not kept:
             return []
-        boxes = torch.cat(boxes_all).float().numpy()
-        keep_nms = mask_utils.box_nms(boxes, np.array([k["iou"] for k in kept]), c.box_nms_thresh)
-        out = []
+        x0, y0, x1, y1 = crop_box
+        boxes = np.stack([k["box"] for k in kept])
+        keep = mask_utils.box_nms(boxes, np.array([k["iou"] for k in kept]),
+                                  self.config.box_nms_thresh)
         full_frame = x0 == 0 and y0 == 0 and x1 == orig_size[1] and y1 == orig_size[0]
-        for i in keep_nms:
+        out = []
+        for i in keep:
             k = kept[int(i)]
             m = k["mask"]
             if not full_frame:
                 canvas = np.zeros(orig_size, dtype=bool)
                 canvas[y0:y1, x0:x1] = m
                 m = canvas
-            b = boxes[int(i)] + np.array([x0, y0, x0, y0], dtype=np.float32)
-            out.append({"mask": m, "box": b, "iou": k["iou"], "stability": k["stability"],
+            out.append({"mask": m, "box": boxes[int(i)] + np.array([x0, y0, x0, y0],
+                                                                   dtype=np.float32),
+                        "iou": k["iou"], "stability": k["stability"],
                         "point": [k["point"][0] + x0, k["point"][1] + y0],
                         "crop_box_xyxy": np.array(crop_box, dtype=np.float32)})
         return out

@@ -228,6 +228,68 @@ def _sparse(model: Any, coords: torch.Tensor, labels: torch.Tensor, boxes: torch
     return out
 
 
+def _dense(sam: Any, mask_input: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Dense prompt embeddings: the embedded mask prompt, or SAM's "no mask" embedding."""
+    pe = sam.prompt_encoder
+    if mask_input is None:
+        return pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1,
+                                                                    *pe.image_embedding_size)
+    return pe._embed_masks(mask_input)
+
+
+def _decode(sam: Any, feats: torch.Tensor, img_idx: torch.Tensor, sparse: torch.Tensor,
+            dense: torch.Tensor, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask decoder over every prompt (each with its own image's embedding): ``NxKxLxL``
+    low-res logits and ``NxK`` predicted IoUs, in prompt order."""
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    lows, ious = [None] * len(img_idx), [None] * len(img_idx)
+    for b in img_idx.unique().tolist():
+        sel = (img_idx == b).nonzero()[:, 0]
+        low, iou = sam.mask_decoder(image_embeddings=feats[b:b + 1], image_pe=image_pe,
+                                    sparse_prompt_embeddings=sparse[sel],
+                                    dense_prompt_embeddings=dense[sel],
+                                    multimask_output=multimask)
+        for j, i in enumerate(sel.tolist()):
+            lows[i], ious[i] = low[j], iou[j]
+    return torch.stack(lows), torch.stack(ious)
+
+
+def _correction(prev_low: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One click per prompt from the error region of the previous prediction (positive on a
+    false negative, negative on a false positive; inside the mask when there is no error)."""
+    size = gt.shape[-1]
+    with torch.no_grad():
+        up = F.interpolate(prev_low, size=(size, size), mode="bilinear",
+                           align_corners=False)[:, 0] > 0
+        err = (up != (gt > 0.5)) & valid
+        pt, found = sample_points(err, generator)
+        fallback, _ = sample_points(gt > 0.5, generator)
+        pt = torch.where(found[:, None], pt, fallback)
+        lab = (gt[torch.arange(gt.shape[0]), pt[:, 1], pt[:, 0]] > 0.5).long()
+    return pt, lab
+
+
+def _pass_loss(low: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor,
+               cfg: RecipeConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One pass: ``(loss, index of the best output per prompt, per-prompt figures)``; the mask
+    loss is the best output's, plus the IoU head's MSE on every output."""
+    size = gt.shape[-1]
+    logits = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    target = gt[:, None].expand_as(logits)
+    focal = focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma)   # NxK
+    dice = dice_loss(logits, target)
+    seg = cfg.focal_weight * focal + cfg.dice_weight * dice
+    best = seg.detach().argmin(1)
+    ar = torch.arange(gt.shape[0], device=gt.device)
+    true_iou = mask_iou(logits.detach(), target)
+    iou_mse = ((iou_pred - true_iou) ** 2).mean(1)
+    loss = (seg[ar, best] + cfg.iou_weight * iou_mse).mean()
+    figures = {"focal": focal[ar, best].detach(), "dice": dice[ar, best].detach(),
+               "iou_mse": iou_mse.detach(), "iou": true_iou[ar, best]}
+    return loss, best, figures
+
+
 def promptable_loss(model: Any, batch: Batch, cfg: RecipeConfig | None = None, *,
                     generator: torch.Generator | None = None,
                     freeze_encoder: bool = False) -> LossOutput:
@@ -241,14 +303,10 @@ def promptable_loss(model: Any, batch: Batch, cfg: RecipeConfig | None = None, *
     sam = model
     dev = batch.images.device
     size = sam.image_encoder.img_size
-    if freeze_encoder:
-        with torch.no_grad():
-            feats = sam.image_encoder(batch.images)
-    else:
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_encoder):
         feats = sam.image_encoder(batch.images)
-    image_pe = sam.prompt_encoder.get_dense_pe()
 
-    # flatten to prompts: one per valid (image, mask)
+    # one prompt per valid (image, mask)
     img_idx, m_idx = torch.nonzero(batch.mask_valid, as_tuple=True)
     n = img_idx.numel()
     if n == 0:
@@ -259,31 +317,24 @@ def promptable_loss(model: Any, batch: Batch, cfg: RecipeConfig | None = None, *
     valid = (hh[None, :, None] < batch.sizes[img_idx, 0, None, None]) & \
             (hh[None, None, :] < batch.sizes[img_idx, 1, None, None])  # NxSxS
 
+    # first prompt: a point inside the mask, or a noisy box; a box prompt carries a placeholder
+    # first "click" (label -1) so that token counts line up
     use_box = torch.rand(n, generator=generator).to(dev) < cfg.box_prob
     first, _ = sample_points(gt > 0.5, generator)
     coords = first[:, None, :].to(dev)                              # NxKx2
-    labels = torch.ones(n, 1, dtype=torch.long, device=dev)
+    labels = torch.where(use_box[:, None], -1, 1).long()
     boxes = noisy_boxes(gt > 0.5, cfg.box_noise, cfg.box_noise_max, size, generator)
-    # box prompts carry a placeholder first "click" (label -1) so token counts line up
-    labels = torch.where(use_box[:, None], torch.full_like(labels, -1), labels)
 
     paint_first = cfg.paint_clicks and \
         float(torch.rand(1, generator=generator)) < cfg.paint_first_prob
     plan = [True, *iteration_plan(cfg, generator)]
     prev_low: torch.Tensor | None = None
     total = torch.zeros((), device=dev)
-    focal_sum = dice_sum = iou_sum = 0.0
-    ious_first = ious_last = None
+    sums = {"focal": 0.0, "dice": 0.0, "iou_mse": 0.0}
+    ious: list[torch.Tensor] = []
     for it, adds_point in enumerate(plan):
         if it > 0 and adds_point:
-            with torch.no_grad():
-                up = F.interpolate(prev_low, size=(size, size), mode="bilinear",
-                                   align_corners=False)[:, 0] > 0
-                err = (up != (gt > 0.5)) & valid
-                pt, found = sample_points(err, generator)
-                fallback, _ = sample_points(gt > 0.5, generator)
-                pt = torch.where(found[:, None], pt, fallback)
-                lab = (gt[torch.arange(n), pt[:, 1], pt[:, 0]] > 0.5).long()
+            pt, lab = _correction(prev_low, gt, valid, generator)
             coords = torch.cat([coords, pt[:, None, :]], 1)
             labels = torch.cat([labels, lab[:, None]], 1)
         mask_input = prev_low.detach() if (cfg.feed_back_mask and prev_low is not None) else None
@@ -291,51 +342,19 @@ def promptable_loss(model: Any, batch: Batch, cfg: RecipeConfig | None = None, *
             mask_input = paint_clicks(mask_input, coords, labels, size, cfg.click_radius,
                                       cfg.click_value)
         multimask = cfg.multimask_first and it == 0 and mask_input is None
-        sparse = _sparse(sam, coords, labels, boxes, use_box)
-        if mask_input is None:
-            dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-                n, -1, *sam.prompt_encoder.image_embedding_size)
-        else:
-            dense = sam.prompt_encoder._embed_masks(mask_input)
-        lows = []
-        for b in range(batch.images.shape[0]):
-            sel = img_idx == b
-            if not sel.any():
-                continue
-            low, iou = sam.mask_decoder(image_embeddings=feats[b:b + 1], image_pe=image_pe,
-                                        sparse_prompt_embeddings=sparse[sel],
-                                        dense_prompt_embeddings=dense[sel],
-                                        multimask_output=multimask)
-            lows.append((sel, low, iou))
-        k = lows[0][1].shape[1]
-        low = torch.zeros(n, k, size // 4, size // 4, device=dev)
-        iou_pred = torch.zeros(n, k, device=dev)
-        for sel, lo, io in lows:
-            low = low.index_put((sel.nonzero()[:, 0],), lo)
-            iou_pred = iou_pred.index_put((sel.nonzero()[:, 0],), io)
-        logits = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-        target = gt[:, None].expand_as(logits)
-        focal = focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma)   # NxK
-        dice = dice_loss(logits, target)
-        seg = cfg.focal_weight * focal + cfg.dice_weight * dice
-        best = seg.detach().argmin(1)
-        ar = torch.arange(n, device=dev)
-        true_iou = mask_iou(logits.detach(), target)
-        iou_mse = ((iou_pred - true_iou) ** 2).mean(1)
-        total = total + (seg[ar, best] + cfg.iou_weight * iou_mse).mean()
-        focal_sum += float(focal[ar, best].detach().mean())
-        dice_sum += float(dice[ar, best].detach().mean())
-        iou_sum += float(iou_mse.detach().mean())
-        prev_low = low[ar, best][:, None]
-        if it == 0:
-            ious_first = true_iou[ar, best]
-        ious_last = true_iou[ar, best]
+        low, iou_pred = _decode(sam, feats, img_idx, _sparse(sam, coords, labels, boxes, use_box),
+                                _dense(sam, mask_input, n), multimask)
+        loss, best, figures = _pass_loss(low, iou_pred, gt, cfg)
+        total = total + loss
+        for k in sums:
+            sums[k] += float(figures[k].mean())
+        ious.append(figures["iou"])
+        prev_low = low[torch.arange(n, device=dev), best][:, None]
     steps = len(plan)
     loss = total / steps
-    stats = {"loss": float(loss.detach()), "focal": focal_sum / steps, "dice": dice_sum / steps,
-             "iou_mse": iou_sum / steps, "iou_first": float(ious_first.mean()),
-             "iou_last": float(ious_last.mean()), "masks": int(n),
-             "box_share": float(use_box.float().mean())}
+    stats = {"loss": float(loss.detach()), **{k: v / steps for k, v in sums.items()},
+             "iou_first": float(ious[0].mean()), "iou_last": float(ious[-1].mean()),
+             "masks": int(n), "box_share": float(use_box.float().mean())}
     return LossOutput(loss, stats)
 
 
