@@ -39,7 +39,7 @@ from typing import Any
 
 from dataengine.models.checkpoint import weights_digest
 from dataengine.pipeline.core import config as config_mod
-from dataengine.pipeline.core import storage, versions
+from dataengine.pipeline.core import storage, trainer, versions
 from dataengine.pipeline.core.checkpoints import read_state_dict
 from dataengine.pipeline.core.layout import Corpus, parse_version
 from dataengine.pipeline.core.trainer import ScaleConfig
@@ -76,7 +76,7 @@ class TrainDetectorConfig:
     seed: int = 0
     sync_gradients: bool = True         # False only for control runs
     eval_max_images: int = 0            # 0 = every held-out image with ground truth
-    gate: dict[str, Any] = field(default_factory=dict)   # dataengine.pipeline.core.promotion.GateConfig fields
+    gate: dict[str, Any] = field(default_factory=dict)  # promotion.GateConfig fields
     first_min: dict[str, float] = field(default_factory=lambda: {"ap50": 0.01})  # 1st version
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -136,7 +136,8 @@ def sample_boxes(sample: Any, class_of: dict[str, int] | None, min_box_px: float
 
 def make_batch(samples: list[Any], size: int, *, class_of: dict[str, int] | None,
                min_box_px: float, max_boxes: int, hflip: float, rng: Any):
-    """Samples -> ``(pixel_values, pixel_mask, targets)`` for :func:`dataengine.pipeline.detector.hungarian.set_loss`."""
+    """Samples -> ``(pixel_values, pixel_mask, targets)`` for
+    :func:`dataengine.pipeline.detector.hungarian.set_loss`."""
     import numpy as np
 
     from dataengine.models.detector import boxes_to_targets, preprocess
@@ -159,31 +160,19 @@ def make_batch(samples: list[Any], size: int, *, class_of: dict[str, int] | None
     return pix, mask, boxes_to_targets(boxes, labels, scales, size)
 
 
-def _train_loop(config: dict[str, Any]) -> None:
-    """Per-worker training loop (runs inside a Ray Train worker)."""
-    import random
-
+def _build(config: dict[str, Any], cfg: TrainDetectorConfig) -> tuple[Any, Any]:
+    """The worker's detector (from the init checkpoint and/or the SAM backbone) in train mode,
+    and its AdamW with the backbone at ``backbone_lr_factor``."""
     import torch
-    import torch.distributed as dist
 
-    from dataengine.models.detector import LayerOutputs, build_detector, load_weights
-    from dataengine.pipeline.core import trainer
-    from dataengine.pipeline.detector.hungarian import set_loss
-    from dataengine.pipeline.sam.training_data import my_shard_share, stream_samples, write_read_log
+    from dataengine.models.detector import build_detector, init_backbone_from_sam, load_weights
+    from dataengine.pipeline.core.checkpoints import load_sam
 
-    cfg = config_mod.from_dict(TrainDetectorConfig, config["cfg"])
-    plan = TrainingPlan.from_dict(config["plan"])
-    corpus = Corpus(config["root"])
-    class_of = config.get("class_of")
-    ctx = trainer.context(config)
     torch.manual_seed(cfg.seed)
     det = build_detector(config["det_config"], seed=cfg.seed, device="cpu")
     if config.get("init_url"):
         load_weights(det, read_state_dict(config["init_url"]))
     if config.get("sam_url"):
-        from dataengine.models.detector import init_backbone_from_sam
-        from dataengine.pipeline.core.checkpoints import load_sam
-
         init_backbone_from_sam(det, load_sam(config["sam_url"], device="cpu"))
     det.train()
     backbone = [p for n, p in det.named_parameters() if ".backbone." in f".{n}"]
@@ -192,11 +181,61 @@ def _train_loop(config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW([{"params": rest, "lr_factor": 1.0},
                              {"params": backbone, "lr_factor": cfg.backbone_lr_factor}],
                             lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return det, opt
+
+
+def _step(model: Any, det: Any, opt: Any, group: list[Any], cfg: TrainDetectorConfig, ctx: Any,
+          rng: Any, class_of: Any, step: int) -> dict[str, float]:
+    """One optimiser step on one batch; the Hungarian loss is normalised by the boxes of the
+    whole (data-parallel) batch, as DETR does."""
+    import torch
+    import torch.distributed as dist
+
+    from dataengine.pipeline.detector.hungarian import set_loss
+
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * warm * g["lr_factor"]
+    dcfg = det.detector_config
+    pix, mask, targets = make_batch(group, dcfg.image_size, class_of=class_of,
+                                    min_box_px=cfg.min_box_px,
+                                    max_boxes=cfg.max_boxes or dcfg.num_queries,
+                                    hflip=cfg.hflip, rng=rng)
+    n_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))])
+    if dist.is_available() and dist.is_initialized() and ctx.world_size > 1 \
+            and cfg.sync_gradients:
+        dist.all_reduce(n_boxes)
+        n_boxes /= ctx.world_size
+    targets = [{k: v.to(ctx.device) for k, v in t.items()} for t in targets]
+    with trainer.autocast(ctx.device):
+        logits, boxes = model(pix.to(ctx.device), mask.to(ctx.device))
+    out = set_loss(logits.float(), boxes.float(), targets, cfg.loss,
+                   num_boxes=float(n_boxes.item()))
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(det.parameters(), cfg.grad_clip)
+    opt.step()
+    return {k: float(v) for k, v in out.items()}
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Per-worker training loop (runs inside a Ray Train worker)."""
+    import random
+
+    import ray
+
+    from dataengine.models.detector import LayerOutputs
+    from dataengine.pipeline.sam.training_data import my_shard_share, stream_samples, write_read_log
+
+    cfg = config_mod.from_dict(TrainDetectorConfig, config["cfg"])
+    plan = TrainingPlan.from_dict(config["plan"])
+    ctx = trainer.context(config)
+    det, opt = _build(config, cfg)
     state = trainer.restore(models={"detector": det}, optimizers={"opt": opt})
     start = int(state["step"]) + 1 if state else 0
     history: list[dict[str, float]] = list((state or {}).get("history", []))
     model = trainer.prepare(LayerOutputs(det), sync_gradients=cfg.sync_gradients)
-    shards = my_shard_share(plan.shards, ctx.rank, ctx.world_size)
     read_keys: set[str] = set()
     read_shards: set[str] = set()
 
@@ -204,42 +243,20 @@ def _train_loop(config: dict[str, Any]) -> None:
         read_keys.add(s.key)
         read_shards.add(s.shard)
 
-    stream = stream_samples(corpus, plan, shards, seed=cfg.seed * 1009 + ctx.rank * 7 + start,
+    stream = stream_samples(Corpus(config["root"]), plan,
+                            my_shard_share(plan.shards, ctx.rank, ctx.world_size),
+                            seed=cfg.seed * 1009 + ctx.rank * 7 + start,
                             skip_crowd=cfg.data.skip_crowd, on_read=on_read)
     rng = random.Random(cfg.seed * 31 + ctx.rank + start)
-    size = det.detector_config.image_size
-    max_boxes = cfg.max_boxes or det.detector_config.num_queries
     window: list[dict[str, float]] = []
     t0 = time.time()
     for step in range(start, cfg.steps):
-        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * warm * g["lr_factor"]
         group = [next(stream) for _ in range(cfg.batch_images)]
-        pix, mask, targets = make_batch(group, size, class_of=class_of,
-                                        min_box_px=cfg.min_box_px, max_boxes=max_boxes,
-                                        hflip=cfg.hflip, rng=rng)
-        n_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))])
-        if dist.is_available() and dist.is_initialized() and ctx.world_size > 1 \
-                and cfg.sync_gradients:
-            dist.all_reduce(n_boxes)
-            n_boxes /= ctx.world_size
-        targets = [{k: v.to(ctx.device) for k, v in t.items()} for t in targets]
-        with trainer.autocast(ctx.device):
-            logits, boxes = model(pix.to(ctx.device), mask.to(ctx.device))
-        out = set_loss(logits.float(), boxes.float(), targets, cfg.loss,
-                       num_boxes=float(n_boxes.item()))
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(det.parameters(), cfg.grad_clip)
-        opt.step()
-        window.append({k: float(v) for k, v in out.items()})
-        last = step == cfg.steps - 1
-        ckpt = (step + 1) % cfg.checkpoint_every == 0 or last
+        window.append(_step(model, det, opt, group, cfg, ctx, rng, config.get("class_of"), step))
+        ckpt = (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1
         if (step + 1) % cfg.log_every == 0 or ckpt:
-            mean = {k: sum(w[k] for w in window) / len(window) for k in ("loss", "cls", "l1",
-                                                                         "giou")}
+            mean = {k: sum(w[k] for w in window) / len(window)
+                    for k in ("loss", "cls", "l1", "giou")}
             history.append({"step": step, "lr": opt.param_groups[0]["lr"], **mean,
                             "steps_per_s": len(window) / max(time.time() - t0, 1e-6)})
             window, t0 = [], time.time()
@@ -247,9 +264,6 @@ def _train_loop(config: dict[str, Any]) -> None:
                            models={"detector": det} if ckpt else None,
                            optimizers={"opt": opt} if ckpt else None,
                            extra={"step": step, "history": history})
-    import ray
-
-
     write_read_log(config["read_log_url"], ctx.rank, read_keys, read_shards,
                    {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                     "start": start, "weights_sha256": weights_digest(det)})
@@ -330,7 +344,6 @@ def train_detector(root: str, config: TrainDetectorConfig | None = None) -> dict
     Raises ValueError when the plan holds no training masks.
     """
     from dataengine.models.detector import build_detector, load_weights
-    from dataengine.pipeline.core import trainer
     from dataengine.pipeline.core.checkpoints import save_detector
     from dataengine.pipeline.detector import evaluate as eval_detector
 

@@ -249,15 +249,65 @@ def sample_grid(model, vae, batch: dict[str, torch.Tensor], scale: float, *, ste
 
 
 # ------------------------------------------------------------------------------ worker loop
-def _train_loop(config: dict[str, Any]) -> None:
-    import ray
+def _accumulate(ddp: Any, data: Iterator[dict[str, Any]], model: Any, spec: Any, sched: Any,
+                cfg: TrainLdmConfig, device: Any, g: torch.Generator) -> tuple[float, int]:
+    """Forward and backward ``grad_accum`` micro-batches (gradients synchronised on the last):
+    ``(summed loss, samples seen)``."""
+    from dataengine.models.ldm import diffusion_loss, drop_conditions
 
+    total, seen = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        batch = next(data)
+        ids, lay = drop_conditions(batch["ids"], batch["layout"], model.null_ids.cpu(),
+                                   spec.p_uncond, g)
+        sync = micro == cfg.grad_accum - 1 or not hasattr(ddp, "no_sync")
+        with (contextlib.nullcontext() if sync else ddp.no_sync()), trainer.autocast(device):
+            loss = diffusion_loss(ddp, batch["latents"].to(device), ids.to(device),
+                                  lay.to(device), sched, generator=g) / cfg.grad_accum
+        loss.backward()
+        total += float(loss.detach())
+        seen += batch["latents"].shape[0]
+    return total, seen
+
+
+class _Evaluator:
+    """Rank 0's checkpoint figures: held-out denoising loss of the EMA weights and a sample grid
+    (the VAE is loaded on first use)."""
+
+    def __init__(self, config: dict[str, Any], spec: Any, tokenizer: Any, scale: float,
+                 cfg: TrainLdmConfig) -> None:
+        self.config, self.spec, self.scale, self.cfg = config, spec, scale, cfg
+        self.held, self.split = heldout_batch(config["shards"], spec, tokenizer, scale,
+                                              cfg.heldout_samples)
+        self.vae = None
+
+    def __call__(self, ema: Any, sched: Any, device: Any, step: int, curve: list,
+                 metrics: dict[str, Any]) -> dict[str, bytes]:
+        files: dict[str, bytes] = {}
+        if self.held is not None:
+            from dataengine.pipeline.ldm.train_vae import load_vae_version
+
+            ema.eval()
+            metrics["heldout_loss"] = heldout_loss(ema, self.held, sched, device)
+            metrics["heldout_split"] = self.split
+            curve.append([step, metrics["heldout_loss"]])
+            if self.vae is None:
+                self.vae, _ = load_vae_version(self.config["root"], self.config["vae_version"])
+                self.vae.to(device)
+            files["samples.png"] = sample_grid(ema, self.vae, self.held, self.scale,
+                                               steps=self.cfg.sample_steps,
+                                               guidance=self.cfg.guidance, n=self.cfg.grid_n)
+        files["spec.json"] = json.dumps(self.spec.to_json()).encode()
+        files["tokenizer.json"] = self.config["tokenizer"].encode()
+        return files
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Per-worker training loop (runs inside a Ray Train worker)."""
     from dataengine.models.ldm import (
         LatentDiffusion,
         LdmSpec,
         build_noise_scheduler,
-        diffusion_loss,
-        drop_conditions,
         ema_update,
         tokenizer_from_json,
     )
@@ -277,31 +327,17 @@ def _train_loop(config: dict[str, Any]) -> None:
     ema.to(ctx.device)
     sched = build_noise_scheduler(spec)
     scale = float(config["scale_factor"])
-    shards = config["shards"]
-    data = latent_stream(shards, spec, tokenizer, batch_size=cfg.batch_size, scale=scale,
-                         rank=ctx.rank, world=ctx.world_size, seed=cfg.seed + start,
+    data = latent_stream(config["shards"], spec, tokenizer, batch_size=cfg.batch_size,
+                         scale=scale, rank=ctx.rank, world=ctx.world_size, seed=cfg.seed + start,
                          epoch_batches=cfg.epoch_batches, buffer=cfg.shuffle_buffer,
                          rejected_images=set(config["rejected_images"]),
                          rejected_masks=set(config["rejected_masks"]))
     g = torch.Generator().manual_seed(cfg.seed * 7919 + 31 * ctx.rank + start)
-    held, held_split, vae = None, "none", None
-    if ctx.is_main:
-        held, held_split = heldout_batch(shards, spec, tokenizer, scale, cfg.heldout_samples)
+    evaluate = _Evaluator(config, spec, tokenizer, scale, cfg) if ctx.is_main else None
     t0, seen = time.time(), 0
     for step in range(start, cfg.steps):
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            batch = next(data)
-            ids, lay = drop_conditions(batch["ids"], batch["layout"], model.null_ids.cpu(),
-                                       spec.p_uncond, g)
-            sync = micro == cfg.grad_accum - 1 or not hasattr(ddp, "no_sync")
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), \
-                    trainer.autocast(ctx.device):
-                loss = diffusion_loss(ddp, batch["latents"].to(ctx.device), ids.to(ctx.device),
-                                      lay.to(ctx.device), sched, generator=g) / cfg.grad_accum
-            loss.backward()
-            total += float(loss.detach())
-            seen += batch["latents"].shape[0]
+        total, n = _accumulate(ddp, data, model, spec, sched, cfg, ctx.device, g)
+        seen += n
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -309,39 +345,32 @@ def _train_loop(config: dict[str, Any]) -> None:
         if cfg.heartbeat_file:
             with open(cfg.heartbeat_file, "a") as f:
                 f.write(f"{os.getpid()} {ctx.rank} {step}\n")
-        last = step == cfg.steps - 1
-        ckpt = last or (step + 1) % cfg.checkpoint_every == 0
+        ckpt = step == cfg.steps - 1 or (step + 1) % cfg.checkpoint_every == 0
         if not (ckpt or step % cfg.log_every == 0):
             continue
-        metrics: dict[str, Any] = {"step": step, "loss": total,
-                                   "samples_per_s": seen * ctx.world_size
-                                   / max(time.time() - t0, 1e-9)}
-        files: dict[str, bytes] = {}
-        if ckpt and ctx.is_main:
-            if held is not None:
-                ema.eval()
-                metrics["heldout_loss"] = heldout_loss(ema, held, sched, ctx.device)
-                metrics["heldout_split"] = held_split
-                curve.append([step, metrics["heldout_loss"]])
-                if vae is None:
-                    from dataengine.pipeline.ldm.train_vae import load_vae_version
-                    vae, _ = load_vae_version(config["root"], config["vae_version"])
-                    vae.to(ctx.device)
-                files["samples.png"] = sample_grid(ema, vae, held, scale, steps=cfg.sample_steps,
-                                                   guidance=cfg.guidance, n=cfg.grid_n)
-            files["spec.json"] = json.dumps(spec.to_json()).encode()
-            files["tokenizer.json"] = config["tokenizer"].encode()
+        metrics: dict[str, Any] = {"step": step, "loss": total, "samples_per_s": seen
+                                   * ctx.world_size / max(time.time() - t0, 1e-9)}
+        files = evaluate(ema, sched, ctx.device, step, curve, metrics) \
+            if ckpt and evaluate else {}
         trainer.report(metrics, models={"model": model, "ema": ema} if ckpt else None,
                        optimizers={"opt": opt} if ckpt else None,
                        extra={"step": step, "curve": curve, "vae_version": config["vae_version"],
                               "scale_factor": scale, "latents": config["latents"]},
                        files=files or None)
-    # Provenance of this worker: where it ran, what it read, what it ended with.
+    _record_worker(config, ctx, cfg, start, weights_digest(trainer.unwrap(ddp)))
+
+
+def _record_worker(config: dict[str, Any], ctx: Any, cfg: TrainLdmConfig, start: int,
+                   digest: str) -> None:
+    """Provenance of this worker: where it ran, what it read, what it ended with."""
+    import ray
+    import webdataset as wds
+
+    shards = config["shards"]
     record = {"rank": ctx.rank, "world_size": ctx.world_size, "pid": os.getpid(),
               "node": ray.get_runtime_context().get_node_id(),
-              "shards": list(__import__("webdataset").split_by_node(list(shards)))
-              if ctx.world_size > 1 else list(shards),
-              "steps": cfg.steps, "start": start, "digest": weights_digest(trainer.unwrap(ddp))}
+              "shards": list(wds.split_by_node(list(shards))) if ctx.world_size > 1
+              else list(shards), "steps": cfg.steps, "start": start, "digest": digest}
     storage.write_json(storage.join(config["run_url"], "workers", f"rank-{ctx.rank}.json"), record)
 
 
