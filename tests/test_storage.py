@@ -160,3 +160,21 @@ def test_bytes_tar_writer_is_read_back_by_webdataset_and_tarfile(tmp_path):
     assert len(list(iter_tar(str(path)))) == 5
     with pytest.raises(ValueError, match="takes bytes"):
         BytesTarWriter(open(tmp_path / "x.tar", "wb")).write({"__key__": "k", "cls": 3})
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_create_if_absent_has_one_winner(where, tmp_path, request):
+    """Of writers racing for one name exactly one creates it (local disk: link; S3: a
+    conditional PUT); the file is never replaced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    url = storage.join(base, "claims", "shard-000001.json")
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: storage.create_bytes(url, str(i).encode()), range(8)))
+    assert sum(won) == 1
+    assert storage.read_bytes(url) == str(won.index(True)).encode()
+    assert storage.create_json(url, {"late": True}) is False
+    with pytest.raises(FileExistsError, match="append-only"):
+        storage.write_bytes(url, b"again", overwrite=False)
+    assert storage.read_bytes(url) == str(won.index(True)).encode()

@@ -165,14 +165,73 @@ def _local_atomic_path(path: str) -> str:
     return os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:12]}")
 
 
+def create_bytes(url: str, data: bytes) -> bool:
+    """Publish ``data`` at ``url`` only if nothing is there yet, atomically: of several writers
+    racing for one name exactly one wins. Returns True when this call created the file.
+
+    Local disk: the content is written to a temporary file, then hard-linked to the name
+    (``link`` fails when the name exists). S3 and S3-compatible stores: one conditional PUT with
+    ``If-None-Match: *``. Other filesystems (``memory://``): check, then write.
+    """
+    fs, path = get_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = _local_atomic_path(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    if fs.protocol and {"s3", "s3a"} & set(fs.protocol if isinstance(fs.protocol, tuple)
+                                           else (fs.protocol,)):
+        try:
+            retry(lambda: fs.pipe_file(path, data, mode="create"), what=url)
+            return True
+        except (FileExistsError, OSError) as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+    if retry(lambda: fs.exists(path), what=url):
+        return False
+    retry(lambda: fs.pipe_file(path, data), what=url)
+    return True
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether an S3 error is the 412 of a conditional PUT whose name already exists."""
+    while exc is not None:
+        if isinstance(exc, FileExistsError):
+            return True
+        text = f"{type(exc).__name__} {exc}"
+        if "PreconditionFailed" in text or "412" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def create_json(url: str, obj: Any) -> bool:
+    """:func:`create_bytes` of ``obj`` as indented JSON."""
+    return create_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
 def write_bytes(url: str, data: bytes, *, overwrite: bool = True) -> None:
     """Publish ``data`` at ``url`` atomically.
 
-    With ``overwrite=False`` an existing file is an error (append-only areas use this).
+    With ``overwrite=False`` an existing file is an error (append-only areas use this); the
+    check and the write are one atomic step (:func:`create_bytes`).
     """
+    if not overwrite:
+        if not create_bytes(url, data):
+            raise FileExistsError(f"{url} already exists and this area is append-only")
+        return
     fs, path = get_fs(url)
-    if not overwrite and retry(lambda: fs.exists(path), what=url):
-        raise FileExistsError(f"{url} already exists and this area is append-only")
     if isinstance(fs, LocalFileSystem):
         with open_atomic(url) as f:
             f.write(data)
