@@ -50,7 +50,7 @@ def build_corpus(root: str, image_size: int) -> None:
     from dataengine.pipeline.ingest.images import ImageConfig
     from dataengine.pipeline.ingest.shard import ShardConfig, shard
 
-    if Path(root, "images", "index.parquet").exists():
+    if Path(root, "images", "index").is_dir():
         return
     val = str(DATA / "coco-mini/annotations/instances_val2017.json")
     sources = [str(DATA / "coco128-seg"), str(DATA / "coco-mini/annotations/instances_train2017.json"),

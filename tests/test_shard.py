@@ -304,7 +304,7 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
     log.close()
     assert done_before == ["shard-000000.done.json", "shard-000001.done.json"], \
         (tmp_path / "killed-run.log").read_text()[-3000:]
-    assert not (images / "index.parquet").exists()
+    assert not (images / "index").exists()
     plan_before = {json.loads((images / n).read_text())["plan"] for n in done_before}
 
     _SlowAfterFirstGet.hold = set()

@@ -6,9 +6,14 @@ A round lives in ``ROOT/annotations/round-NNNN/``::
     shard-NNNNNN.tar           one per image shard worked on: ``__key__`` + ``json`` (SA-1B schema)
     manifest/shard-NNNNNN.parquet   one row per mask of that shard; written after the tar, so its
                                     presence marks the shard done (resume unit)
+    manifest/compact-NNNNNN.parquet the parts' rows without ``rle``, sorted by key (compaction:
+                                    :mod:`dataengine.pipeline.core.partitioned`)
     done/shard-NNNNNN.json     per-shard stats: per-image seconds, clicks, failures with reasons
-    manifest.parquet           all masks of the round (derived from manifest/, published atomically)
     metrics.json               written last: its presence means the round is complete
+
+The manifest of a round is the partitioned dataset ``manifest/``: readers project columns and push
+filters down (:func:`read_round_manifest`, :func:`iter_manifest`); asking for ``rle`` reads the
+per-shard parts, anything else reads the compacts and the parts they do not cover yet.
 
 The per-image JSON follows SA-1B (``image`` + ``annotations`` with ``segmentation`` RLE, ``bbox``,
 ``area``, ``predicted_iou``, ``stability_score``, ``point_coords``, ``crop_box``), extended with
@@ -26,9 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from dataengine.pipeline.core import storage
 from dataengine.pipeline.core.layout import STAGES, Corpus, round_name
+from dataengine.pipeline.core.partitioned import PartitionedDataset
 from dataengine.pipeline.core.shards import iter_tar, write_tar
 
 logger = logging.getLogger(__name__)
@@ -192,31 +199,71 @@ class RoundWriter:
         return [storage.read_json(u)
                 for u in storage.listdir(storage.join(self.dir, "done"), r"shard-\d+\.json")]
 
-    def finish(self, metrics: dict[str, Any]) -> pa.Table:
-        """Aggregate the manifest, then publish ``metrics.json`` (round complete)."""
-        table = read_round_manifest(self.corpus, self.number)
-        storage.write_table(storage.join(self.dir, "manifest.parquet"), table)
+    def finish(self, metrics: dict[str, Any], fanout: int = 1) -> None:
+        """Compact the manifest (size-tiered, when ``fanout`` parts are uncovered), then publish
+        ``metrics.json`` (round complete)."""
+        manifest_dataset(self.corpus, self.number).compact(fanout=fanout)
         storage.write_json(storage.join(self.dir, "metrics.json"),
                            {"round": self.number, "stage": self.stage,
                             "model_version": self.model_version, **metrics})
-        return table
 
 
-def read_round_manifest(corpus: Corpus, number: int) -> pa.Table:
-    """All mask rows of one round from its per-shard manifest parts."""
-    parts = storage.listdir(storage.join(corpus.round_dir(number), "manifest"),
-                            r"shard-\d+\.parquet")
-    if not parts:
-        return MANIFEST_SCHEMA.empty_table()
-    return storage.read_tables(parts).cast(MANIFEST_SCHEMA)
+def manifest_dataset(corpus: Corpus, number: int) -> PartitionedDataset:
+    """The partitioned manifest of one round (parts per shard, compacts without ``rle``)."""
+    return PartitionedDataset(storage.join(corpus.round_dir(number), "manifest"),
+                              MANIFEST_SCHEMA, part_pattern=r"shard-\d+", sort_by="key",
+                              heavy=("rle",))
 
 
-def load_manifest(corpus: Corpus, rounds: Iterable[int] | None = None) -> pa.Table:
+def read_round_manifest(corpus: Corpus, number: int, columns: list[str] | None = None,
+                        filter: pads.Expression | None = None) -> pa.Table:
+    """Mask rows of one round (optionally only ``columns``, only rows matching ``filter``)."""
+    return manifest_dataset(corpus, number).table(columns, filter)
+
+
+def load_manifest(corpus: Corpus, rounds: Iterable[int] | None = None,
+                  columns: list[str] | None = None,
+                  filter: pads.Expression | None = None) -> pa.Table:
     """Mask rows of the given rounds (default: every complete round), one table."""
     numbers = complete_rounds(corpus) if rounds is None else list(rounds)
-    tables = [read_round_manifest(corpus, n) for n in numbers]
+    tables = [read_round_manifest(corpus, n, columns, filter) for n in numbers]
     tables = [t for t in tables if t.num_rows]
-    return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+    if tables:
+        return pa.concat_tables(tables)
+    schema = MANIFEST_SCHEMA if columns is None else \
+        pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+    return schema.empty_table()
+
+
+def iter_manifest(corpus: Corpus, rounds: Iterable[int] | None = None,
+                  columns: list[str] | None = None, filter: pads.Expression | None = None,
+                  batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """Mask rows of the given rounds (default: every complete round) as record batches, so a
+    reader of a corpus-sized manifest never holds it whole."""
+    numbers = complete_rounds(corpus) if rounds is None else list(rounds)
+    for n in numbers:
+        yield from manifest_dataset(corpus, n).batches(columns, filter, batch_size)
+
+
+def update_metrics(corpus: Corpus, number: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Re-publish a growing round's ``metrics.json`` (round 0) from the previous one plus the
+    stats of the shards it did not count yet: O(new shards), not O(round)."""
+    url = storage.join(corpus.round_dir(number), "metrics.json")
+    prev = storage.read_json(url) if storage.exists(url) else {}
+    counted = set(prev.get("counted_shards", []))
+    images, masks = int(prev.get("images", 0)), int(prev.get("masks", 0))
+    for shard in sorted(set(round_shards(corpus, number)) - counted):
+        stats = storage.read_json(storage.join(corpus.round_dir(number), "done", f"{shard}.json"))
+        images += int(stats.get("images", 0))
+        masks += int(stats.get("masks", 0))
+        counted.add(shard)
+    info = round_info(corpus, number) or {}
+    metrics = {**prev, **extra, "round": number, "stage": info.get("stage", "imported"),
+               "model_version": info.get("model_version", ""), "images": images,
+               "masks": masks, "shards": len(counted), "counted_shards": sorted(counted)}
+    manifest_dataset(corpus, number).compact()
+    storage.write_json(url, metrics)
+    return metrics
 
 
 def iter_round_shard(corpus: Corpus, number: int, shard: str) -> Iterator[dict[str, Any]]:

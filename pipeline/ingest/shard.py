@@ -38,10 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
 from dataengine.pipeline.core import config as config_mod
-from dataengine.pipeline.core import index, quarantine, splits, storage
+from dataengine.pipeline.core import index, quarantine, rounds, splits, storage
 from dataengine.pipeline.core.coco import annotation_mask
 from dataengine.pipeline.core.layout import Corpus, shard_name
 from dataengine.pipeline.core.masks import area, bbox, encode
@@ -256,10 +254,7 @@ def _done_records(corpus: Corpus) -> dict[str, dict[str, Any]]:
 
 
 def _indexed_shards(corpus: Corpus) -> set[str]:
-    if not storage.exists(corpus.index):
-        return set()
-    meta = storage.read_table(corpus.index).schema.metadata or {}
-    return set(json.loads(meta.get(b"shards", b"[]")))
+    return index.indexed_shards(corpus)
 
 
 def plan_shards(candidates: list[tuple[Item, str, int]], start: int, cfg: ShardConfig
@@ -282,12 +277,18 @@ def plan_shards(candidates: list[tuple[Item, str, int]], start: int, cfg: ShardC
     return h.hexdigest()[:16], shards
 
 
-def write_index(corpus: Corpus, done: dict[str, dict[str, Any]], split_map: dict[str, str]
-                ) -> pa.Table:
-    """Re-derive ``images/index.parquet`` from the done records and publish it."""
-    rows = ({**r, "split": split_map.get(r["key"], r.get("split", "train"))}
-            for name in sorted(done) for r in done[name]["rows"])
-    return index.write_index(corpus, rows, list(done))
+def merge_index(corpus: Corpus, done: dict[str, dict[str, Any]], split_map: dict[str, str]
+                ) -> int:
+    """Merge the done shards the index does not cover yet into it, in shard order (one entry
+    each, O(shard)); returns the number of rows added."""
+    merged = index.indexed_shards(corpus)
+    added = 0
+    for name in sorted(set(done) - merged):
+        rows = [{**r, "split": split_map.get(r["key"], r.get("split", "train"))}
+                for r in done[name]["rows"]]
+        added += index.append_shard(corpus, name, rows)["rows"]
+    index.compact_index(corpus)
+    return added
 
 
 def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
@@ -421,16 +422,11 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
     summary["quarantined"] += len(qrows)
 
     done = _done_records(corpus)
-    if summary["shards_written"] or not storage.exists(corpus.index) or \
-            set(done) != _indexed_shards(corpus):
-        index = write_index(corpus, done, split_map)
-        summary["index_rows"] = index.num_rows
+    if set(done) - _indexed_shards(corpus):
+        summary["index_rows"] = merge_index(corpus, done, split_map)
     if any(r.get("round0_images") for r in results if "error" not in r):
-        writer = RoundWriter(corpus, 0, "imported")
-        stats = writer.shard_stats()
-        writer.finish({"images": sum(s["images"] for s in stats),
-                       "masks": sum(s["masks"] for s in stats), "shards": len(stats),
-                       "sources": sorted({normalize(s) for s in sources})})
+        prev = rounds.round_metrics(corpus, 0).get("sources", [])
+        rounds.update_metrics(corpus, 0, {"sources": sorted({*prev, *map(normalize, sources)})})
     lap("index")
     summary["plan"] = plan_id
     summary["timings"] = timings

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.index import load_index
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import (
     RoundWriter,
@@ -111,7 +112,7 @@ def open_round(corpus: Corpus, *, stage: str, model_version: str, n_images: int 
         raise ValueError(f"prefill {prefill!r}: allowed none, amg, round:N")
     if prefill != "none" and stage != "semi":
         raise ValueError(f"prefill {prefill!r} only applies to semi rounds")
-    index = storage.read_table(corpus.index).to_pylist()
+    index = load_index(corpus).to_pylist()
     by_key = {r["key"]: r for r in index}
     if keys is not None:
         bad = [k for k in keys if k not in by_key]

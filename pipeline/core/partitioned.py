@@ -1,0 +1,275 @@
+"""Partitioned parquet datasets: the aggregates that grow with the corpus (the image index, each
+round's manifest) as one small part per image shard plus compacted files, never one file rebuilt
+whole.
+
+A dataset is a folder::
+
+    <part>.parquet              one per unit of work (``shard-NNNNNN``, ``part-NNNNNNNN``):
+                                append-only, published with create-if-absent, never rewritten
+    compact-<gen>.parquet       the rows of many parts (minus the ``heavy`` columns), sorted by
+                                ``sort_by`` in small row groups; its footer names the parts it
+                                covers and the compacts it supersedes
+
+Adding a part costs O(part). A reader resolves the folder (one listing) into the live compacts and
+the parts no live compact covers, and scans them through :mod:`pyarrow.dataset` (column
+projection, predicate pushdown, record batches), so it never needs the whole dataset in memory.
+Compaction (:meth:`PartitionedDataset.compact`) is size-tiered: the uncovered parts are merged with
+every live compact no larger than what is being merged, so a row is rewritten O(log N) times and
+the number of files a reader opens stays O(fanout + log N).
+
+Two compactors cannot both publish one generation (create-if-absent); a compactor only supersedes
+compacts it read, so live compacts are disjoint. A reader that races with the deletion of a
+superseded compact re-resolves the folder and reads again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from dataengine.pipeline.core import storage
+
+logger = logging.getLogger(__name__)
+
+COMPACT_RE = re.compile(r"compact-(\d{6,})\.parquet")
+META_KEY = b"dataengine"
+ROW_GROUP = 65_536
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a reader reads: live compacts and uncovered parts (URLs), and their part names."""
+
+    base: str
+    compacts: tuple[str, ...]
+    parts: tuple[str, ...]
+    covered: frozenset[str]
+    part_names: tuple[str, ...]  # every part in the folder (covered or not), sorted
+
+    def files(self, heavy: bool) -> list[str]:
+        """Files to scan: every part when heavy columns are wanted (compacts lack them)."""
+        if heavy:
+            return [storage.join(self.base, f"{n}.parquet") for n in self.part_names]
+        return [*self.compacts, *self.parts]
+
+
+def _fs_for(url: str):
+    """(pyarrow filesystem or None, path) for ``url``: plain local paths stay native."""
+    local = storage.plain_local(url)
+    if local is not None:
+        return None, local
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.get_fs(url)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def footer_meta(url: str) -> dict[str, Any]:
+    """The ``dataengine`` JSON of a parquet file's footer ({} when there is none)."""
+    fs, path = _fs_for(url)
+    if fs is None:
+        meta = pq.read_schema(path).metadata or {}
+    else:
+        with fs.open_input_file(path) as f:
+            meta = pq.read_schema(f).metadata or {}
+    raw = meta.get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+@dataclass
+class PartitionedDataset:
+    """One partitioned parquet dataset under ``url`` (see the module docstring)."""
+
+    url: str
+    schema: pa.Schema
+    part_pattern: str = r"shard-\d+"
+    sort_by: str | None = "key"
+    heavy: tuple[str, ...] = ()
+    carry: tuple[str, ...] = ()  # list fields of part footers a compact's footer unites
+    _meta_cache: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self._part_re = re.compile(rf"({self.part_pattern})\.parquet")
+
+    # names ---------------------------------------------------------------------------------
+    def part_url(self, name: str) -> str:
+        return storage.join(self.url, f"{name}.parquet")
+
+    def light_schema(self) -> pa.Schema:
+        """The schema of compacts: every column but the heavy ones."""
+        return pa.schema([f for f in self.schema if f.name not in self.heavy])
+
+    # writing -------------------------------------------------------------------------------
+    def write_part(self, name: str, table: pa.Table, meta: dict[str, Any] | None = None
+                   ) -> bool:
+        """Publish part ``name`` unless it exists (create-if-absent); True when this call did."""
+        if not self._part_re.fullmatch(f"{name}.parquet"):
+            raise ValueError(f"part name {name!r} does not match {self.part_pattern!r}")
+        table = table.cast(self.schema)
+        if meta is not None:
+            table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True)})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP)
+        return storage.create_bytes(self.part_url(name), buf.getvalue())
+
+    # resolving -----------------------------------------------------------------------------
+    def meta(self, url: str) -> dict[str, Any]:
+        """Footer metadata of a part or compact (immutable files: cached by URL)."""
+        with self._lock:
+            hit = self._meta_cache.get(url)
+        if hit is None:
+            hit = footer_meta(url)
+            with self._lock:
+                self._meta_cache[url] = hit
+        return hit
+
+    def resolve(self, names: list[str] | None = None) -> Resolved:
+        """Live compacts and uncovered parts, from one listing (or the given basenames)."""
+        if names is None:
+            names = [u.rsplit("/", 1)[-1] for u in storage.listdir(self.url)]
+        parts = sorted(m.group(1) for n in names if (m := self._part_re.fullmatch(n)))
+        gens = sorted((int(m.group(1)), n) for n in names if (m := COMPACT_RE.fullmatch(n)))
+        live: list[str] = []
+        covered: set[str] = set()
+        superseded: set[str] = set()
+        for _, name in reversed(gens):
+            if name in superseded:
+                continue
+            url = storage.join(self.url, name)
+            try:
+                meta = self.meta(url)
+            except FileNotFoundError:
+                continue  # deleted since the listing: superseded by a newer one we saw
+            covers = set(meta.get("covers", []))
+            if covers & covered:
+                continue  # cannot happen with create-if-absent generations; never double-count
+            live.append(url)
+            covered |= covers
+            superseded |= set(meta.get("supersedes", []))
+        uncovered = tuple(self.part_url(p) for p in parts if p not in covered)
+        return Resolved(self.url, tuple(sorted(live)), uncovered, frozenset(covered), tuple(parts))
+
+    # reading -------------------------------------------------------------------------------
+    def _dataset(self, files: list[str], columns: list[str] | None) -> pads.Dataset:
+        fs, _ = _fs_for(files[0])
+        paths = [_fs_for(f)[1] for f in files]
+        want = self.schema if columns is None or any(c in self.heavy for c in columns) \
+            else self.light_schema()
+        return pads.dataset(paths, schema=want, format="parquet", filesystem=fs)
+
+    def _wants_heavy(self, columns: list[str] | None) -> bool:
+        if not self.heavy:
+            return False
+        return columns is None or any(c in self.heavy for c in columns)
+
+    def scanner(self, columns: list[str] | None = None, filter: pads.Expression | None = None,
+                batch_size: int = ROW_GROUP, resolved: Resolved | None = None
+                ) -> pads.Scanner | None:
+        """A pyarrow scanner over the dataset (None when it is empty)."""
+        res = resolved or self.resolve()
+        files = res.files(self._wants_heavy(columns))
+        if not files:
+            return None
+        return self._dataset(files, columns).scanner(columns=columns, filter=filter,
+                                                     batch_size=batch_size)
+
+    def batches(self, columns: list[str] | None = None, filter: pads.Expression | None = None,
+                batch_size: int = ROW_GROUP) -> Iterator[pa.RecordBatch]:
+        """Record batches of the whole dataset (bounded memory)."""
+        for attempt in range(3):
+            scanner = self.scanner(columns, filter, batch_size)
+            if scanner is None:
+                return
+            it = scanner.to_batches()
+            try:
+                first = next(it, None)
+            except FileNotFoundError:  # a superseded compact deleted since the listing
+                if attempt == 2:
+                    raise
+                logger.info("%s changed while being opened; resolving again", self.url)
+                continue
+            if first is not None:
+                yield first
+                yield from it
+            return
+
+    def table(self, columns: list[str] | None = None, filter: pads.Expression | None = None
+              ) -> pa.Table:
+        """The dataset (projected and filtered) as one table."""
+        schema = self.schema if columns is None else pa.schema(
+            [self.schema.field(c) for c in columns])
+        for attempt in range(3):
+            scanner = self.scanner(columns, filter)
+            if scanner is None:
+                return schema.empty_table()
+            try:
+                return scanner.to_table().cast(schema)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    # compaction ----------------------------------------------------------------------------
+    def compact(self, fanout: int = 16, force: bool = False) -> str | None:
+        """Merge the uncovered parts (when there are ``fanout`` of them, or any with ``force``)
+        with every live compact no larger than the merge; returns the new compact's URL."""
+        names = [u.rsplit("/", 1)[-1] for u in storage.listdir(self.url)]
+        res = self.resolve(names)
+        if len(res.parts) < (1 if force else fanout):
+            return None
+        light = self.light_schema()
+        cols = light.names
+        tables = [self._dataset([p], cols).to_table(columns=cols) for p in res.parts]
+        acc = sum(t.num_rows for t in tables)
+        sizes = sorted(((self.meta(c).get("rows", 0), c) for c in res.compacts))
+        merged: list[str] = []
+        for rows, url in sizes:
+            if rows > max(acc, 1):
+                break
+            tables.append(self._dataset([url], cols).to_table(columns=cols))
+            merged.append(url)
+            acc += rows
+        table = pa.concat_tables([t.cast(light) for t in tables]) if tables else \
+            light.empty_table()
+        if self.sort_by and table.num_rows:
+            table = table.sort_by([(self.sort_by, "ascending")])
+        covers = {u.rsplit("/", 1)[-1][:-len(".parquet")] for u in res.parts}
+        carried: dict[str, set] = {k: set() for k in self.carry}
+        for url in [*res.parts, *merged]:
+            meta = self.meta(url)
+            covers |= set(meta.get("covers", []))
+            for k in self.carry:
+                carried[k] |= set(meta.get(k) or [])
+        gen = max((int(m.group(1)) for n in names if (m := COMPACT_RE.fullmatch(n))),
+                  default=0) + 1
+        meta = {"covers": sorted(covers), "rows": table.num_rows,
+                "supersedes": sorted(u.rsplit("/", 1)[-1] for u in merged),
+                **{k: sorted(v) for k, v in carried.items()}}
+        table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True)})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP)
+        url = storage.join(self.url, f"compact-{gen:06d}.parquet")
+        if not storage.create_bytes(url, buf.getvalue()):
+            logger.info("%s: another compactor published generation %d first", self.url, gen)
+            return None
+        # Compacts superseded by an earlier generation go now; the ones this call superseded
+        # stay one generation longer, for readers that resolved the folder before it.
+        live = set(self.resolve().compacts)
+        for n in names:
+            old = storage.join(self.url, n)
+            if COMPACT_RE.fullmatch(n) and old not in live and old not in merged:
+                storage.remove(old)
+        logger.info("%s: compacted %d parts + %d compacts into %s (%d rows)", self.url,
+                    len(res.parts), len(merged), url.rsplit("/", 1)[-1], table.num_rows)
+        return url
