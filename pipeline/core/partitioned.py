@@ -111,16 +111,17 @@ class PartitionedDataset:
         return pa.schema([f for f in self.schema if f.name not in self.heavy])
 
     # writing -------------------------------------------------------------------------------
-    def write_part(self, name: str, table: pa.Table, meta: dict[str, Any] | None = None
-                   ) -> bool:
-        """Publish part ``name`` unless it exists (create-if-absent); True when this call did."""
+    def write_part(self, name: str, table: pa.Table, meta: dict[str, Any] | None = None,
+                   row_group_size: int = ROW_GROUP) -> bool:
+        """Publish part ``name`` unless it exists (create-if-absent); True when this call did.
+        Small row groups let a reader of one image's rows skip the rest of the part."""
         if not self._part_re.fullmatch(f"{name}.parquet"):
             raise ValueError(f"part name {name!r} does not match {self.part_pattern!r}")
         table = table.cast(self.schema)
         if meta is not None:
             table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True)})
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP)
+        pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
         return storage.create_bytes(self.part_url(name), buf.getvalue())
 
     # resolving -----------------------------------------------------------------------------

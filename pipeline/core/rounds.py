@@ -40,6 +40,8 @@ from dataengine.pipeline.core.shards import iter_tar, write_tar
 
 logger = logging.getLogger(__name__)
 
+PART_ROW_GROUP = 4096  # one image's masks are a row group or two of its shard's part
+
 MANIFEST_SCHEMA = pa.schema([
     ("mask_id", pa.string()),          # "round-NNNN/<key>/<ann id>", unique in the corpus
     ("key", pa.string()),
@@ -191,7 +193,8 @@ class RoundWriter:
                            {"shard": shard, "images": len(records), "masks": len(rows),
                             **(stats or {})})
         table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-        storage.write_table(storage.join(self.dir, "manifest", f"{shard}.parquet"), table)
+        manifest_dataset(self.corpus, self.number).write_part(shard, table,
+                                                              row_group_size=PART_ROW_GROUP)
         return len(rows)
 
     def shard_stats(self) -> list[dict[str, Any]]:

@@ -114,7 +114,7 @@ def create_app(root: str, config: ServerConfig | None = None) -> FastAPI:
     corpus = Corpus(root)
     cache_dir = cfg.cache_dir or default_cache_dir(corpus.root)
     os.makedirs(cache_dir, exist_ok=True)
-    view = CorpusView(corpus, refresh_seconds=cfg.refresh_seconds)
+    view = CorpusView(corpus, refresh_seconds=cfg.refresh_seconds, cache_dir=cache_dir)
     renderer = Renderer(corpus, cache_dir)
     view.refresh(force=True)  # load index, manifests and decisions before the first request
     tokens = auth.TokenStore(corpus)
