@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 
 from dataengine.pipeline.core import storage
 from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.listing import IncrementalListing, rewind_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class DecisionLog:
 
     def __init__(self, corpus: Corpus | str) -> None:
         self.corpus = _as_corpus(corpus)
+        # decision files are named by time: list only what is new since the last refresh
+        self._listing = IncrementalListing(self.corpus.curation, _FILE_RE, rewind_stamp(300))
         self._lock = threading.Lock()
         self._files: dict[str, pa.Table] = {}
         self._table: pa.Table = DECISION_SCHEMA.empty_table()
@@ -149,7 +152,7 @@ class DecisionLog:
 
     def refresh(self) -> bool:
         """Read decision files published since the last call; True when something new came."""
-        urls = storage.listdir(self.corpus.curation, _FILE_RE)
+        urls = self._listing.urls()
         with self._lock:
             new = [u for u in urls if u not in self._files]
             if not new:
