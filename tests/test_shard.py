@@ -249,17 +249,17 @@ def test_missing_source_and_unwritable_root_fail_at_once(tmp_path, shared_data):
 
 
 class _SlowAfterFirstGet(http.server.SimpleHTTPRequestHandler):
-    """Serves images; while ``hold`` is set, every GET after a path's first one (the hashing
-    read) of a path in ``hold`` stalls, so a run is reliably in flight when it is killed."""
+    """Serves images and counts the GETs of each path; while ``hold`` is set, every GET of a
+    path in ``hold`` stalls, so a run is reliably in flight when it is killed."""
 
-    seen: set = set()
+    gets: dict = {}
     hold: set = set()
 
     def do_GET(self):  # noqa: N802 - http.server API
         name = self.path.lstrip("/")
-        if name in self.seen and name in self.hold:
+        self.gets[name] = self.gets.get(name, 0) + 1
+        if name in self.hold:
             time.sleep(120)
-        self.seen.add(name)
         super().do_GET()
 
     def log_message(self, *args):
@@ -304,16 +304,19 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
     log.close()
     assert done_before == ["shard-000000.done.json", "shard-000001.done.json"], \
         (tmp_path / "killed-run.log").read_text()[-3000:]
-    assert not (images / "index").exists()
-    plan_before = {json.loads((images / n).read_text())["plan"] for n in done_before}
+    # done shards were merged into the index as they finished; the killed ones are not in it
+    assert set(load_index(str(root))["shard"].to_pylist()) == {"shard-000000", "shard-000001"}
+    chunks_before = {json.loads((images / n).read_text())["chunk"] for n in done_before}
 
     _SlowAfterFirstGet.hold = set()
     cfg = ShardConfig(samples_per_shard=5, image=ImageConfig(resize_mode="keep_ratio",
                                                              image_size=320))
     s = shard([src], str(root), cfg)
     server.shutdown()
-    assert plan_before == {s["plan"]}  # the same plan was recomputed
-    assert (s["shards_skipped"], s["shards_written"], s["ok"]) == (2, 2, 20)
+    # the same chunks were cut again: the two done ones skipped unread, the rest written
+    assert chunks_before <= {json.loads(p.read_text())["chunk"]
+                             for p in images.glob("*.done.json")}
+    assert (s["shards_skipped"], s["shards_written"], s["ok"], s["existing"]) == (2, 2, 10, 10)
     assert not s["failed_shards"]
     keys = load_index(str(root)).column("key").to_pylist()
     expect = {content_key(f.read_bytes())[0] for f in files}
@@ -321,3 +324,8 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
     all_samples = [x["__key__"] for x in iter_corpus(str(root), decode=None)]
     assert sorted(all_samples) == sorted(keys)
     assert len(list(images.glob("shard-*.tar"))) == 4
+    # every input was read once by the run that stored it: the two chunks done before the
+    # crash were not read again, the held ones were read by the killed run and the resumed one
+    gets = _SlowAfterFirstGet.gets
+    assert all(gets[f.name] == 1 for f in files[:10]), gets
+    assert all(gets[f.name] <= 2 for f in files[10:]), gets
