@@ -184,7 +184,7 @@ def iter_names(url: str, pattern: str | None = None, start_after: str = "") -> I
     fs, path = get_fs(url)
     if _is_s3(fs):
         prefix = path.rstrip("/") + "/"
-        after = prefix + start_after if start_after else ""
+        after = prefix.split("/", 1)[1] + start_after if start_after else ""  # a key: no bucket
         for page in _s3_pages(fs, prefix, delimiter="/", start_after=after):
             for obj in page.get("Contents", []):
                 name = obj["Key"].rsplit("/", 1)[-1]
