@@ -18,6 +18,7 @@ from dataengine.pipeline.core.dataset import iter_corpus
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.listing import IncrementalListing, rewind_stamp
 from dataengine.pipeline.core.partitioned import PartitionedDataset
+from dataengine.pipeline.core.shards import iter_tar
 from dataengine.pipeline.ingest import stream
 from dataengine.pipeline.ingest.shard import ShardConfig, shard
 from dataengine.pipeline.ingest.sources import iter_items, list_items
@@ -110,7 +111,7 @@ def test_a_duplicate_two_tasks_stored_is_indexed_once(tmp_path, monkeypatch):
     done = json.loads(Path(corpus.image_done("shard-000001")).read_text())
     assert done["duplicates"] == {dup_key: "shard-000000"}
     # the second copy's bytes stay in its tar, but no reader sees it twice
-    tar_keys = [x["__key__"] for x in stream.iter_tar(corpus.image_shard("shard-000001"))]
+    tar_keys = [x["__key__"] for x in iter_tar(corpus.image_shard("shard-000001"))]
     assert dup_key in tar_keys
     seen = [x["__key__"] for x in iter_corpus(root, decode=None)]
     assert sorted(seen) == sorted(table["key"].to_pylist())

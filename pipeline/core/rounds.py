@@ -36,7 +36,6 @@ import pyarrow.dataset as pads
 from dataengine.pipeline.core import storage
 from dataengine.pipeline.core.layout import STAGES, Corpus, round_name
 from dataengine.pipeline.core.partitioned import PartitionedDataset
-from dataengine.pipeline.core.shards import iter_tar, write_tar
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +182,8 @@ class RoundWriter:
         Returns the number of masks written. Writes the tar, then the per-shard stats, then the
         manifest part (the done marker).
         """
+        from dataengine.pipeline.core.shards import write_tar  # webdataset: torch, ~0.5 GB
+
         rows = []
         for rec in records:
             validate_record(rec)
@@ -271,6 +272,8 @@ def update_metrics(corpus: Corpus, number: int, extra: dict[str, Any]) -> dict[s
 
 def iter_round_shard(corpus: Corpus, number: int, shard: str) -> Iterator[dict[str, Any]]:
     """Per-image records of one round shard, in key order."""
+    from dataengine.pipeline.core.shards import iter_tar
+
     url = corpus.round_shard(number, shard)
     if not storage.exists(url):
         return

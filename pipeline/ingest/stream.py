@@ -49,7 +49,6 @@ from dataengine.pipeline.core.coco import annotation_mask
 from dataengine.pipeline.core.layout import Corpus, shard_name
 from dataengine.pipeline.core.masks import area, bbox, encode
 from dataengine.pipeline.core.rounds import RoundWriter
-from dataengine.pipeline.core.shards import BytesTarWriter, iter_tar
 from dataengine.pipeline.ingest.images import BadImage, ImageConfig, apply_to_mask, process_image
 from dataengine.pipeline.ingest.sources import Item, iter_items, matches
 
@@ -177,6 +176,8 @@ def _stage_path(url: str) -> str:
 
 def _publish_staged(path: str, url: str, drop: set[str]) -> None:
     """Publish the staged tar at ``url``, leaving out the samples of ``drop``."""
+    from dataengine.pipeline.core.shards import BytesTarWriter, iter_tar
+
     if drop:
         kept = path + ".kept"
         with open(kept, "wb") as f, BytesTarWriter(f) as sink:
@@ -198,6 +199,7 @@ def _publish_staged(path: str, url: str, drop: set[str]) -> None:
 def _read_pass(task: dict[str, Any], name: str, cfg: dict[str, Any], tar_path: str,
                qrows: list[dict[str, Any]]) -> tuple[list[dict], dict[str, dict], int]:
     """One pass over the chunk's inputs: (index rows, key -> item dict, in-chunk repeats)."""
+    from dataengine.pipeline.core.shards import BytesTarWriter
     icfg = config_mod.from_dict(ImageConfig, cfg["image"])
     held_srcs = cfg["holdout_sources"]
     rows: list[dict[str, Any]] = []
