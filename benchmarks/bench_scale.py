@@ -10,6 +10,10 @@ Reduced (proves it works in minutes)::
     python benchmarks/bench_scale.py --work-dir /tmp/bench-scale-small \\
         --sizes 2000,10000,20000 --dash-masks 1000000
 
+**Real photos** (first, small): the 287 photos of ``../shared/data`` (COCO + YOLO-seg, ~2,500
+masks) through the same stage: the shard rate when real JPEGs are decoded, and the bytes per
+image and per mask of every area (tars, index, manifests), the unit costs of docs/capacity.md.
+
 **Inputs.** Synthetic YOLO-seg datasets of ``--group`` images each (``src/gNNN/images/dNNN/*.jpg``
 + ``labels/...txt``, one polygon per image), so a corpus of N images is ``N / group`` sources.
 Every image is the same small 64x64 JPEG (~1.6 kB) with its number in a JPEG comment segment:
@@ -125,7 +129,8 @@ def child_shard(args: argparse.Namespace) -> None:
     from dataengine.pipeline.ingest.shard import ShardConfig, shard
 
     logging.basicConfig(level=logging.WARNING)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    # address="local": our own instance, never another Ray running on this machine
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     warm = Path(args.root).parent / "warmup"
     shutil.rmtree(warm, ignore_errors=True)
     base = payload_base()
@@ -168,7 +173,7 @@ def measure_shard(work: Path, n: int, a: argparse.Namespace, base: bytes) -> dic
     out = {"images": n, "img_s": n / res["seconds"], "rss_mb": res["rss_mb"],
            "seconds": res["seconds"], "timings": res["timings"]}
     print(f"[{n}] shard: {out['img_s']:.0f} images/s, driver peak RSS {out['rss_mb']} MB, "
-          f"{res['seconds']:.1f}s {res['timings']}", flush=True)
+          f"{res['seconds']:.1f}s", flush=True)
     return out
 
 
@@ -179,9 +184,43 @@ def measure_add(work: Path, n: int, a: argparse.Namespace, base: bytes) -> dict:
     res = run_child(root, [str(add)], a)
     shutil.rmtree(add, ignore_errors=True)
     assert res["ok"] == a.per_shard and res["written"] == 1, res
-    print(f"[{n}] add one shard of {a.per_shard}: {res['seconds']:.2f}s {res['timings']}",
-          flush=True)
+    print(f"[{n}] add one shard of {a.per_shard}: {res['seconds']:.2f}s", flush=True)
     return {"seconds": res["seconds"], "timings": res["timings"]}
+
+
+def measure_real(work: Path, a: argparse.Namespace) -> dict:
+    """Unit costs on real photos (../shared/data: COCO + YOLO-seg, with masks): the shard rate
+    with decoding real JPEGs, and bytes per image and per mask in every area."""
+    from dataengine.pipeline.core import index, rounds
+    from dataengine.pipeline.core.layout import Corpus
+
+    data = REPO.parent / "shared" / "data"
+    srcs = [str(data / "coco-mini/annotations/instances_train2017.json"),
+            str(data / "coco-mini/annotations/instances_val2017.json"), str(data / "coco128-seg")]
+    root = work / "corpus-real"
+    shutil.rmtree(root, ignore_errors=True)
+    res = run_child(root, srcs, argparse.Namespace(**{**vars(a), "per_shard": 100}))
+    corpus = Corpus(str(root))
+    index.compact_index(corpus, force=True)
+    rounds.manifest_dataset(corpus, 0).compact(force=True)
+
+    def size(pattern: str) -> int:
+        return sum(p.stat().st_size for p in root.glob(pattern))
+
+    n = res["ok"]
+    masks = rounds.read_round_manifest(corpus, 0, ["key"]).num_rows
+    out = {"images": n, "masks": masks, "img_s": n / res["seconds"],
+           "tar_bytes_per_image": size("images/shard-*.tar") / n,
+           "index_part_bytes_per_image": size("images/index/part-*.parquet") / n,
+           "index_compact_bytes_per_image": size("images/index/compact-*.parquet") / n,
+           "done_bytes_per_image": size("images/shard-*.done.json") / n,
+           "round_tar_bytes_per_mask": size("annotations/round-0000/shard-*.tar") / masks,
+           "manifest_part_bytes_per_mask":
+               size("annotations/round-0000/manifest/shard-*.parquet") / masks,
+           "manifest_compact_bytes_per_mask":
+               size("annotations/round-0000/manifest/compact-*.parquet") / masks}
+    print("[real] " + json.dumps({k: round(v, 1) for k, v in out.items()}), flush=True)
+    return out
 
 
 def main() -> None:
@@ -195,7 +234,8 @@ def main() -> None:
     ap.add_argument("--dash-masks", type=int, default=10_000_000)
     ap.add_argument("--warm", type=int, default=60)
     ap.add_argument("--restarts", type=int, default=5)
-    ap.add_argument("--redo", default="", help="comma list of shard,add,dash to measure again")
+    ap.add_argument("--redo", default="",
+                    help="comma list of real,shard,add,dash to measure again")
     ap.add_argument("--clean", action="store_true", help="delete the work dir at the end")
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -211,6 +251,9 @@ def main() -> None:
         rfile.write_text(json.dumps(results, indent=2))
 
     base = payload_base()
+    if "real" not in results or "real" in redo:
+        results["real"] = measure_real(work, a)
+        save()
     for n in sizes:
         key = f"shard-{n}"
         if key not in results or "shard" in redo:
