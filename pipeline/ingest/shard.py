@@ -137,15 +137,38 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
     qrows = [quarantine.record(src.split("#")[0], src, reason, "list") for src, reason in problems]
     quarantine.write(corpus, quarantine.content_name("list", qrows), qrows)
     summary["quarantined"] += len(qrows)
-    summary["index_rows"] = heal(corpus)
-    if round0[0] or rounds.round_info(corpus, 0) is not None and \
-            not rounds.is_complete(corpus, 0):
-        prev = rounds.round_metrics(corpus, 0).get("sources", [])
-        rounds.update_metrics(corpus, 0, {"sources": sorted({*prev, *map(normalize, sources)})})
+    final = {"round0": round0[0], "sources": [normalize(s) for s in sources]}
+    for _, res in _run_one(finish, final, root, cfg):
+        if "error" in res:
+            raise RuntimeError(f"shard: merging into the index failed: {res['error']}")
+        summary["index_rows"] = res["index_rows"]
     summary["plan"] = hashlib.sha256("".join(chunks).encode()).hexdigest()[:16]
     summary["seconds"] = round(time.time() - t0, 2)
     logger.info("shard summary: %s", {k: v for k, v in summary.items() if k != "failed_shards"})
     return summary
+
+
+def _run_one(fn, arg: dict[str, Any], root: str, cfg: ShardConfig):
+    """``fn(arg, root, cfg)`` as one Ray task (its memory is not the driver's), or here."""
+    if cfg.use_ray and not root.startswith("memory://"):
+        from dataengine.pipeline.core.distribute import stream_tasks
+
+        yield from stream_tasks(fn, [arg], num_cpus=float(cfg.task_cpus), root=root,
+                                cfg=config_mod.to_dict(cfg))
+        return
+    yield arg, fn(arg, root, config_mod.to_dict(cfg))
+
+
+def finish(arg: dict[str, Any], root: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The end of a run (a Ray task: compaction reads O(index) rows, the driver must not):
+    heal unmerged done shards, compact the index, update round 0's metrics."""
+    corpus = Corpus(root)
+    added = heal(corpus)
+    if arg["round0"] or rounds.round_info(corpus, 0) is not None and \
+            not rounds.is_complete(corpus, 0):
+        prev = rounds.round_metrics(corpus, 0).get("sources", [])
+        rounds.update_metrics(corpus, 0, {"sources": sorted({*prev, *arg["sources"]})})
+    return {"index_rows": added}
 
 
 def _run(tasks, root: str, cfg: ShardConfig):
