@@ -169,3 +169,25 @@ def test_s3_listings_stream_and_resume_after_a_name(s3_bucket):
     listing.full_every = 0
     time.sleep(0.01)
     assert len(listing.names()) == 7
+
+
+def test_a_corpus_with_the_old_single_file_index_is_migrated(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    _yolo(old, [(200, 0, 0), (0, 200, 0), (0, 0, 200)])
+    _yolo(new, [(9, 9, 9), (200, 0, 0)])          # new/1.png is old/0.png
+    root = str(tmp_path / "corpus")
+    cfg = ShardConfig(samples_per_shard=2, use_ray=False)
+    shard([str(old)], root, cfg)
+    corpus = Corpus(root)
+    table = index.load_index(corpus)
+    # the layout of earlier versions: one index.parquet, no images/index/
+    storage.remove(index.index_dataset(corpus).url, recursive=True)
+    storage.write_table(corpus.index, table.replace_schema_metadata(
+        {"shards": json.dumps(["shard-000000", "shard-000001"])}))
+    assert index.needs_migration(corpus) and index.load_index(corpus).num_rows == 3
+    s = shard([str(new)], root, cfg)
+    assert (s["ok"], s["existing"] + s["duplicate"]) == (1, 1)
+    after = index.load_index(corpus)
+    assert after.num_rows == 4 and len(set(after["key"].to_pylist())) == 4
+    assert index.indexed_shards(corpus, legacy=False) == \
+        {"shard-000000", "shard-000001", "shard-000002"}

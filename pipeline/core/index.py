@@ -118,11 +118,18 @@ def existing_keys(root: str | Corpus, keys: Iterable[str],
     return out
 
 
-def indexed_shards(root: str | Corpus) -> set[str]:
-    """Image shards merged into the index (read from the entries' and compacts' footers)."""
+def needs_migration(root: str | Corpus) -> bool:
+    """Whether the corpus has only the old single-file index (the next merge re-derives it)."""
+    corpus = _corpus(root)
+    return _legacy(corpus, index_dataset(corpus))
+
+
+def indexed_shards(root: str | Corpus, legacy: bool = True) -> set[str]:
+    """Image shards merged into the index (read from the entries' and compacts' footers); with
+    ``legacy`` false, those of the partitioned index only."""
     corpus = _corpus(root)
     ds = index_dataset(corpus)
-    if _legacy(corpus, ds):
+    if legacy and _legacy(corpus, ds):
         import json
 
         meta = storage.read_table(corpus.index).schema.metadata or {}

@@ -103,6 +103,10 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
                                "quarantined": 0, "shards_written": 0, "shards_skipped": 0,
                                "failed_shards": [], "masks": 0}
     problems: list[tuple[str, str]] = []
+    if index.needs_migration(corpus):  # a corpus with the old single-file index: re-derive it
+        for _, res in _run_one(finish, {"round0": False, "sources": []}, root, cfg):
+            if "error" in res:
+                raise RuntimeError(f"shard: re-deriving the index failed: {res['error']}")
     ledger = ChunkLedger(corpus)
     run_shards: set[str] = set()
     round0 = [False]
@@ -211,7 +215,7 @@ def _count_result(summary: dict[str, Any], res: dict[str, Any], run_shards: set[
 def heal(corpus: Corpus) -> int:
     """Merge the done shards the index does not cover (a crash between a done record and its
     merge), then compact the index when enough entries accumulated; returns rows added."""
-    missing = set(corpus.image_shards()) - index.indexed_shards(corpus)
+    missing = set(corpus.image_shards()) - index.indexed_shards(corpus, legacy=False)
     added = 0
     for name in sorted(missing):
         done = storage.read_json(corpus.image_done(name))
