@@ -169,6 +169,7 @@ def browse_url(rng: random.Random) -> str:
 
 
 def kinds(rng: random.Random, keys: list[str]) -> dict[str, list[str]]:
+    """One request (list of URLs) per page kind; Sample picks from ``keys``."""
     key = keys[rng.randrange(len(keys))]
     return {"overview": ["/api/overview"], "browse": [browse_url(rng)],
             "sample": [f"/api/sample/{key}", f"/api/image/{key}"]}
@@ -195,11 +196,15 @@ def measure_dashboard(root: Path, masks: int, warm: int, restarts: int, work: Pa
     rss = []
     try:
         with httpx.Client(base_url=srv.base, timeout=600) as c:
-            for _ in range(5):  # warm-up
-                for urls in kinds(rng, keys).values():
+            # warm: 20 images visited once before (as bench_dashboard does); cold: any image
+            seen = [keys[rng.randrange(len(keys))] for _ in range(20)]
+            for k in seen:
+                timed(c, f"/api/sample/{k}", f"/api/image/{k}")
+            for _ in range(5):
+                for urls in kinds(rng, seen).values():
                     timed(c, *urls)
             for _ in range(warm):
-                for kind, urls in kinds(rng, keys).items():
+                for kind, urls in kinds(rng, seen).items():
                     times[kind].append(timed(c, *urls))
             n = c.get("/api/overview").json()["masks"]
             assert n >= total, (n, total)

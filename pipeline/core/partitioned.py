@@ -13,9 +13,9 @@ A dataset is a folder::
 Adding a part costs O(part). A reader resolves the folder (one listing) into the live compacts and
 the parts no live compact covers, and scans them through :mod:`pyarrow.dataset` (column
 projection, predicate pushdown, record batches), so it never needs the whole dataset in memory.
-Compaction (:meth:`PartitionedDataset.compact`) is size-tiered: the uncovered parts are merged with
-every live compact no larger than what is being merged, so a row is rewritten O(log N) times and
-the number of files a reader opens stays O(fanout + log N).
+Compaction (:meth:`PartitionedDataset.compact`) is size-tiered: ``fanout`` parts make a level-1
+compact, ``fanout`` compacts of a level make one of the next, so a row is rewritten O(log N)
+times and a reader opens O(fanout x log N) files.
 
 Two compactors cannot both publish one generation (create-if-absent); a compactor only supersedes
 compacts it read, so live compacts are disjoint. A reader that races with the deletion of a
@@ -223,24 +223,28 @@ class PartitionedDataset:
 
     # compaction ----------------------------------------------------------------------------
     def compact(self, fanout: int = 16, force: bool = False) -> str | None:
-        """Merge the uncovered parts (when there are ``fanout`` of them, or any with ``force``)
-        with every live compact no larger than the merge; returns the new compact's URL."""
+        """Size-tiered compaction: ``fanout`` uncovered parts (any, with ``force``) become a
+        level-1 compact; when that makes ``fanout`` compacts of one level, they are merged into
+        one of the next level, and so on. A row is rewritten once per level (log_fanout N
+        times) and a reader opens fewer than ``fanout`` files per level. Returns the new
+        compact's URL (None when there was nothing to do)."""
         names = [u.rsplit("/", 1)[-1] for u in storage.listdir(self.url)]
         res = self.resolve(names)
         if len(res.parts) < (1 if force else fanout):
             return None
+        fan = max(2, fanout)
+        levels = {c: int(self.meta(c).get("level", 1)) for c in res.compacts}
+        merged: list[str] = []
+        level = 1
+        while True:
+            same = sorted(c for c, lv in levels.items() if lv == level)
+            if len(same) + 1 < fan:
+                break
+            merged += same
+            level += 1
         light = self.light_schema()
         cols = light.names
-        tables = [self._dataset([p], cols).to_table(columns=cols) for p in res.parts]
-        acc = sum(t.num_rows for t in tables)
-        sizes = sorted(((self.meta(c).get("rows", 0), c) for c in res.compacts))
-        merged: list[str] = []
-        for rows, url in sizes:
-            if rows > max(acc, 1):
-                break
-            tables.append(self._dataset([url], cols).to_table(columns=cols))
-            merged.append(url)
-            acc += rows
+        tables = [self._dataset([u], cols).to_table(columns=cols) for u in (*res.parts, *merged)]
         table = pa.concat_tables([t.cast(light) for t in tables]) if tables else \
             light.empty_table()
         if self.sort_by and table.num_rows:
@@ -254,7 +258,7 @@ class PartitionedDataset:
                 carried[k] |= set(meta.get(k) or [])
         gen = max((int(m.group(1)) for n in names if (m := COMPACT_RE.fullmatch(n))),
                   default=0) + 1
-        meta = {"covers": sorted(covers), "rows": table.num_rows,
+        meta = {"covers": sorted(covers), "rows": table.num_rows, "level": level,
                 "supersedes": sorted(u.rsplit("/", 1)[-1] for u in merged),
                 **{k: sorted(v) for k, v in carried.items()}}
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True)})

@@ -380,7 +380,8 @@ class CorpusView:
         cols = ", ".join(f"m.{c}" for c in MASK_ITEM_COLS)
         page = self.store.dicts(
             f"SELECT {cols} FROM masks m {join} {where} "
-            f"ORDER BY m.{sort} {order}, m.round, m.key, m.ann_id LIMIT ? OFFSET ?",
+            # ties in storage order (append-only: stable across refreshes), not by string
+            f"ORDER BY m.{sort} {order}, m.rowid LIMIT ? OFFSET ?",
             [*params, q.per_page, q.page * q.per_page])
         log = self.curation
         for item in page:
