@@ -62,14 +62,20 @@ def train_keys(corpus: Corpus, only_with_ground_truth: bool = True) -> list[str]
 # ---- the loop ------------------------------------------------------------------------------
 
 def _publish_initial(corpus: Corpus, cfg: EngineConfig) -> str:
-    """Publish the starting model as a version (no training) and return its name."""
+    """Publish the starting model as a version (no training) and return its name; a re-run
+    after a crash resumes (or reuses) the version it started."""
     from dataengine.models.sam import build_sam
     from dataengine.pipeline.core.checkpoints import save_sam
 
     if cfg.init not in ("random", "checkpoint"):
         return cfg.init
-    version = corpus.next_model_version("sam")
-    vdir = corpus.model_dir("sam", version)
+    fp = versions.fingerprint({"init": cfg.init, "model": cfg.model, "seed": cfg.seed,
+                               "checkpoint": cfg.checkpoint})
+    for published in reversed(corpus.model_versions("sam")):
+        run = storage.join(corpus.model_dir("sam", published), "run.json")
+        if storage.exists(run) and storage.read_json(run).get("fingerprint") == fp:
+            return published
+    version, vdir, _, _ = versions.begin_version(corpus, "sam", fp, "init", init=cfg.init)
     weights = read_state_dict(cfg.checkpoint) if cfg.init == "checkpoint" else None
     model = build_sam(cfg.model, weights, seed=cfg.seed, device="cpu")
     save_sam(model, vdir, extra={"version": version, "parent": None})
@@ -80,8 +86,6 @@ def _publish_initial(corpus: Corpus, cfg: EngineConfig) -> str:
     versions.publish_version(corpus, "sam", version, parent=None, model=cfg.model, rounds=[],
                              masks=0, init=cfg.init)
     return version
-
-
 
 
 def evaluate_version(root: str, cfg: EngineConfig, version: str) -> dict[str, Any]:
@@ -246,7 +250,9 @@ class Engine:
 
         cfg = self.cfg
         started = self.log.find("annotate-start", idx)
-        number = started["round"] if started else rounds.next_round(self.corpus)
+        number = started["round"] if started else rounds.claim_round(
+            self.corpus, plan.stage, model, owner="annotate",
+            config={"engine": cfg.name, "round_index": idx})
         if not started:
             self.log.add("annotate-start", idx, {"round": number, "keys": todo,
                                                  "model_version": model})

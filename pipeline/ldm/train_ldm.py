@@ -428,7 +428,7 @@ def prepare_run(root: str, cfg: TrainLdmConfig) -> dict[str, Any]:
                    latent_channels=int(vae_info.get("latent_channels") or 4),
                    latent_size=int(info["resolution"]) // factor, p_uncond=cfg.p_uncond,
                    categories=_categories(corpus), unet_overrides=dict(cfg.unet_overrides))
-    version = corpus.next_model_version("ldm")
+    version, _ = versions.claim_version(corpus, "ldm")
     run = cfg.run_name or f"ldm-{version}"
     run_url = storage.join(corpus.runs, run)
     tok_url = storage.join(run_url, "tokenizer.json")
