@@ -28,7 +28,10 @@ from dataengine.pipeline.core.rounds import (
     RoundWriter,
     claim_round,
     complete_rounds,
+    is_complete,
     iter_round_shard,
+    round_info,
+    round_owner,
     round_shards,
 )
 from dataengine.pipeline.core.shards import iter_tar, write_tar
@@ -259,6 +262,18 @@ def _quarantine_problems(corpus: Corpus, coco_path: str, problems: list[tuple[st
     quarantine.write(corpus, quarantine.content_name("import", rows), rows)
 
 
+def _unfinished_import(corpus: Corpus, coco_path: str, stage: str, model_version: str
+                       ) -> int | None:
+    """An unfinished round importing the same file (a crashed import: resume it), or None."""
+    for n in reversed(corpus.rounds()):
+        info = round_info(corpus, n) or {}
+        if n and not is_complete(corpus, n) and round_owner(corpus, n) == "import" and \
+                (info.get("config") or {}).get("imported_from") == coco_path and \
+                info.get("stage") == stage and info.get("model_version") == model_version:
+            return n
+    return None
+
+
 def import_coco(root: str, coco_path: str, *, stage: str = "manual",
                 round_number: int | None = None, model_version: str = "",
                 annotator: str = "human") -> dict[str, Any]:
@@ -282,15 +297,17 @@ def import_coco(root: str, coco_path: str, *, stage: str = "manual",
                          f"({len(unmatched)} unmatched, {len(problems)} quarantined); "
                          f"no round was started")
     config = {"imported_from": coco_path, "annotator": annotator}
-    number = round_number if round_number is not None else claim_round(
-        corpus, stage, model_version, owner="import", config=config)
+    number = round_number if round_number is not None else _unfinished_import(
+        corpus, coco_path, stage, model_version)
+    if number is None:
+        number = claim_round(corpus, stage, model_version, owner="import", config=config)
     writer = RoundWriter(corpus, number, stage, model_version, config=config, owner="import")
     writer.begin()
     n_masks = 0
     for shard in corpus.image_shards():
         recs = per_shard.get(shard)
-        if not recs or writer.shard_done(shard):
-            continue
+        if not recs:
+            continue  # (a shard done before a crash is counted, not rewritten)
         order = [s["__key__"] for s in iter_tar(corpus.image_shard(shard))]
         records = [recs[k] for k in order if k in recs]
         for rec in records:

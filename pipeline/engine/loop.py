@@ -112,8 +112,8 @@ def promote_if_better(root: str, config: EngineConfig | None = None,
     if candidate is None:
         raise ValueError("candidate: name the SAM version to gate")
     prior = promotion.decision_for(corpus, candidate)
-    if prior is not None:
-        return prior
+    if prior is not None:  # gated before (a crash may have left it out of the log: add it)
+        return promotion.log_decision(corpus, prior)
     current = promotion.current_version(corpus)
     cand = _gate_metrics(evaluate_version(root, cfg, candidate))
     cur = _gate_metrics(evaluate_version(root, cfg, current)) if current else None

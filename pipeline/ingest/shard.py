@@ -294,6 +294,19 @@ def publish_round0(corpus: Corpus, sources: list[str]) -> None:
     publish.publish_derived(lambda: tuple(rounds.round_shards(corpus, 0)), publish_)
 
 
+def finish_stale_claims(corpus: Corpus) -> list[str]:
+    """Finish every stale image claim of the corpus in-process (what a re-run would do, without
+    sources; ``dataengine verify --repair``) and re-derive the aggregates; returns the shards."""
+    state = read_state(corpus)
+    tasks = [task_of(c) for c in stale_claims(state)]
+    results = [write_one_shard(t, corpus.root, {"image": t["image"]}) for t in tasks]
+    if tasks:
+        publish_index(corpus, dict(state.done))
+    if any(r.get("round0_images") for r in results):
+        publish_round0(corpus, sorted({it["source"] for t in tasks for it in t["items"]}))
+    return [t["shard"] for t in tasks]
+
+
 # --------------------------------------------------------------------------------------------
 # the stage
 
