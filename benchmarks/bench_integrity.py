@@ -103,9 +103,11 @@ def write_coco(folder: Path, images: list[Path]) -> str:
 class Procs:
     """The writer processes alive now (so the chaos loop can kill one) and the kill count."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_life: dict[str, float]) -> None:
         self.lock = threading.Lock()
+        self.min_life = min_life  # a process is killed only after living this long
         self.live: dict[str, subprocess.Popen] = {}
+        self.started: dict[str, float] = {}
         self.kills = 0
         self.runs = Counter()
 
@@ -115,6 +117,7 @@ class Procs:
                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             with self.lock:
                 self.live[name] = p
+                self.started[name] = time.time()
                 self.runs[name] += 1
             try:
                 return p.wait(timeout=timeout)
@@ -128,7 +131,9 @@ class Procs:
 
     def kill_one(self, rng: random.Random) -> str | None:
         with self.lock:
-            names = [n for n, p in self.live.items() if p.poll() is None]
+            now = time.time()
+            names = [n for n, p in self.live.items() if p.poll() is None and
+                     now - self.started[n] >= self.min_life.get(n, self.min_life["*"])]
             if not names:
                 return None
             name = rng.choice(names)
@@ -144,7 +149,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args, self.work = args, work
         self.root = str(work / "corpus")
-        self.procs = Procs()
+        self.procs = Procs({"*": args.min_life, "dashboard": 4 * args.min_life})
         self.stop = threading.Event()
         self.rng = random.Random(args.seed)
         self.images: list[Path] = []
@@ -158,18 +163,20 @@ class Bench:
 
     # ---- writers ----------------------------------------------------------------------
     def shard_cmd(self, w: int) -> list[str]:
-        return ["shard", str(self.work / f"src{w}"), write_coco(self.work / "shared",
-                                                                 self.shared_images()),
-                "--root", self.root, "--samples-per-shard", "4", "--set", "use_ray=false"]
+        with self.images_lock:
+            own = write_coco(self.work / f"src{w}", self.folder_images(f"src{w}"))
+            shared = write_coco(self.work / "shared", self.folder_images("shared"))
+        return ["shard", own, shared, "--root", self.root, "--samples-per-shard", "4",
+                "--set", "use_ray=false"]
 
-    def shared_images(self) -> list[Path]:
-        return sorted((self.work / "shared" / "imgs").glob("*.png"))
+    def folder_images(self, name: str) -> list[Path]:
+        return sorted((self.work / name / "imgs").glob("*.png"))
 
     def shard_writer(self, w: int) -> None:
         n = 0
         while not self.stop.is_set():
             with self.images_lock:
-                self.images += add_images(self.work / f"src{w}", n, 3, seed=w + 1)
+                self.images += add_images(self.work / f"src{w}" / "imgs", n, 3, seed=w + 1)
                 if w == 0:
                     self.images += add_images(self.work / "shared" / "imgs", n, 1, seed=99)
             n += 3
@@ -193,7 +200,7 @@ class Bench:
             self.procs.run("dashboard", ["dashboard", "--root", self.root, "--port",
                                          str(self.port), "--cache-dir", str(self.work / "cache"),
                                          "--torch-threads", "1", "--set", "refresh_seconds=1",
-                                         "--set", "precompute=off"],
+                                         "--set", "precompute='off'"],
                            self.logs / "dashboard.log", timeout=10 ** 6)
 
     def curation_writer(self) -> None:
@@ -205,17 +212,20 @@ class Bench:
             if not keys:
                 time.sleep(1)
                 continue
-            reason = f"bench-{i}"
+            # one decision, retried with the same decision_id until the dashboard answers
+            did = f"{self.args.seed:08x}{i:024x}"
             body = {"decisions": [{"target_type": "image", "target": self.rng.choice(keys),
                                    "decision": self.rng.choice(["approve", "reject"]),
-                                   "reason": reason}]}
-            try:
-                r = httpx.post(f"{self.url}/api/decisions", json=body, timeout=30)
-                if r.status_code == 200:
-                    self.decisions.append(reason)
-                i += 1
-            except httpx.HTTPError:
-                time.sleep(0.5)  # the dashboard is down (killed): try again
+                                   "reason": f"bench-{i}", "decision_id": did}]}
+            while not self.stop.is_set():
+                try:
+                    r = httpx.post(f"{self.url}/api/decisions", json=body, timeout=30)
+                    if r.status_code == 200:
+                        self.decisions.append(did)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.5)  # the dashboard is down (killed): retry the same request
+            i += 1
             time.sleep(0.2)
 
     def person(self) -> None:
@@ -321,11 +331,15 @@ class Bench:
         return out
 
     def count_decisions(self, corpus: Corpus) -> dict[str, int]:
-        reasons: Counter = Counter()
-        for url in storage.listdir(corpus.curation, r"decisions-.*\.parquet"):
-            reasons.update(storage.read_table(url).column("reason").to_pylist())
-        return {"decisions_lost": sum(1 for r in self.decisions if reasons[r] == 0),
-                "decision_duplicates": sum(1 for r in self.decisions if reasons[r] > 1)}
+        from dataengine.pipeline.core.curation import load_log
+
+        ids = Counter(load_log(corpus).table.column("decision_id").to_pylist())
+        raw = sum(storage.read_table(u).num_rows
+                  for u in storage.listdir(corpus.curation, r"decisions-.*\.parquet"))
+        print(f"decision log: {sum(ids.values())} decisions ({raw} rows: "
+              f"{raw - sum(ids.values())} retried requests recorded twice, counted once)")
+        return {"decisions_lost": sum(1 for d in self.decisions if ids[d] == 0),
+                "decision_duplicates": sum(1 for d in self.decisions if ids[d] > 1)}
 
     def count_masks(self, corpus: Corpus) -> dict[str, int]:
         from dataengine.pipeline.core.rounds import iter_round_shard, round_shards
@@ -351,6 +365,8 @@ def main() -> None:
     ap.add_argument("--shard-writers", type=int, default=2)
     ap.add_argument("--kill-every", type=float, nargs=2, default=(3.0, 8.0),
                     metavar=("MIN", "MAX"), help="Seconds between two kills (uniform).")
+    ap.add_argument("--min-life", type=float, default=8.0, help=(
+        "A writer is killed only after running this long (the dashboard 4x): past its start."))
     ap.add_argument("--root", default=None, help="Work folder (default: a temporary one).")
     ap.add_argument("--keep", action="store_true", help="Keep the work folder.")
     ap.add_argument("--seed", type=int, default=0)

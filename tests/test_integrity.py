@@ -320,7 +320,7 @@ BAD_COCO_CASES = {
     1: ({}, "[[2, 2, NaN, 2, 10, 8]]", "not a finite number"),
     2: ({}, "[[2, 2, Infinity, 2, 10, 8]]", "not a finite number"),
     3: ({}, "[[2, 2, 1e12, 2, 10, 8]]", "far outside"),
-    4: ({}, "[[100, 100, 120, 100, 120, 120]]", "entirely outside"),
+    4: ({}, "[[20, 2, 28, 2, 28, 8]]", "entirely outside"),
     5: ({"file_name": "../escape.png"}, None, "outside the image folder"),
     6: ({"file_name": "/etc/abs.png"}, None, "outside the image folder"),
     7: ({"width": "wide"}, None, "not an integer"),

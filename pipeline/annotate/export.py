@@ -231,6 +231,12 @@ def _import_records(corpus: Corpus, coco_path: str, stage: str, model_version: s
         if key not in shard_of:
             unmatched.append(fname)
             continue
+        if key in per_shard.get(shard_of[key], {}):
+            problems.append((f"{coco_path}#image={info['id']}",
+                             f"COCO image {fname} is the corpus image {key}, as is "
+                             f"{per_shard[shard_of[key]][key]['image']['file_name']}: "
+                             f"not imported twice"))
+            continue
         h, w = size.get(key, (info["height"], info["width"]))
         if (info["height"], info["width"]) != (h, w):
             problems.append((f"{coco_path}#image={info['id']}",

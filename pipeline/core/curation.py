@@ -106,6 +106,9 @@ class Decision:
             raise ValueError(f"reason must be text, got {type(self.reason).__name__}")
         if len(self.reason) > MAX_REASON:
             raise ValueError(f"reason is {len(self.reason)} characters; at most {MAX_REASON}")
+        if not isinstance(self.decision_id, str) or not re.fullmatch(r"[0-9a-f]{32}",
+                                                                      self.decision_id):
+            raise ValueError(f"decision_id {self.decision_id!r} is not 32 hex digits")
         if self.ts is None:
             self.ts = datetime.now(UTC)
         elif self.ts.tzinfo is None:
