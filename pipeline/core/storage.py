@@ -48,11 +48,15 @@ class UnreadableFile(ValueError):
 
 
 def storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for ``url``: an S3 endpoint override from ``DATAENGINE_S3_ENDPOINT``."""
+    """fsspec options for ``url``: an S3 endpoint override from ``DATAENGINE_S3_ENDPOINT``, and
+    no listings cache (other processes write the same prefixes: a cached listing would hide
+    their claims and done records)."""
     if url.startswith(("s3://", "s3a://")):
+        opts: dict[str, Any] = {"use_listings_cache": False}
         endpoint = os.environ.get("DATAENGINE_S3_ENDPOINT")
         if endpoint:
-            return {"client_kwargs": {"endpoint_url": endpoint}}
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        return opts
     return {}
 
 

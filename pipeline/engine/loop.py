@@ -25,6 +25,8 @@ NoC@90, beside the no-model reference).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -250,16 +252,19 @@ class Engine:
 
         cfg = self.cfg
         started = self.log.find("annotate-start", idx)
-        number = started["round"] if started else rounds.claim_round(
-            self.corpus, plan.stage, model, owner="annotate",
-            config={"engine": cfg.name, "round_index": idx})
-        if not started:
-            self.log.add("annotate-start", idx, {"round": number, "keys": todo,
-                                                 "model_version": model})
         acfg = AnnotateConfig(**{**cfg.annotate, **extra, "stage": plan.stage, "model": model,
-                                 "keys": todo, "round": number,
+                                 "keys": todo, "round": started["round"] if started else None,
                                  "disc_radius": cfg.annotate.get("disc_radius", cfg.disc_radius),
                                  "paint_first": cfg.annotate.get("paint_first", cfg.paint_first)})
+        if started:
+            number = started["round"]
+        else:  # the round is claimed (round.json records the images it works on), then noted
+            number = rounds.claim_round(self.corpus, plan.stage, model, owner="annotate",
+                                        config=json.loads(json.dumps(
+                                            config_mod.to_dict(acfg), default=str)))
+            self.log.add("annotate-start", idx, {"round": number, "keys": todo,
+                                                 "model_version": model})
+            acfg = dataclasses.replace(acfg, round=number)
         metrics = run_round(self.root, acfg)
         if metrics.get("incomplete"):
             raise RuntimeError(f"round {number} incomplete: {metrics.get('failed_shards')}")

@@ -174,11 +174,11 @@ def _task_items(hashed, known: dict[str, list], taken: set[str], split_map: dict
     for item, key, nbytes, err in hashed:
         if key is None:
             qrows.append(quarantine.record(item.source, item.uri, err, "read"))
-        elif key in taken:
-            existing += key not in seen
-            seen.add(key)
         elif key in seen:
             duplicate += 1
+        elif key in taken:
+            existing += 1
+            seen.add(key)
         else:
             seen.add(key)
             if key in split_map:
@@ -253,11 +253,13 @@ def write_index(corpus: Corpus, done: dict[str, dict[str, Any]], split_map: dict
 
 
 def _indexed_shards(corpus: Corpus) -> set[str] | None:
-    if not storage.exists(corpus.index):
-        return None
-    meta = storage.read_table(corpus.index).schema.metadata or {}
+    """The shards the published index was derived from (None: no readable index)."""
     import json
 
+    try:
+        meta = storage.read_table(corpus.index).schema.metadata or {}
+    except (FileNotFoundError, storage.UnreadableFile):
+        return None
     return set(json.loads(meta.get(b"shards", b"[]")))
 
 
@@ -283,7 +285,9 @@ def publish_index(corpus: Corpus, done: dict[str, dict[str, Any]] | None = None)
 
 def publish_round0(corpus: Corpus, sources: list[str]) -> None:
     """Re-derive round 0's manifest and metrics from its shard parts until stable."""
-    writer = RoundWriter(corpus, 0, "imported")
+    writer = RoundWriter(corpus, 0, "imported",
+                         config={"sources": sorted({normalize(s) for s in sources})})
+    writer.begin()
 
     def publish_(_parts: tuple[str, ...]) -> None:
         stats = writer.shard_stats()
