@@ -129,12 +129,23 @@ def _coco_source(d: Path, n: int = 5) -> tuple[str, set[str]]:
     return str(path), set(keys.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["shard-claims", "shard-parts", "round-tar", "shard-tar",
                                   "shard-done", "shards", "round-manifest"])
 @pytest.mark.timeout(300)
 def test_kill_at_each_shard_publish_step_then_rerun_heals(step, tmp_path):
+    _kill_then_rerun(step, tmp_path, str(tmp_path / "corpus"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["shard-tar", "shards"])
+@pytest.mark.timeout(300)
+def test_kill_at_a_shard_publish_step_on_s3_then_rerun_heals(step, s3_bucket, tmp_path):
+    _kill_then_rerun(step, tmp_path, f"{s3_bucket}/corpus")
+
+
+def _kill_then_rerun(step: str, tmp_path: Path, root: str) -> None:
     src, keys = _coco_source(tmp_path / "coco")
-    root = str(tmp_path / "corpus")
     args = ["shard", src, "--root", root, "--samples-per-shard", "2", *NO_RAY]
     killed = dataengine(*args, env={"DATAENGINE_FAULT": f"after:{step}"})
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
@@ -152,8 +163,10 @@ def test_kill_at_each_shard_publish_step_then_rerun_heals(step, tmp_path):
         == len(keys)
     third = shard([src], root, cfg)  # nothing left to do
     assert (third["shards_written"], third["existing"]) == (0, len(keys)) and verify(root).ok
+    assert corpus.rounds() == [0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["round-tar", "round-manifest"])
 @pytest.mark.timeout(300)
 def test_kill_during_an_imported_round_then_rerun_heals(step, tmp_path):
