@@ -182,6 +182,24 @@ def _local_atomic_path(path: str) -> str:
     return os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:12]}")
 
 
+@contextlib.contextmanager
+def _staged_beside(path: str, publish: Callable[[str, str], None]) -> Iterator[BinaryIO]:
+    """A temporary file beside local ``path``, fsynced and handed to ``publish(tmp, path)``
+    (``os.replace``, or ``os.link`` to create only) when the block exits cleanly; never left
+    behind."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = _local_atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f  # type: ignore[misc]
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def create_bytes(url: str, data: bytes) -> bool:
     """Publish ``data`` at ``url`` only if nothing is there yet, atomically: of several writers
     racing for one name exactly one wins. Returns True when this call created the file.
@@ -192,20 +210,12 @@ def create_bytes(url: str, data: bytes) -> bool:
     """
     fs, path = get_fs(url)
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = _local_atomic_path(path)
         try:
-            with open(tmp, "wb") as f:
+            with _staged_beside(path, os.link) as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
             return True
         except FileExistsError:
             return False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
     if _is_s3(fs):
         try:
             retry(lambda: fs.pipe_file(path, data, mode="create"), what=url)
@@ -374,17 +384,8 @@ def open_atomic(url: str) -> Iterator[BinaryIO]:
     """
     fs, path = get_fs(url)
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = _local_atomic_path(path)
-        try:
-            with open(tmp, "wb") as f:
-                yield f  # type: ignore[misc]
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        with _staged_beside(path, os.replace) as f:
+            yield f
         return
     fd, tmp = tempfile.mkstemp(prefix="dataengine-", suffix=".part")
     try:
