@@ -306,18 +306,20 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
         (tmp_path / "killed-run.log").read_text()[-3000:]
     # done shards were merged into the index as they finished; the killed ones are not in it
     assert set(load_index(str(root))["shard"].to_pylist()) == {"shard-000000", "shard-000001"}
-    chunks_before = {json.loads((images / n).read_text())["chunk"] for n in done_before}
+    plan_before = {json.loads((images / n).read_text())["plan"] for n in done_before}
 
     _SlowAfterFirstGet.hold = set()
     cfg = ShardConfig(samples_per_shard=5, image=ImageConfig(resize_mode="keep_ratio",
                                                              image_size=320))
     s = shard([src], str(root), cfg)
     server.shutdown()
-    # the same chunks were cut again: the two done ones skipped unread, the rest written
-    assert chunks_before <= {json.loads(p.read_text())["chunk"]
-                             for p in images.glob("*.done.json")}
-    assert (s["shards_skipped"], s["shards_written"], s["ok"], s["existing"]) == (2, 2, 10, 10)
+    # the killed run's two unfinished claims were finished from their work orders; the two
+    # chunks done before the crash were skipped without reading their inputs
+    assert (s["shards_finished"], s["shards_written"], s["shards_skipped"], s["ok"],
+            s["existing"]) == (2, 2, 2, 10, 10)
     assert not s["failed_shards"]
+    plans = {json.loads(p.read_text())["plan"] for p in images.glob("*.done.json")}
+    assert plans == plan_before and len(list(images.glob("*.done.json"))) == 4
     keys = load_index(str(root)).column("key").to_pylist()
     expect = {content_key(f.read_bytes())[0] for f in files}
     assert len(keys) == len(set(keys)) == 20 and set(keys) == expect

@@ -1,15 +1,19 @@
 """The image index ``ROOT/images/index/``: one row per stored image, a partitioned parquet dataset
-(:mod:`dataengine.pipeline.core.partitioned`) merged from the image shards' done records.
+(:mod:`dataengine.pipeline.core.partitioned`).
 
-Each merge of one image shard appends one entry ``part-NNNNNNNN.parquet`` (a sequence number
-claimed with create-if-absent) holding the rows of that shard's keys that no earlier entry holds;
-its footer names the shard and the duplicates it left out (``{key: shard that holds it}``). So:
+A shard task merges its shard into the index *before* it publishes its tar: it appends one entry
+``part-NNNNNNNN.parquet`` (a sequence number claimed with create-if-absent) holding the rows of
+the shard's keys that no earlier entry holds; its footer names the shard and the keys it left
+out (``duplicates``: ``{key: shard that holds it}``). The entry is the shard's claim on its keys;
+the task then publishes a tar of exactly those keys and its done record. So:
 
 - adding a shard costs O(shard) writes plus one streaming scan of the ``key`` column;
-- of an image written by two shards, the copy of the shard merged first is the indexed one; the
-  later shard's entry lists the key under ``duplicates`` and readers never see the second copy;
+- of an image two tasks read at once, the shard merged first stores it; the other leaves it out
+  of its tar (each image is stored once);
 - two merges racing for one sequence number: one wins, the other re-checks its keys against the
-  winner's entry and takes the next number, so a key is indexed at most once.
+  winner's entry and takes the next number, so a key is claimed at most once;
+- readers see an entry once its shard's done record exists (the *published* view); the key
+  check sees every entry (an unfinished shard keeps its keys until its claim is finished).
 
 A corpus written before the partitioned index (``images/index.parquet``) is still read until its
 next shard run merges every done shard into ``images/index/``.
@@ -63,6 +67,28 @@ def has_index(root: str | Corpus) -> bool:
     return bool(storage.listdir(index_dataset(corpus).url)) or storage.exists(corpus.index)
 
 
+def entry_published(corpus: Corpus, url: str, ds: PartitionedDataset | None = None) -> bool:
+    """Whether an index entry's shard has its done record (readers see only those)."""
+    ds = ds or index_dataset(corpus)
+    try:
+        shards = ds.meta(url).get("shards", [])
+    except FileNotFoundError:
+        return False
+    except (pa.ArrowException, OSError):
+        return True  # unreadable: let the read name it
+    return all(storage.exists(corpus.image_done(s)) for s in shards)
+
+
+def _published(corpus: Corpus, ds: PartitionedDataset, res: Resolved | None = None
+               ) -> Resolved:
+    """``res`` without the uncovered entries whose shard has no done record yet (compacts only
+    ever hold done shards)."""
+    res = res or ds.resolve()
+    return Resolved(res.base, res.compacts,
+                    tuple(u for u in res.parts if entry_published(corpus, u, ds)),
+                    res.covered, res.part_names)
+
+
 def load_index(root: str | Corpus, columns: list[str] | None = None,
                filter: pads.Expression | None = None) -> pa.Table:
     """The index (key, shard, width, height, bytes, sha256, source, split, ...) as one table,
@@ -74,7 +100,7 @@ def load_index(root: str | Corpus, columns: list[str] | None = None,
         table = storage.read_table(corpus.index).cast(INDEX_SCHEMA)
         table = table.filter(filter) if filter is not None else table
         return table.select(columns) if columns else table
-    return ds.table(columns, filter)
+    return ds.table(columns, filter, resolver=lambda: _published(corpus, ds))
 
 
 def iter_index(root: str | Corpus, columns: list[str] | None = None,
@@ -86,7 +112,7 @@ def iter_index(root: str | Corpus, columns: list[str] | None = None,
     if _legacy(corpus, ds):
         yield from load_index(corpus, columns, filter).to_batches(batch_size)
         return
-    yield from ds.batches(columns, filter, batch_size)
+    yield from ds.batches(columns, filter, batch_size, resolver=lambda: _published(corpus, ds))
 
 
 def lookup(root: str | Corpus, keys: Iterable[str],
@@ -108,11 +134,13 @@ def existing_keys(root: str | Corpus, keys: Iterable[str],
     if not len(wanted):
         return out
     flt = pads.field("key").isin(wanted)
-    if resolved is None:
-        batches = iter_index(root, ["key", "shard"], flt)
-    else:
-        scanner = index_dataset(root).scanner(["key", "shard"], flt, resolved=resolved)
-        batches = scanner.to_batches() if scanner is not None else iter(())
+    corpus = _corpus(root)
+    ds = index_dataset(corpus)
+    if resolved is None and _legacy(corpus, ds):
+        batches = iter_index(corpus, ["key", "shard"], flt)
+    else:  # every entry, published or not: an unfinished shard keeps its keys
+        fixed = resolved or ds.resolve()
+        batches = ds.batches(["key", "shard"], flt, resolver=lambda: fixed)
     for batch in batches:
         out.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True))
     return out
@@ -186,9 +214,26 @@ def append_shard(root: str | Corpus, shard: str, rows: list[dict[str, Any]]) -> 
     return {"shard": shard, "rows": len(fresh), "duplicates": dups, "entry": name}
 
 
+def merge_done_shards(root: str | Corpus) -> int:
+    """Merge the done shards the index does not cover (shards of earlier versions, a corpus
+    with the old single-file index, an entry set aside by ``verify --repair``) from their done
+    records; returns the rows added."""
+    corpus = _corpus(root)
+    missing = set(corpus.image_shards()) - indexed_shards(corpus, legacy=False)
+    added = 0
+    for name in sorted(missing):
+        done = storage.read_json(corpus.image_done(name))
+        added += append_shard(corpus, name, done.get("rows", []))["rows"]
+    return added
+
+
 def compact_index(root: str | Corpus, fanout: int = 16, force: bool = False) -> str | None:
-    """Compact the index entries (size-tiered; see :meth:`PartitionedDataset.compact`)."""
-    return index_dataset(root).compact(fanout=fanout, force=force)
+    """Compact the entries of done shards (size-tiered; see
+    :meth:`PartitionedDataset.compact`)."""
+    corpus = _corpus(root)
+    ds = index_dataset(corpus)
+    published = set(_published(corpus, ds).parts)
+    return ds.compact(fanout=fanout, force=force, eligible=published.__contains__)
 
 
 def write_index(corpus: Corpus, rows: Iterable[dict[str, Any]], shards: list[str]) -> int:

@@ -4,10 +4,11 @@
 
     ROOT/
       images/shard-NNNNNN.tar          image shards (key, image bytes, .json metadata)
+      images/shard-NNNNNN.claim.json   the shard number's claim: owner, expiry, work order
       images/shard-NNNNNN.done.json    per-shard done record (stats + keys), written last
       images/index/                    key, shard, width, height, bytes, sha256, source, split
                                        (partitioned: one entry per merged shard + compacts)
-      images/chunks/, images/claims/   input chunk -> shard, shard numbers taken (resume)
+      images/chunks/                   input chunk -> shard, and which chunks are done (resume)
       splits/part-*.parquet            key -> train | holdout, fixed when a key is first added
       annotations/round-NNNN/          shard-NNNNNN.tar (SA-1B per-image JSON), manifest/,
                                        (one row per mask: parts + compacts), round.json,
@@ -90,6 +91,9 @@ class Corpus:
 
     def image_done(self, name: str) -> str:
         return self.path("images", f"{name}.done.json")
+
+    def image_claim(self, name: str) -> str:
+        return self.path("images", f"{name}.claim.json")
 
     @property
     def index(self) -> str:

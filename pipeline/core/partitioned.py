@@ -29,7 +29,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +152,9 @@ class PartitionedDataset:
                 meta = self.meta(url)
             except FileNotFoundError:
                 continue  # deleted since the listing: superseded by a newer one we saw
+            except (pa.ArrowException, OSError) as exc:  # derived: the parts still hold it all
+                logger.error("%s: unreadable compact ignored: %s", url, exc)
+                continue
             covers = set(meta.get("covers", []))
             if covers & covered:
                 continue  # cannot happen with create-if-absent generations; never double-count
@@ -160,6 +163,12 @@ class PartitionedDataset:
             superseded |= set(meta.get("supersedes", []))
         uncovered = tuple(self.part_url(p) for p in parts if p not in covered)
         return Resolved(self.url, tuple(sorted(live)), uncovered, frozenset(covered), tuple(parts))
+
+    def parts_view(self) -> Resolved:
+        """A resolution that reads every part and no compact (to check compacts against)."""
+        res = self.resolve()
+        return Resolved(res.base, (), tuple(self.part_url(p) for p in res.part_names),
+                        frozenset(), res.part_names)
 
     # reading -------------------------------------------------------------------------------
     def _dataset(self, files: list[str], columns: list[str] | None) -> pads.Dataset:
@@ -175,73 +184,125 @@ class PartitionedDataset:
         return columns is None or any(c in self.heavy for c in columns)
 
     def scanner(self, columns: list[str] | None = None, filter: pads.Expression | None = None,
-                batch_size: int = ROW_GROUP, resolved: Resolved | None = None
-                ) -> pads.Scanner | None:
-        """A pyarrow scanner over the dataset (None when it is empty)."""
+                batch_size: int = ROW_GROUP, resolved: Resolved | None = None,
+                skip: frozenset[str] = frozenset()) -> pads.Scanner | None:
+        """A pyarrow scanner over the dataset, without the files in ``skip`` (None when empty)."""
         res = resolved or self.resolve()
-        files = res.files(self._wants_heavy(columns))
+        files = [f for f in res.files(self._wants_heavy(columns)) if f not in skip]
         if not files:
             return None
         return self._dataset(files, columns).scanner(columns=columns, filter=filter,
                                                      batch_size=batch_size)
 
+    def _unreadable(self, files: list[str]) -> list[str]:
+        """The files among ``files`` whose parquet footer cannot be read."""
+        bad = []
+        for url in files:
+            fs, path = _fs_for(url)
+            try:
+                if fs is None:
+                    pq.read_metadata(path)
+                else:
+                    with fs.open_input_file(path) as f:
+                        pq.read_metadata(f)
+            except FileNotFoundError:
+                continue
+            except (pa.ArrowException, OSError):
+                bad.append(url)
+        return bad
+
+    def _on_error(self, exc: Exception, columns: list[str] | None, skip: set[str],
+                  skip_unreadable: bool) -> None:
+        """After a failed scan: raise UnreadableFile naming the bad file, or (skipping) add the
+        bad files to ``skip``; re-raise when no file is to blame."""
+        files = self.resolve().files(self._wants_heavy(columns))
+        bad = [u for u in self._unreadable(files) if u not in skip]  # every candidate file
+        if not bad:
+            raise exc
+        if not skip_unreadable:
+            raise storage.UnreadableFile(bad[0], f"not valid parquet: {exc}") from exc
+        logger.error("skipped %d unreadable parquet file(s): %s", len(bad), "; ".join(bad[:5]))
+        skip.update(bad)
+
     def batches(self, columns: list[str] | None = None, filter: pads.Expression | None = None,
-                batch_size: int = ROW_GROUP) -> Iterator[pa.RecordBatch]:
-        """Record batches of the whole dataset (bounded memory)."""
-        for attempt in range(3):
-            scanner = self.scanner(columns, filter, batch_size)
+                batch_size: int = ROW_GROUP, *, skip_unreadable: bool = False,
+                resolver: Callable[[], Resolved] | None = None) -> Iterator[pa.RecordBatch]:
+        """Record batches of the whole dataset (bounded memory); an unreadable file raises
+        :class:`storage.UnreadableFile` naming it, or is left out with ``skip_unreadable``.
+        ``resolver`` chooses the files (default: :meth:`resolve`)."""
+        skip: set[str] = set()
+        for attempt in range(5):
+            scanner = self.scanner(columns, filter, batch_size, (resolver or self.resolve)(),
+                                   skip=frozenset(skip))
             if scanner is None:
                 return
             it = scanner.to_batches()
             try:
                 first = next(it, None)
             except FileNotFoundError:  # a superseded compact deleted since the listing
-                if attempt == 2:
+                if attempt == 4:
                     raise
                 logger.info("%s changed while being opened; resolving again", self.url)
+                continue
+            except (pa.ArrowException, OSError) as exc:
+                self._on_error(exc, columns, skip, skip_unreadable)
                 continue
             if first is not None:
                 yield first
                 yield from it
             return
 
-    def table(self, columns: list[str] | None = None, filter: pads.Expression | None = None
-              ) -> pa.Table:
-        """The dataset (projected and filtered) as one table."""
+    def table(self, columns: list[str] | None = None, filter: pads.Expression | None = None,
+              *, skip_unreadable: bool = False,
+              resolver: Callable[[], Resolved] | None = None) -> pa.Table:
+        """The dataset (projected and filtered) as one table; unreadable files and
+        ``resolver`` as in :meth:`batches`."""
         schema = self.schema if columns is None else pa.schema(
             [self.schema.field(c) for c in columns])
-        for attempt in range(3):
-            scanner = self.scanner(columns, filter)
+        skip: set[str] = set()
+        for attempt in range(5):
+            scanner = self.scanner(columns, filter, resolved=(resolver or self.resolve)(),
+                                   skip=frozenset(skip))
             if scanner is None:
                 return schema.empty_table()
             try:
                 return scanner.to_table().cast(schema)
             except FileNotFoundError:
-                if attempt == 2:
+                if attempt == 4:
                     raise
-        raise AssertionError("unreachable")
+            except (pa.ArrowException, OSError) as exc:
+                self._on_error(exc, columns, skip, skip_unreadable)
+        raise storage.UnreadableFile(self.url, "kept changing while being read")
 
     # compaction ----------------------------------------------------------------------------
-    def compact(self, fanout: int = 16, force: bool = False) -> str | None:
+    def compact(self, fanout: int = 16, force: bool = False,
+                eligible: Callable[[str], bool] | None = None) -> str | None:
         """Size-tiered compaction: ``fanout`` uncovered parts (any, with ``force``) become a
         level-1 compact; when that makes ``fanout`` compacts of one level, they are merged into
         one of the next level, and so on. A row is rewritten once per level (log_fanout N
-        times) and a reader opens fewer than ``fanout`` files per level. Returns the new
-        compact's URL (None when there was nothing to do)."""
+        times) and a reader opens fewer than ``fanout`` files per level. Only parts for which
+        ``eligible(url)`` holds are compacted. ``fanout=0`` merges every part and every live
+        compact into one (a rebuild). Returns the new compact's URL (None: nothing to do)."""
         names = [u.rsplit("/", 1)[-1] for u in storage.listdir(self.url)]
         res = self.resolve(names)
-        if len(res.parts) < (1 if force else fanout):
+        if eligible is not None:  # parts not yet eligible (unpublished) wait for a later call
+            res = Resolved(res.base, res.compacts, tuple(p for p in res.parts if eligible(p)),
+                           res.covered, res.part_names)
+        if len(res.parts) < (1 if force or fanout == 0 else fanout):
             return None
         fan = max(2, fanout)
         levels = {c: int(self.meta(c).get("level", 1)) for c in res.compacts}
         merged: list[str] = []
         level = 1
-        while True:
+        while fanout > 0:
             same = sorted(c for c, lv in levels.items() if lv == level)
             if len(same) + 1 < fan:
                 break
             merged += same
             level += 1
+        if fanout == 0:
+            merged = sorted(levels)
+            level = max(levels.values(), default=0) + 1
         light = self.light_schema()
         cols = light.names
         tables = [self._dataset([u], cols).to_table(columns=cols) for u in (*res.parts, *merged)]

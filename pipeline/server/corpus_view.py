@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dataengine.pipeline.core import storage
+from dataengine.pipeline.core import index, storage
 from dataengine.pipeline.core.curation import DecisionLog
 from dataengine.pipeline.core.layout import STAGES, Corpus
 from dataengine.pipeline.core.rounds import MANIFEST_SCHEMA
@@ -71,7 +71,7 @@ class CorpusView:
         self.corpus = corpus
         self.refresh_seconds = refresh_seconds
         self.listing_seconds = listing_seconds
-        self.curation = DecisionLog(corpus)
+        self.curation = DecisionLog(corpus, skip_unreadable=True)  # shown, never trained on
         self.records = ModelRecords(corpus, refresh_seconds)
         path = os.path.join(cache_dir, "view.duckdb") if cache_dir else None
         self.store = MaskStore(path, memory_limit=memory_limit)
@@ -127,6 +127,10 @@ class CorpusView:
         found = self._listing(self.corpus.path("images", "index"), r"part-\d{8,}\.parquet")
         if not found and storage.exists(self.corpus.index):  # a corpus with the old single file
             found = self._listing(self.corpus.images, r"index\.parquet")
+        else:  # an entry is shown once its shard's done record exists (it is then immutable)
+            known = self.store.known_parts("index")
+            found = {u: v for u, v in found.items()
+                     if u in known or index.entry_published(self.corpus, u)}
         self.store.sync_parts("index", {u: (n, e, -1) for u, (n, e) in found.items()})
 
     def _refresh_manifests(self, force: bool) -> None:
