@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 
 from dataengine.pipeline.core import index, rounds, storage
-from dataengine.pipeline.core.dataset import iter_corpus
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.listing import IncrementalListing, rewind_stamp
 from dataengine.pipeline.core.partitioned import PartitionedDataset
 from dataengine.pipeline.core.shards import iter_tar
+from dataengine.pipeline.core.verify import verify
 from dataengine.pipeline.ingest import stream
-from dataengine.pipeline.ingest.shard import ShardConfig, shard
+from dataengine.pipeline.ingest.shard import ShardConfig, content_key, shard
 from dataengine.pipeline.ingest.sources import iter_items, list_items
 
 SCHEMA = pa.schema([("key", pa.string()), ("v", pa.int64()), ("blob", pa.string())])
@@ -71,6 +71,11 @@ def test_index_merge_race_indexes_a_key_once(tmp_path, monkeypatch):
                               {**row, "key": "bbbb", "shard": "shard-000002"}])
     monkeypatch.undo()
     assert out["duplicates"] == {"aaaa": "shard-000001"} and out["rows"] == 1
+    assert index.load_index(corpus).num_rows == 0  # readers see entries of done shards only
+    assert index.existing_keys(corpus, ["aaaa", "bbbb"]) == {"aaaa": "shard-000001",
+                                                            "bbbb": "shard-000002"}
+    for name in ("shard-000001", "shard-000002"):
+        storage.write_json(corpus.image_done(name), {"shard": name})
     table = index.load_index(corpus)
     assert sorted(zip(table["key"].to_pylist(), table["shard"].to_pylist(), strict=True)) == \
         [("aaaa", "shard-000001"), ("bbbb", "shard-000002")]
@@ -87,38 +92,31 @@ def _yolo(path: Path, colours: list[tuple[int, int, int]]) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_a_duplicate_two_tasks_stored_is_indexed_once(tmp_path, monkeypatch):
-    """Two tasks store one image at once (both checked the index before either merged): the
-    shard merged first holds the indexed copy; the other lists it under duplicates; readers,
-    round 0 and re-runs see it once."""
+def test_an_image_two_chunks_bring_is_stored_once(tmp_path):
+    """Two chunks read the same image: the shard that merges into the index first stores it;
+    the other leaves it out of its tar and lists it under duplicates; round 0 gets its masks
+    once; a re-run reads nothing."""
     a, b = tmp_path / "a", tmp_path / "b"
     _yolo(a, [(200, 0, 0), (0, 200, 0)])
     _yolo(b, [(200, 0, 0), (0, 0, 200)])        # b/0.png has a/0.png's bytes
     root = str(tmp_path / "corpus")
-    real = index.existing_keys
-    monkeypatch.setattr(index, "existing_keys",  # the pre-publish check of a task in flight
-                        lambda c, keys, resolved=None: {} if resolved is None else
-                        real(c, keys, resolved))
     s = shard([str(a), str(b)], root, ShardConfig(samples_per_shard=2, use_ray=False))
-    monkeypatch.undo()
     assert (s["ok"], s["duplicate"], s["shards_written"]) == (3, 1, 2)
     corpus = Corpus(root)
     table = index.load_index(corpus)
     assert table.num_rows == 3 and len(set(table["key"].to_pylist())) == 3
-    dup_key = stream.content_key((a / "images" / "0.png").read_bytes())[0]
+    dup_key = content_key((a / "images" / "0.png").read_bytes())[0]
     assert dict(zip(table["key"].to_pylist(), table["shard"].to_pylist(),
                     strict=True))[dup_key] == "shard-000000"
     done = json.loads(Path(corpus.image_done("shard-000001")).read_text())
-    assert done["duplicates"] == {dup_key: "shard-000000"}
-    # the second copy's bytes stay in its tar, but no reader sees it twice
-    tar_keys = [x["__key__"] for x in iter_tar(corpus.image_shard("shard-000001"))]
-    assert dup_key in tar_keys
-    seen = [x["__key__"] for x in iter_corpus(root, decode=None)]
-    assert sorted(seen) == sorted(table["key"].to_pylist())
+    assert done["duplicates"] == {dup_key: "shard-000000"} and dup_key not in done["keys"]
+    stored = [x["__key__"] for n in corpus.image_shards() for x in iter_tar(corpus.image_shard(n))]
+    assert sorted(stored) == sorted(table["key"].to_pylist())  # each image stored once
     man = rounds.load_manifest(corpus, [0], ["key", "shard"])
     assert man["key"].to_pylist().count(dup_key) == 1
     assert set(man["shard"].to_pylist()) == {"shard-000000", "shard-000001"}
     assert rounds.round_metrics(corpus, 0)["masks"] == man.num_rows == 3
+    assert verify(root).ok, verify(root).lines()
     again = shard([str(a), str(b)], root, ShardConfig(samples_per_shard=2, use_ray=False))
     assert (again["ok"], again["shards_written"], again["shards_skipped"]) == (0, 0, 2)
 

@@ -181,7 +181,7 @@ def append_shard(root: str | Corpus, shard: str, rows: list[dict[str, Any]]) -> 
     """
     corpus = _corpus(root)
     ds = index_dataset(corpus)
-    if shard in indexed_shards(corpus):
+    if shard in indexed_shards(corpus, legacy=False):
         return {"shard": shard, "rows": 0, "duplicates": {}, "entry": None}
     keys = [r["key"] for r in rows]
     # One resolution for the scan and the sequence number: any entry published after it has a
