@@ -319,7 +319,7 @@ def test_truncated_manifest_part_fails_readers_naming_it(tmp_path):
     info = build_corpus(root, shards=2, per_shard=2)
     add_round(root, 1, info, info["train"])
     corpus = Corpus(root)
-    part = storage.listdir(storage.join(corpus.round_dir(1), "manifest"))[0]
+    part = storage.listdir(storage.join(corpus.round_dir(1), "manifest"), r"shard-\d+\.parquet")[0]
     Path(part).write_bytes(b"")
     with pytest.raises(storage.UnreadableFile, match=os.path.basename(part)):
         rounds.load_manifest(corpus)

@@ -164,6 +164,10 @@ class PartitionedDataset:
         uncovered = tuple(self.part_url(p) for p in parts if p not in covered)
         return Resolved(self.url, tuple(sorted(live)), uncovered, frozenset(covered), tuple(parts))
 
+    def unreadable_compacts(self) -> list[str]:
+        """Compacts whose footer cannot be read (readers skip them)."""
+        return self._unreadable(storage.listdir(self.url, COMPACT_RE.pattern))
+
     def parts_view(self) -> Resolved:
         """A resolution that reads every part and no compact (to check compacts against)."""
         res = self.resolve()

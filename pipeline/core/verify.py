@@ -190,6 +190,10 @@ def _check_index(corpus: Corpus, done: dict[str, dict[str, Any]], report: Report
     want = sorted((r["key"], name) for name, rec in done.items() for r in rec.get("rows", []))
     if not done:
         return
+    for bad in index_mod.index_dataset(corpus).unreadable_compacts():
+        report.problem("images", bad, "unreadable index compact (readers use its entries)")
+        if repair:
+            quarantine_file(corpus, bad, report, "unreadable compact; its entries hold its rows")
     problem, url = "", index_mod.index_dataset(corpus).url
     try:
         table = index_mod.load_index(corpus, ["key", "shard"])
@@ -300,6 +304,10 @@ def _check_round_aggregate(corpus: Corpus, number: int, report: Report, repair: 
         problem, bad = str(exc), [exc.url]
     if len(set(want)) != len(want):
         report.problem("rounds", ds.url, "a mask id appears twice in the round")
+    for url in ds.unreadable_compacts():  # readers skip them (the parts hold everything)
+        report.problem("rounds", url, "unreadable compact")
+        if repair:
+            quarantine_file(corpus, url, report, "unreadable compact; the parts hold its rows")
     if problem:
         report.problem("rounds", ds.url, problem)
         if repair:  # compacts are derived: set them aside, the parts hold everything
