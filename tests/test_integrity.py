@@ -149,8 +149,10 @@ def _kill_then_rerun(step: str, tmp_path: Path, root: str) -> None:
     args = ["shard", src, "--root", root, "--samples-per-shard", "2", *NO_RAY]
     killed = dataengine(*args, env={"DATAENGINE_FAULT": f"after:{step}"})
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    if step not in ("shards", "round-manifest"):
-        assert not verify(root).ok  # the crash left something unfinished
+    if step not in ("shards", "round-manifest", "shard-done"):
+        # the crash left something unfinished (after a done record, a streamed run has simply
+        # not claimed its next chunks yet: what is there is consistent)
+        assert not verify(root).ok
     cfg = ShardConfig(samples_per_shard=2, use_ray=False)
     again = shard([src], root, cfg)  # the re-run (in-process: the crash was the real process)
     assert not again["failed_shards"] and again["existing"] + again["ok"] >= len(keys)
