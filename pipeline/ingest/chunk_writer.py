@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -66,20 +65,16 @@ class _Pass:
         self.qrows: list[dict[str, Any]] = []
         self.repeated = 0
 
-    def run(self, tar_path: str | None) -> None:
-        sink_file = open(tar_path, "wb") if tar_path else None  # noqa: SIM115 - closed below
-        try:
-            sink = BytesTarWriter(sink_file) if sink_file else None
-            seen: set[str] = set()
-            for it in self.task["items"]:
-                sample = self._one(it, seen)
-                if sample is not None and sink is not None:
-                    sink.write(sample)
-            if sink is not None:
-                sink.close()
-        finally:
-            if sink_file is not None:
-                sink_file.close()
+    def run(self, out: Any | None) -> None:
+        """Read every input once; images go to the tar file ``out`` (None: not written)."""
+        sink = BytesTarWriter(out) if out is not None else None
+        seen: set[str] = set()
+        for it in self.task["items"]:
+            sample = self._one(it, seen)
+            if sample is not None and sink is not None:
+                sink.write(sample)
+        if sink is not None:
+            sink.close()
 
     def _one(self, it: dict[str, Any], seen: set[str]) -> dict[str, Any] | None:
         uri = it["uri"]
@@ -119,27 +114,27 @@ class _Pass:
                 "json": json.dumps(meta, sort_keys=True).encode()}
 
 
-def _stage_path(url: str) -> str:
-    """A local staging file: beside the target on local disk (publishing links it)."""
-    local = storage.plain_local(url)
-    folder = os.path.dirname(local) if local is not None else None
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix=f".{os.path.basename(url)}.", suffix=".stage",
-                                dir=folder)
-    os.close(fd)
-    return path
-
-
-def _filter_tar(path: str, keep: set[str]) -> None:
-    """Rewrite a local tar with only the samples of ``keep``."""
-    kept = path + ".kept"
-    with open(kept, "wb") as f, BytesTarWriter(f) as sink:
+def _copy_kept(path: str, out: Any, keep: set[str]) -> None:
+    """Write the samples of ``keep`` of the local tar ``path`` to the file ``out``."""
+    with BytesTarWriter(out) as sink:
         for s in iter_tar(path):
             if s["__key__"] in keep:
                 sink.write({k: v for k, v in s.items() if not k.startswith("__")}
                            | {"__key__": s["__key__"]})
-    os.replace(kept, path)
+
+
+def _publish_tar(staged: storage.Staged, url: str, keep: set[str] | None) -> bool:
+    """Create the tar at ``url`` if absent, with only the samples of ``keep`` (all: None);
+    False when another attempt published it first."""
+    if keep is None:
+        return staged.create()
+    staged.file.close()
+    with storage.Staged(url) as kept:
+        _copy_kept(staged.path, kept.file, keep)
+        created = kept.create()
+        kept.file.close()
+        os.replace(kept.path, staged.path)  # the facts are taken from staged.path
+    return created
 
 
 def _file_facts(path: str) -> dict[str, Any]:
@@ -190,31 +185,23 @@ def write_chunk(task: dict[str, Any], root: str, cfg: dict[str, Any]) -> dict[st
     url = corpus.image_shard(name)
     published = storage.exists(url)
     build = _Pass(task, cfg)
-    tar_path = None if published else _stage_path(url)
-    try:
+    with storage.Staged(url) as staged:  # a staging name verify --repair knows
         if published and not any(it.get("annotations") for it in task["items"]):
             build.rows, _ = read_tar_rows(url, name)  # no decode: everything is in the tar
         else:
-            build.run(tar_path)
+            build.run(None if published else staged.file)
         dups = _merge(corpus, name, build.rows)
         fault("shard-index")
         won = [r for r in build.rows if r["key"] not in dups]
         masks = _side_records(corpus, name, won, build)
         fault("shard-parts")
         if not published:
-            if dups:
-                _filter_tar(tar_path, {r["key"] for r in won})
-            tar = _file_facts(tar_path)
-            if not storage.create_file(tar_path, url):
-                logger.info("%s was published by another attempt; finishing from it", name)
-                published = True
-        if published:  # the published tar is the truth (the same inputs, maybe another run)
-            split_of = {r["key"]: r["split"] for r in won}
-            won, tar = read_tar_rows(url, name)
-            won = [{**r, "split": split_of.get(r["key"], r["split"])} for r in won]
-    finally:
-        if tar_path and os.path.exists(tar_path):
-            os.unlink(tar_path)
+            published = not _publish_tar(staged, url, {r["key"] for r in won} if dups else None)
+            tar = _file_facts(staged.path)
+    if published:  # the published tar is the truth (the same inputs, maybe another attempt)
+        split_of = {r["key"]: r["split"] for r in won}
+        won, tar = read_tar_rows(url, name)
+        won = [{**r, "split": split_of.get(r["key"], r["split"])} for r in won]
     fault("shard-tar")
     done = _done_record(task, won, dups, build, masks, tar, t0)
     if not storage.create_json(corpus.image_done(name), done):
