@@ -26,8 +26,9 @@ def annotate_command(
         "annotator).")),
     model: Optional[str] = typer.Option(None, "--model", help=(
         "SAM to use: a version vNNNN under ROOT/models/sam, a saved model directory/URL, a "
-        ".pth/.safetensors checkpoint (with --set model_config=vit_b), or a registry config "
-        "name (tiny, tiny-test, vit_b ...) with random weights.")),
+        ".pth/.pt/.safetensors checkpoint on any URL (with --set model_config=vit_b; official "
+        "SAM 2 / 2.1 .pt files are recognised), or a registry config name (tiny, tiny-test, "
+        "vit_b, sam2_hiera_t, sam2_hiera_b+ ...) with random weights.")),
     round_number: Optional[int] = typer.Option(None, "--round", help=(
         "Round number (default: resume the last unfinished round of this stage and model, "
         "else the next one).")),
