@@ -144,6 +144,11 @@ def load_clip(path: str) -> tuple[Any, Any]:
     return model, CLIPProcessor.from_pretrained(path, local_files_only=True)
 
 
+def _projected(out: Any) -> torch.Tensor:
+    """The projected embedding: transformers 5 returns it as the output's ``pooler_output``."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
 @torch.no_grad()
 def clip_score(model: Any, processor: Any, images: np.ndarray, texts: Sequence[str],
                batch_size: int = 16) -> float:
@@ -154,9 +159,9 @@ def clip_score(model: Any, processor: Any, images: np.ndarray, texts: Sequence[s
     for i in range(0, len(texts), batch_size):
         inp = processor(text=list(texts[i:i + batch_size]), images=list(images[i:i + batch_size]),
                         return_tensors="pt", padding=True, truncation=True)
-        img = model.get_image_features(pixel_values=inp["pixel_values"])
-        txt = model.get_text_features(input_ids=inp["input_ids"],
-                                      attention_mask=inp["attention_mask"])
+        img = _projected(model.get_image_features(pixel_values=inp["pixel_values"]))
+        txt = _projected(model.get_text_features(input_ids=inp["input_ids"],
+                                                 attention_mask=inp["attention_mask"]))
         img = img / img.norm(dim=-1, keepdim=True)
         txt = txt / txt.norm(dim=-1, keepdim=True)
         scores.append((100.0 * (img * txt).sum(-1)).clamp(min=0))
