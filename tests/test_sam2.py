@@ -51,6 +51,12 @@ def test_registry_and_config_validation():
         Sam2Config(image_size=1000)
     with pytest.raises(ValueError, match="unknown key"):
         get_config({"family": "sam2", "depth": 3})
+    from dataengine.pipeline.sam.pretrain import PretrainSamConfig
+    from dataengine.pipeline.sam.train import TrainSamConfig
+
+    assert TrainSamConfig(model="sam2_hiera_t").model == "sam2_hiera_t"
+    with pytest.raises(ValueError, match="SAM v1 encoders"):
+        PretrainSamConfig(model="sam2-tiny-test")
 
 
 @pytest.mark.parametrize("version", ["sam2", "sam2.1"])
@@ -247,3 +253,26 @@ def test_annotate_cli_manual_round_with_sam2_hiera_t_on_ray(tmp_path, ray_cluste
     # the round's actors wrote the packed SAM 2 embeddings to the corpus cache
     emb = storage.join(corpus.embeddings_dir("sam2_hiera_t-random-s0"), "shard-000000.tar")
     assert storage.exists(emb)
+
+
+def test_server_session_answers_clicks_with_a_sam2_version(tmp_path):
+    """The browser tool's SAM service loads a SAM 2 version and answers with its torch decoder
+    (SAM 2 has no ONNX export here)."""
+    from dataengine.pipeline.core import storage
+    from dataengine.pipeline.core.layout import Corpus
+    from dataengine.pipeline.server.sam_session import SamService
+
+    corpus = Corpus(str(tmp_path / "root"))
+    url = corpus.model_dir("sam", "v0001")
+    save_sam(build_sam("sam2-tiny-test", seed=2), url)
+    storage.write_json(storage.join(url, "version.json"), {"version": "v0001"})
+    svc = SamService(corpus, decoder="auto", cache_dir=str(tmp_path / "onnx"))
+    img = _image()
+    out = svc.predict("v0001", "k", lambda: img, np.array([[30, 40]]), np.array([1]), None, None,
+                      True)
+    assert len(out) == 3 and out[0]["mask"].shape == (96, 128)
+    assert out[0]["low_res"].shape == (1, 32, 32)
+    again = svc.predict("v0001", "k", lambda: img, np.array([[30, 40], [90, 20]]),
+                        np.array([1, 0]), np.array([10, 10, 80, 70]), out[0]["low_res"], False)
+    assert len(again) == 1 and svc._onnx.get("v0001") is None
+    assert svc.stats["embeddings_encoded"] == 1  # the second click reused the embedding
