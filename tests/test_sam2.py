@@ -170,6 +170,15 @@ def test_predictor_adapter_square_frame_and_cached_embeddings(tmp_path):
     assert (a.mask == b.mask).mean() > 0.99
     a2 = fresh.predict(clicks, a.state)
     assert a2.mask.shape == (96, 128)
+    # clicks painted into the mask prompt land where the square frame puts them
+    from dataengine.pipeline.sam.prompts import click_disc_logits
+
+    disc = click_disc_logits(None, [Click(127, 95, True)], (96, 128), 128, radius=4,
+                             transform=model.transform)
+    ys, xs = np.nonzero(disc[0] > 0)
+    assert ys.max() == 31 and xs.max() == 31  # bottom-right corner of the 32x32 grid
+    v1 = click_disc_logits(None, [Click(127, 95, True)], (96, 128), 128, radius=4)
+    assert np.nonzero(v1[0] > 0)[0].max() < 25  # v1 pads below: the click sits higher
 
 
 def test_automatic_generator_runs_on_sam2():

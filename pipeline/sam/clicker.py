@@ -339,7 +339,7 @@ class SamSegmenter:
         if self.disc_radius > 0 and (self.paint_first or len(clicks) > 1):
             mask_input = click_disc_logits(mask_input, clicks, p.original_size,
                                            self.model.image_encoder.img_size, self.disc_radius,
-                                           transform=p.transform)
+                                           transform=getattr(self.model, "transform", None))
         multimask = self.multimask_first and len(clicks) == 1 and mask_input is None
         with torch.inference_mode(), autocast(p.device):
             masks, scores, low_res = p.predict(point_coords=coords, point_labels=labels,

@@ -44,7 +44,8 @@ def click_disc_logits(low_res: np.ndarray | None, clicks: Sequence[Any],
                       value: float = 10.0, transform: Any = None) -> np.ndarray:
     """SAM mask prompt with each click painted as a +/- ``value`` disc of ``radius`` px (model
     input frame) into the ``1xSxS`` low-res logits (S = input_size / 4); zeros when None.
-    ``transform`` maps image px into the model frame (default: SAM v1's longest-side resize)."""
+    ``transform`` is the model's own input-frame transform (SAM 2's square resize); None = SAM
+    v1's longest-side resize."""
     s = input_size // 4
     out = np.zeros((1, s, s), dtype=np.float32) if low_res is None else \
         np.array(low_res, dtype=np.float32).reshape(1, s, s).copy()
