@@ -198,7 +198,7 @@ class SquareResize:
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 -> SxSx3 float32 in [0, 255]: bilinear with antialiasing on floats, as
         ``SAM2Transforms`` (torchvision ``Resize``) does."""
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        t = torch.from_numpy(np.asarray(image).astype(np.float32)).permute(2, 0, 1)[None]
         return self.apply_image_torch(t)[0].permute(1, 2, 0).numpy()
 
     def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
