@@ -6,11 +6,12 @@ One command: ``python benchmarks/bench_ddim_sweep.py [--root DIR] [--steps 5,10,
 Without ``--root`` it builds a small corpus: coco-mini val2017 (``../shared/data``, a quarter held
 out) sharded with its COCO masks and captions, the tiny f=4 VAE (random weights imported as a
 version: this measures the sampler, not the autoencoder), 64 px images (16x16 latents), and the
-``tiny`` U-Net trained ``--ldm-steps`` steps with Ray Train (1 worker). With ``--root`` it evaluates
-that corpus' newest LDM version. Then ``dataengine eval-ldm`` with the steps sweep: per step count
-seconds per sample, PSNR against the 200-step sample of the same noise (sampler convergence), and
-FID / KID / precision / recall / CLIP score when the local weights are given; the held-out denoising
-loss and the VAE's PSNR do not depend on the step count and are printed once.
+``tiny`` U-Net trained ``--ldm-steps`` steps in this process (train-ldm's model, data stream and
+loss). With ``--root`` it evaluates that corpus' newest LDM version. Then ``dataengine eval-ldm``
+with the steps sweep: per step count seconds per sample, PSNR against the 200-step sample of the
+same noise (sampler convergence), and FID / KID / precision / recall / CLIP score when the local
+weights are given; the held-out denoising loss and the VAE's PSNR do not depend on the step count
+and are printed once.
 
 Last line: ``RESULT steps_<N>_psnr_vs_ref=... steps_<N>_s_per_sample=... [steps_<N>_fid=...]``.
 """
@@ -30,15 +31,25 @@ SHARED = Path(os.environ.get("DATAENGINE_SHARED_DATA", REPO.parent / "shared" / 
 
 
 def build(root: str, ldm_steps: int) -> str:
-    """Corpus, random VAE version, latents, a trained LDM version; returns the version."""
-    import torch
+    """Corpus, random VAE version, latents, and a small LDM trained in this process (the same
+    model, data stream and loss as ``train-ldm``, without Ray); returns its checkpoint folder."""
+    import json
 
-    from dataengine.models.ldm import build_vae
-    from dataengine.pipeline.core.distribute import ensure_ray
-    from dataengine.pipeline.core.trainer import ScaleConfig
+    import torch
+    from safetensors.torch import save_file
+
+    from dataengine.models.ldm import (
+        LatentDiffusion,
+        LdmSpec,
+        build_noise_scheduler,
+        build_vae,
+        diffusion_loss,
+        drop_conditions,
+        tokenizer_from_json,
+    )
     from dataengine.pipeline.ingest.shard import ShardConfig, shard
     from dataengine.pipeline.ldm.latents import LatentsConfig, compute_latents
-    from dataengine.pipeline.ldm.train_ldm import TrainLdmConfig, train_ldm
+    from dataengine.pipeline.ldm.train_ldm import TrainLdmConfig, latent_stream, prepare_run
     from dataengine.pipeline.ldm.train_vae import TrainVaeConfig, train_vae
 
     shard([str(SHARED / "coco-mini/annotations/instances_val2017.json")], root,
@@ -46,16 +57,41 @@ def build(root: str, ldm_steps: int) -> str:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         build_vae("tiny-f4").save_pretrained(tmp)
-        train_vae(root, TrainVaeConfig(vae="tiny-f4", pretrained=tmp, resolution=32,
+        train_vae(root, TrainVaeConfig(vae="tiny-f4", pretrained=tmp, resolution=64,
                                        scale_samples=32, psnr_images=8, batch_size=8))
     compute_latents(root, LatentsConfig(resolution=64, batch_size=16, use_ray=False))
-    ensure_ray(num_cpus=2)
-    info = train_ldm(root, TrainLdmConfig(
-        steps=ldm_steps, batch_size=16, checkpoint_every=ldm_steps, sample_steps=10,
-        heldout_samples=16, scale=ScaleConfig(num_workers=1, cpus_per_worker=1.0,
-                                              torch_threads=2)))
-    print(f"ldm {info['version']}: {ldm_steps} steps, held-out loss {info['heldout_loss']:.4f}")
-    return info["version"]
+    cfg = TrainLdmConfig(batch_size=16)
+    run = prepare_run(root, cfg)
+    spec = LdmSpec.from_json(run["spec"])
+    tok = tokenizer_from_json(run["tokenizer"], spec.max_tokens)
+    model = LatentDiffusion(spec, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = build_noise_scheduler(spec)
+    data = latent_stream(run["shards"], spec, tok, batch_size=cfg.batch_size,
+                         scale=run["scale_factor"], rank=0, world=1, seed=0, epoch_batches=50)
+    g = torch.Generator().manual_seed(0)
+    for step in range(ldm_steps):
+        batch = next(data)
+        ids, lay = drop_conditions(batch["ids"], batch["layout"], model.null_ids,
+                                   spec.p_uncond, g)
+        loss = diffusion_loss(model, batch["latents"], ids, lay, sched, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == ldm_steps - 1:
+            print(f"ldm step {step}: loss {float(loss.detach()):.4f}", flush=True)
+    ckpt = os.path.join(root, "runs", "bench-ddim", "checkpoint_000000")
+    os.makedirs(ckpt, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(ckpt, "ema.safetensors"))
+    for name, text in (("spec.json", json.dumps(run["spec"])),
+                       ("tokenizer.json", run["tokenizer"]),
+                       ("state.json", json.dumps({"vae_version": run["vae_version"],
+                                                  "scale_factor": run["scale_factor"],
+                                                  "step": ldm_steps - 1}))):
+        with open(os.path.join(ckpt, name), "w") as f:
+            f.write(text)
+    return ckpt
 
 
 def main() -> None:
