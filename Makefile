@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) on PATH"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# sam2 is an sdist whose build needs torch: build it against the pinned torch, without its
+	# optional CUDA op (not used: no hole filling)
+	$(PY) -m pip install -q setuptools wheel $$(grep -E '^torch==' requirements.lock)
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation \
+	  $$(grep -E '^sam2==' requirements.lock)
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@

@@ -14,7 +14,12 @@ far (1-5 clicks per object, positive and negative, the previous low-res mask fed
 until the full-resolution mask(s) are back in this process and decoded (pycocotools), as the
 browser would draw them. Reported: p50 / p95 per click, and the encoder time the cache saves
 (``vit_b`` image encoder on the same image, measured in this process). Target: p95 < 100 ms.
-Last line: ``RESULT click_p50_ms=A click_p95_ms=B encoder_ms=C``
+
+``--sam2 sam2_hiera_t`` also measures a SAM 2 model the same way (its torch decoder: SAM 2 has
+no ONNX export here; the packed embedding carries its high-resolution features) and prints its
+p95 beside SAM v1's.
+Last line: ``RESULT click_p50_ms=A click_p95_ms=B encoder_ms=C`` (+ ``sam2_click_p50_ms=...
+sam2_click_p95_ms=... sam2_encoder_ms=...`` with ``--sam2``)
 """
 
 from __future__ import annotations
@@ -48,10 +53,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--clicks", type=int, default=100)
     ap.add_argument("--config", default="vit_b", help="SAM config of the random-weight model")
+    ap.add_argument("--sam2", default="", help="also measure this SAM 2 config (e.g. "
+                    "sam2_hiera_t) and print its p95 beside the first model's")
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch intra-op threads in the server (0 = torch's default)")
     a = ap.parse_args()
+    first = measure(a.config, a.clicks, a.torch_threads)
+    result = f"click_p50_ms={first['p50']:.1f} click_p95_ms={first['p95']:.1f} " \
+             f"encoder_ms={first['encoder_ms']:.0f}"
+    if a.sam2:
+        second = measure(a.sam2, a.clicks, a.torch_threads)
+        print(f"p95 per click: {a.config} {first['p95']:.1f} ms | {a.sam2} "
+              f"{second['p95']:.1f} ms (p50 {first['p50']:.1f} | {second['p50']:.1f} ms; "
+              f"encoder {first['encoder_ms']:.0f} | {second['encoder_ms']:.0f} ms)")
+        result += (f" sam2_click_p50_ms={second['p50']:.1f} "
+                   f"sam2_click_p95_ms={second['p95']:.1f} "
+                   f"sam2_encoder_ms={second['encoder_ms']:.0f}")
+    print(f"RESULT {result}")
 
+
+def measure(config: str, clicks: int, torch_threads: int) -> dict[str, float]:
+    """Per-click latency of one random-weight model behind the dashboard server (printed)."""
     import torch
     from PIL import Image
     from pycocotools import mask as mask_utils
@@ -65,7 +87,7 @@ def main() -> None:
                     if Image.open(p).size == (640, 480))
     tmp = tempfile.mkdtemp(prefix="bench-click-")
     corpus = build_corpus(os.path.join(tmp, "corpus"), images=[img_path])
-    model = build_sam(a.config, device="cpu")
+    model = build_sam(config, device="cpu")
     url = corpus.model_dir("sam", "v0001")
     save_sam(model, url)
     storage.write_json(storage.join(url, "version.json"), {"version": "v0001"})
@@ -86,7 +108,7 @@ def main() -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dataengine", "dashboard", "--root",
                              corpus.root, "--port", str(port), "--cache-dir",
-                             os.path.join(tmp, "cache"), "--torch-threads", str(a.torch_threads)],
+                             os.path.join(tmp, "cache"), "--torch-threads", str(torch_threads)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     lat: list[float] = []
@@ -125,7 +147,7 @@ def main() -> None:
             # first click: loads the model, builds the ONNX decoder, reads the cached embedding
             first_click_ms = click(0, [{"x": w // 2, "y": h // 2, "label": 1}])
             obj = 1
-            while len(lat) < a.clicks + 5:
+            while len(lat) < clicks + 5:
                 points: list[dict] = []
                 for _ in range(rng.randint(1, 5)):
                     points.append({"x": rng.randrange(w), "y": rng.randrange(h),
@@ -143,7 +165,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     p50, p95 = float(np.percentile(lat, 50)), float(np.percentile(lat, 95))
-    print(f"model config {a.config} (random weights), image {img_path.name} 640x480, "
+    print(f"model config {config} (random weights), image {img_path.name} 640x480, "
           f"{len(lat)} clicks over HTTP from another process")
     print(f"click latency p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {max(lat):.1f} ms "
           f"(target p95 < 100 ms: {'met' if p95 < 100 else 'NOT met'})")
@@ -151,7 +173,7 @@ def main() -> None:
           f"read): {first_click_ms:.0f} ms")
     print(f"encoder time per image saved by the embedding cache: {encoder_ms:.0f} ms "
           f"(= {encoder_ms / p50:.0f}x a cached click)")
-    print(f"RESULT click_p50_ms={p50:.1f} click_p95_ms={p95:.1f} encoder_ms={encoder_ms:.0f}")
+    return {"p50": p50, "p95": p95, "encoder_ms": encoder_ms}
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ One registry of named configs (as ``segment_anything.build_sam``): the published
 depth 6, 4 heads, window 8, global attention at 2 layers, 128-d prompt/decoder) and
 ``tiny-test`` (128 px, for unit tests). Every config builds the real ``Sam`` /
 ``ImageEncoderViT`` / ``PromptEncoder`` / ``MaskDecoder`` classes, so Meta's ``SamPredictor``
-and ``SamAutomaticMaskGenerator`` work on every model unchanged.
+and ``SamAutomaticMaskGenerator`` work on every model unchanged. The same builder makes the SAM 2
+image models (``sam2_hiera_t`` / ``_s`` / ``_b+`` / ``_l``, ``sam2-tiny-test``) of
+:mod:`dataengine.models.sam2`, which keep ``Sam``'s interface (:data:`MODEL_NAMES` lists all).
 
 :func:`build_sam` takes a state dict or a local checkpoint (official ``.pth`` read with
 ``weights_only=True``, ``.safetensors``, or a saved model directory); versions on any fsspec URL
@@ -37,6 +39,14 @@ from segment_anything.modeling import (
 
 from dataengine.models.checkpoint import as_state_dict, load_state
 from dataengine.models.device import pick_device
+from dataengine.models.sam2 import (
+    SAM2_CONFIGS,
+    Sam2Config,
+    build_sam2,
+    get_sam2_config,
+    is_sam2_config,
+    load_sam2_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,18 +149,25 @@ SAM_CONFIGS: dict[str, SamConfig] = {
 }
 
 
-def get_config(config: str | SamConfig | dict[str, Any]) -> SamConfig:
-    """A registry name, a dict (e.g. a ``config.json``) or a config -> :class:`SamConfig`."""
+# every buildable name: SAM v1 configs and the SAM 2 image models (dataengine.models.sam2)
+MODEL_NAMES: tuple[str, ...] = (*SAM_CONFIGS, *SAM2_CONFIGS)
+
+
+def get_config(config: str | SamConfig | Sam2Config | dict[str, Any]) -> SamConfig | Sam2Config:
+    """A registry name, a dict (e.g. a ``config.json``) or a config -> :class:`SamConfig`, or
+    :class:`dataengine.models.sam2.Sam2Config` for the SAM 2 names and dicts."""
     if isinstance(config, SamConfig):
         return config
+    if is_sam2_config(config):
+        return get_sam2_config(config)
     if isinstance(config, dict):
         return SamConfig.from_dict(config)
     if config not in SAM_CONFIGS:
-        raise ValueError(f"SAM config {config!r} is unknown; allowed: {sorted(SAM_CONFIGS)}")
+        raise ValueError(f"SAM config {config!r} is unknown; allowed: {sorted(MODEL_NAMES)}")
     return SAM_CONFIGS[config]
 
 
-def config_of(model: Sam) -> SamConfig:
+def config_of(model: Sam) -> SamConfig | Sam2Config:
     """The :class:`SamConfig` a model was built from (attribute set by :func:`build_sam`)."""
     cfg = getattr(model, "sam_config", None)
     if cfg is None:
@@ -167,6 +184,9 @@ def build_sam(config: str | SamConfig | dict[str, Any] = "tiny",
     saved model directory (URLs: :func:`dataengine.pipeline.core.checkpoints.load_sam`).
     """
     cfg = get_config(config)
+    if isinstance(cfg, Sam2Config):
+        state = None if checkpoint is None else as_state_dict(checkpoint)
+        return build_sam2(cfg, state, seed=seed).to(pick_device(device))
     emb = cfg.embedding_size
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -207,13 +227,15 @@ def build_sam(config: str | SamConfig | dict[str, Any] = "tiny",
 
 
 # registry in segment_anything's style: sam_model_registry["vit_b"](checkpoint=...)
-sam_model_registry = {name: partial(build_sam, name) for name in SAM_CONFIGS}
+sam_model_registry = {name: partial(build_sam, name) for name in MODEL_NAMES}
 sam_model_registry["default"] = sam_model_registry["vit_h"]
 
 
 def load_weights(model: Sam, checkpoint: str | Path | Mapping[str, torch.Tensor]) -> Sam:
     """Load a state dict or a local checkpoint into ``model`` (strict, with a clear error)."""
     where = "a state dict" if isinstance(checkpoint, Mapping) else repr(str(checkpoint))
+    if isinstance(config_of(model), Sam2Config):
+        return load_sam2_weights(model, as_state_dict(checkpoint))
     return load_state(model, as_state_dict(checkpoint),
                       f"SAM checkpoint {where} does not fit config {config_of(model).name!r}")
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from dataengine.models.checkpoint import weights_digest
 from dataengine.pipeline.core.layout import Corpus
-from dataengine.pipeline.sam.predictor import set_features
+from dataengine.pipeline.sam.predictor import make_predictor, onnx_exportable, set_features
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,6 @@ class SamService:
 
     def _encode(self, version: str, key: str, image_fn: Callable[[], np.ndarray]) -> Embedding:
         import torch
-        from segment_anything import SamPredictor
 
         from dataengine.models.device import autocast
 
@@ -235,7 +234,7 @@ class SamService:
         image = image_fn()
         with self._encode_lock:  # one encoder pass at a time: the CPU has few cores
             t0 = time.perf_counter()
-            p = SamPredictor(model)
+            p = make_predictor(model)
             with torch.inference_mode(), autocast(p.device):
                 p.set_image(image)
             ms = (time.perf_counter() - t0) * 1000
@@ -246,6 +245,8 @@ class SamService:
 
     def _onnx_decoder(self, version: str, model: Any) -> OnnxDecoder | None:
         if self.decoder == "torch" or self.device not in (None, "cpu"):
+            return None
+        if not onnx_exportable(model):  # SAM 2: its torch decoder (make_predictor)
             return None
         with self._onnx_lock:  # not self._lock: an export takes seconds
             if version in self._onnx:
@@ -311,7 +312,6 @@ class SamService:
         """Masks for one prompt: a list (3 with ``multimask``) of ``{"mask": HxW bool,
         "score": predicted IoU, "stability": float, "low_res": 1x256x256 float32 logits}``."""
         import torch
-        from segment_anything import SamPredictor
         from segment_anything.utils.amg import calculate_stability_score
 
         from dataengine.models.device import autocast
@@ -324,7 +324,7 @@ class SamService:
             return [{"mask": lg > onnx.threshold, "score": sc,
                      "stability": _stability(lg, onnx.threshold),
                      "low_res": low.astype(np.float32)} for lg, sc, low in out]
-        p = SamPredictor(model)
+        p = make_predictor(model)
         set_features(p, feats, original_size, input_size)
         with torch.inference_mode(), autocast(p.device):
             logits, scores, low_res = p.predict(point_coords=points, point_labels=labels, box=box,
