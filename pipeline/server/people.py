@@ -304,6 +304,13 @@ class PeopleRound:
         self.log.commit(st, decide)
         return st.lease
 
+    def touch(self, img: ImageState, lease_id: str, annotator: str) -> None:
+        """Activity under a lease keeps it: renewed once a quarter of it has passed (no write
+        before that)."""
+        lease = img.lease
+        if lease is not None and lease.expires - _now() < 0.75 * self.lease_seconds:
+            self.renew(lease_id, annotator, img.key)
+
     def release(self, lease_id: str, annotator: str, key: str | None = None) -> None:
         """Give the image back to the queue."""
         st = self.check(lease_id, annotator, key)

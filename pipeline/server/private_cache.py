@@ -6,8 +6,9 @@ other users could write would let them plant a thumbnail that is served, or a de
 decides the masks people accept. So the cache:
 
 - lives under a per-user folder (default ``$XDG_CACHE_HOME/dataengine`` or
-  ``~/.cache/dataengine``), created with mode 0700; every folder from that one down must be
-  owned by this user, not a symlink, and not writable by group or others, else it is refused;
+  ``~/.cache/dataengine``), created with mode 0700; every folder from the cache folder down must
+  be owned by this user, not a symlink, and not accessible to group or others, else it is
+  refused (files are created 0600);
 - stores each entry as ``<name>`` plus the SHA-256 of its content, checked on every read; an
   entry that does not match is discarded (and recomputed by the caller).
 """
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 DIGEST = 32  # bytes of the SHA-256 prefix of every entry
 
 
-class UnsafeCacheDir(RuntimeError):
+class UnsafeCacheDir(PermissionError):
     """A cache folder another user could write (owner, mode or symlink)."""
 
 
@@ -46,17 +47,35 @@ def ensure_private_dir(path: str) -> str:
     group or others."""
     path = os.path.abspath(path)
     os.makedirs(path, mode=0o700, exist_ok=True)
+    _check_ancestors(path)
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise UnsafeCacheDir(f"cache folder {path} is a symlink or not a folder")
     if st.st_uid != os.getuid():
         raise UnsafeCacheDir(f"cache folder {path} is owned by uid {st.st_uid}, not by this "
                              f"user ({os.getuid()}); choose another --cache-dir")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)  # ours: tighten it (a group/other-writable folder is refused below)
-        if os.lstat(path).st_mode & 0o077:
-            raise UnsafeCacheDir(f"cache folder {path} is accessible to other users")
+    if st.st_mode & 0o077:  # others may have read it, or planted entries in it already
+        raise UnsafeCacheDir(f"cache folder {path} is accessible to other users (mode "
+                             f"{stat.S_IMODE(st.st_mode):o}); remove it or `chmod 700` it after "
+                             "checking its content")
     return path
+
+
+def _check_ancestors(path: str) -> None:
+    """Every folder above ``path`` belongs to this user or root, and no other user can replace
+    its entries (not writable by others, or sticky like /tmp)."""
+    cur = os.path.dirname(path)
+    while True:
+        st = os.stat(cur)
+        if st.st_uid not in (0, os.getuid()):
+            raise UnsafeCacheDir(f"cache folder {path}: its parent {cur} belongs to uid "
+                                 f"{st.st_uid}; choose another --cache-dir")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX and st.st_uid != os.getuid():
+            raise UnsafeCacheDir(f"cache folder {path}: its parent {cur} is writable by others")
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            return
+        cur = parent
 
 
 class PrivateCache:

@@ -55,3 +55,14 @@ def job(job_id: str, request: Request) -> dict:
     if j is None:
         raise ApiError(404, f"no job {job_id} on this server")
     return j.view()
+
+
+@router.get("/api/stats")
+def stats(request: Request) -> dict:
+    """Counters an operator watches: prompt sessions, direct token lookups, SAM caches."""
+    st = get_state(request)
+    return {"prompt_sessions": {"leases": len(st.sessions.leases()),
+                                "bytes": st.sessions.nbytes},
+            "token_lookups": st.tokens.lookups, "sam": dict(st.sam.stats),
+            "cache_rejected": st.cache.rejected,
+            "rounds_loaded": sorted(st.rounds)}

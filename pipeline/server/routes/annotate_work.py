@@ -164,6 +164,8 @@ async def predict(number: str, request: Request, ident: auth.Identity = Me) -> d
     body = await json_body(request)
     img = leased(r, body, ident)
     preds, *_ = await _decoded(st, r, img, body, ident)
+    await anyio.to_thread.run_sync(
+        lambda: _conflicts(r.touch, img, body["lease_id"], ident.name))
     best = int(np.argmax([p["score"] for p in preds]))
     out = [{"rle": masklib.encode(p["mask"])["counts"], "score": p["score"],
             "stability": p["stability"], "area": int(p["mask"].sum())} for p in preds]
