@@ -68,7 +68,11 @@ def create_app(root: str, config: ServerConfig | None = None) -> FastAPI:
                 state.sweep()
 
         task = asyncio.create_task(sweep())
+        # replay heals: people rounds left incomplete by a crash are loaded (and their done
+        # shards written) at start, not at their next request
+        heal = asyncio.create_task(asyncio.to_thread(state.heal_rounds))
         yield
+        heal.cancel()
         task.cancel()
         state.jobs.shutdown()
 

@@ -13,6 +13,7 @@ import numpy as np
 from fastapi import Request
 
 from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.rounds import is_complete
 from dataengine.pipeline.server import auth, people
 from dataengine.pipeline.server.config import ServerConfig, default_cache_dir
 from dataengine.pipeline.server.corpus_view import CorpusView
@@ -97,6 +98,19 @@ class ServerState:
         img = self.image_fn(key, st.shard)()
         feats = self.sam.embedding(r.model_version, key, lambda: img, st.shard)[0]
         return gen.generate(img, features=feats)
+
+    def heal_rounds(self) -> list[int]:
+        """Load every people round that is not complete (replaying its logs writes its done
+        shards and finishes it when it can); returns the rounds loaded."""
+        loaded = []
+        for n in self.index.rounds():
+            if not is_complete(self.corpus, n):
+                try:
+                    self.round(n)
+                    loaded.append(n)
+                except Exception as exc:  # noqa: BLE001 - the next request retries
+                    logger.error("people round %d could not be loaded: %s", n, exc)
+        return loaded
 
     def sweep(self) -> int:
         """Free the prompt sessions of leases that ended or expired; returns how many."""
