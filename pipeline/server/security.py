@@ -251,6 +251,9 @@ class Guard:
             return message
 
         html = scope["path"] in ("/", "/login")
+        # the page is cross-origin isolated (threads for the in-browser decoder): its workers'
+        # scripts must be served isolated too
+        isolated = html or scope["path"].startswith("/static/")
 
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -259,6 +262,9 @@ class Guard:
                          (b"cross-origin-resource-policy", b"same-origin")]
                 if html:
                     extra += [(k.lower().encode(), v.encode()) for k, v in HTML_HEADERS.items()]
+                elif isolated:
+                    extra += [(k.lower().encode(), v.encode()) for k, v in HTML_HEADERS.items()
+                              if k.startswith("Cross-Origin")]
                 names = {k for k, _ in message.get("headers", [])}
                 message["headers"] = list(message.get("headers", [])) + [
                     (k, v) for k, v in extra if k not in names]
