@@ -40,7 +40,7 @@ class OnnxDecoder:
     masks sent back are upsampled to the image (:func:`dataengine.models.sam.upscale_logits`)."""
 
     # part of the cache entry name: a changed export never reuses old files
-    GRAPH_VERSION = "lowres1"
+    GRAPH_VERSION = "lowres2"
 
     def __init__(self, model: Any, version: str, cache: PrivateCache | str,
                  threads: int = 0) -> None:

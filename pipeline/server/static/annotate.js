@@ -81,6 +81,7 @@ async function annotateRound(round) {
     try {
       dec = await BrowserDecoder.load(round, L.model_version);
       await dec.setImage(round, L.lease.lease_id, im.key);
+      window.__decoder = dec;
     } catch (e) { dec = null; toast(`decoding on the server: ${e.message}`, true); }
   }
   const S = A.state = {
@@ -151,8 +152,9 @@ async function annotateRound(round) {
       try {
         const preds = await S.dec.decode(S.object, S.points.slice(), S.box && S.box.slice());
         if (S.reqId !== reqId) return;  // a newer prompt is on its way
-        S.preds = preds.map((p) => ({score: p.score, box: S.dec.mask(p.low)}));
         S.choice = preds.reduce((b, p, i) => (p.score > preds[b].score ? i : b), 0);
+        // only the shown mask now; the other choices when picked
+        S.preds = preds.map((p, i) => ({score: p.score, low: p.low, box: i === S.choice ? S.dec.mask(p.low) : null}));
         shown(t0, reqId);
       } catch (e) { toast(e.message, true); }
       return;
@@ -169,6 +171,12 @@ async function annotateRound(round) {
     } catch (e) { toast(e.message, true); }
     S.inflight = false;
     if (S.pending !== undefined) { const t = S.pending; S.pending = undefined; prompt(t); }
+  };
+  const pick = (i) => {
+    S.choice = i;
+    const p = S.preds[i];
+    if (!p.box) p.box = S.dec.mask(p.low);
+    cv.dataset.area = String(p.box.area); draw(); refreshPanel();
   };
   const clear = () => { S.points = []; S.box = null; S.preds = null; S.replaces = null; draw(); refreshPanel(); };
   const undo = () => { if (S.points.length) S.points.pop(); else S.box = null; prompt(); };
@@ -229,7 +237,7 @@ async function annotateRound(round) {
   });
   $(".annot").addEventListener("click", (ev) => {
     const c = ev.target.closest("button[data-choice]");
-    if (c) { S.choice = +c.dataset.choice; cv.dataset.area = String(S.preds[S.choice].box.area); draw(); refreshPanel(); return; }
+    if (c) { pick(+c.dataset.choice); return; }
     const rm = ev.target.closest("button[data-remove]");
     if (rm) { removeMask(rm.dataset.remove); return; }
     const co = ev.target.closest("button[data-correct]");
@@ -258,7 +266,7 @@ async function annotateRound(round) {
     else if (k === "r" && S.accepted.length) removeMask(S.accepted[S.accepted.length - 1].uid);
     else if (k === "x" && S.hoverPre) { removeMask(S.hoverPre.uid); S.hoverPre = null; }
     else if (k === "e" && S.hoverPre) { correctPre(S.hoverPre); S.hoverPre = null; }
-    else if (["1", "2", "3"].includes(k) && S.preds && S.preds.length > +k - 1) { S.choice = +k - 1; draw(); refreshPanel(); }
+    else if (["1", "2", "3"].includes(k) && S.preds && S.preds.length > +k - 1) pick(+k - 1);
   };
   if (A.timer) clearInterval(A.timer);
   A.timer = setInterval(() => api(`/api/annotate/${round}/renew`, {body: body({})}).catch((e) => toast(e.message, true)), 60000);

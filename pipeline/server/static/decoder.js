@@ -35,21 +35,44 @@ function taps(src, dst) {
   return {i0, i1, w};
 }
 
-// bilinear resize of a row-major (h x w) float map to (H x W), only rows/cols [0, H) x [0, W)
-// of a (fullH x fullW) destination grid (the crop SAM takes of its padded frame)
-function resize(src, h, w, fullH, fullW, H, W) {
-  const tx = taps(w, fullW), ty = taps(h, fullH);
-  const tmp = new Float32Array(h * W);
-  for (let y = 0; y < h; y++) {
+// bilinear resize of a row-major (h x w) float map to the (fullH x fullW) grid, computed only on
+// rows [r0, r1) and columns [0, W) (W <= fullW: the crop SAM takes of its padded frame); rows
+// outside stay stale. Buffers are reused between calls (no garbage per click).
+const BUFS = new Map();
+function buf(name, n) {
+  let b = BUFS.get(name);
+  if (!b || b.length < n) { b = new Float32Array(n); BUFS.set(name, b); }
+  return b;
+}
+const TAPS = new Map();
+function tapsOf(src, dst) {
+  const k = `${src}:${dst}`;
+  if (!TAPS.has(k)) TAPS.set(k, taps(src, dst));
+  return TAPS.get(k);
+}
+function resize(name, src, h, w, fullH, fullW, r0, r1, W) {
+  const tx = tapsOf(w, fullW), ty = tapsOf(h, fullH);
+  // source rows the destination rows need
+  const s0 = ty.i0[r0], s1 = ty.i1[r1 - 1] + 1;
+  const tmp = buf(name + ":tmp", h * W), dst = buf(name, fullH * W);
+  for (let y = s0; y < s1; y++) {
     const row = y * w, out = y * W;
     for (let x = 0; x < W; x++) tmp[out + x] = src[row + tx.i0[x]] * (1 - tx.w[x]) + src[row + tx.i1[x]] * tx.w[x];
   }
-  const dst = new Float32Array(H * W);
-  for (let y = 0; y < H; y++) {
+  for (let y = r0; y < r1; y++) {
     const a = ty.i0[y] * W, b = ty.i1[y] * W, f = ty.w[y], out = y * W;
     for (let x = 0; x < W; x++) dst[out + x] = tmp[a + x] * (1 - f) + tmp[b + x] * f;
   }
   return dst;
+}
+
+// destination rows [r0, r1) whose taps reach source rows [s0, s1)
+function rowsReaching(t, s0, s1) {
+  let r0 = t.i0.length, r1 = 0;
+  for (let d = 0; d < t.i0.length; d++) {
+    if (t.i1[d] >= s0 && t.i0[d] < s1) { if (d < r0) r0 = d; r1 = d + 1; }
+  }
+  return [r0, Math.max(r0, r1)];
 }
 
 class BrowserDecoder {
@@ -74,6 +97,7 @@ class BrowserDecoder {
 
   constructor(info, sessions) {
     this.info = info; this.sessions = sessions; this.emb = null; this.objects = new Map();
+    this.timings = {run: [], mask: []};  // ms per decoder call / per upscaled mask
     const S = info.low_res;
     this.noMask = new ort.Tensor("float32", new Float32Array(S * S), [1, 1, S, S]);
   }
@@ -109,7 +133,9 @@ class BrowserDecoder {
       has_mask_input: new ort.Tensor("float32", Float32Array.of(maskInput ? 1 : 0), [1]),
     };
     const boxOnly = box && !points.length && !maskInput;
+    const t0 = performance.now();
     const out = await this.sessions[multimask || boxOnly ? "multi" : "single"].run(feeds);
+    this.timings.run.push(performance.now() - t0);
     const scores = out.iou_predictions.data, low = out.low_res_masks.data;
     const idx = multimask ? [1, 2, 3] : [0];
     return idx.map((i) => ({score: scores[i], low: low.slice(i * S * S, (i + 1) * S * S)}));
@@ -140,25 +166,41 @@ class BrowserDecoder {
     return preds;
   }
 
-  // low-res logits -> the mask at the image size, as {x0, y0, w, h, bits, area} (rle.js boxes)
+  // low-res logits -> the mask at the image size, as {x0, y0, w, h, bits, area} (rle.js boxes).
+  // A bilinear value can pass the threshold only near a low-res value that does, so only the
+  // rows around those are interpolated.
   mask(low) {
     const S = this.info.low_res, F = this.info.img_size, H = this.H, W = this.W;
-    const up = resize(low, S, S, F, F, this.inH, this.inW);
-    const full = resize(up, this.inH, this.inW, H, W, H, W);
-    const thr = this.info.threshold;
+    const t0 = performance.now(), thr = this.info.threshold;
+    let lo = S, hi = -1;
+    for (let y = 0; y < S; y++) {
+      const row = y * S;
+      for (let x = 0; x < S; x++) if (low[row + x] > thr) { if (y < lo) lo = y; hi = y; break; }
+    }
+    const empty = {x0: 0, y0: 0, w: 0, h: 0, bits: new Uint8Array(0), area: 0};
+    if (hi < 0) { this.timings.mask.push(performance.now() - t0); return empty; }
+    // frame rows from low-res rows [lo-1, hi+2), then image rows from those frame rows
+    const [f0, f1] = rowsReaching(tapsOf(S, F), Math.max(0, lo - 1), Math.min(S, hi + 2));
+    const fr0 = Math.min(f0, this.inH), fr1 = Math.min(f1, this.inH);
+    // two rows of margin: the image rows below also read their neighbours' rows
+    const up = resize("up", low, S, S, F, F, Math.max(0, fr0 - 2), Math.min(this.inH, fr1 + 2), this.inW);
+    const [r0, r1] = rowsReaching(tapsOf(this.inH, H), fr0, fr1);
+    if (r1 <= r0) { this.timings.mask.push(performance.now() - t0); return empty; }
+    const full = resize("full", up, this.inH, this.inW, H, W, r0, r1, W);
     let x0 = W, y0 = H, x1 = -1, y1 = -1, area = 0;
-    for (let y = 0; y < H; y++) {
+    for (let y = r0; y < r1; y++) {
       const row = y * W;
       for (let x = 0; x < W; x++) {
         if (full[row + x] > thr) { area++; if (x < x0) x0 = x; if (x > x1) x1 = x; if (y < y0) y0 = y; if (y > y1) y1 = y; }
       }
     }
-    if (!area) return {x0: 0, y0: 0, w: 0, h: 0, bits: new Uint8Array(0), area: 0};
+    if (!area) { this.timings.mask.push(performance.now() - t0); return empty; }
     const w = x1 - x0 + 1, h = y1 - y0 + 1, bits = new Uint8Array(w * h);
     for (let y = 0; y < h; y++) {
       const row = (y + y0) * W + x0;
       for (let x = 0; x < w; x++) bits[y * w + x] = full[row + x] > thr ? 1 : 0;
     }
+    this.timings.mask.push(performance.now() - t0);
     return {x0, y0, w, h, bits, area};
   }
 }
