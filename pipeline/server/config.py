@@ -49,7 +49,7 @@ class ServerConfig:
     body_timeout_seconds: float = 30.0  # a request body must arrive within this time
     max_objects_per_lease: int = 200
     prompt_cache_mb: int = 64     # prompt histories of live leases (freed when leases end)
-    predicts_per_second: float = 20.0  # per identity; a burst of the same size is allowed
+    predicts_per_second: float = 5.0  # per identity (bursts of twice that; one at a time)
     max_pending_jobs: int = 4     # round openings queued or running at once
 
     def __post_init__(self) -> None:

@@ -312,3 +312,57 @@ class RateLimiter:
             st = self._state.get(name)
             if st is not None:
                 st[2] = max(0, st[2] - 1)
+
+
+class FairSlots:
+    """At most ``slots`` holders at once; waiters are admitted least-recent-user first (the name
+    whose holds took the least time over the last ``window`` seconds), so one client's flood
+    waits behind everyone else's occasional request."""
+
+    def __init__(self, slots: int = 1, window: float = 10.0) -> None:
+        self.free = slots
+        self.window = window
+        self._usage: dict[str, list[tuple[float, float]]] = {}  # name -> [(end, seconds)]
+        self._waiting: list[tuple[float, int, str, asyncio.Future]] = []
+        self._seq = 0
+
+    def _load(self, name: str, now: float) -> float:
+        spans = [(t, s) for t, s in self._usage.get(name, []) if now - t < self.window]
+        if spans:
+            self._usage[name] = spans
+        else:
+            self._usage.pop(name, None)
+        return sum(s for _, s in spans)
+
+    async def acquire(self, name: str) -> float:
+        """Wait for a slot; returns the start time to pass to :meth:`release`."""
+        if self.free > 0 and not self._waiting:
+            self.free -= 1
+            return time.monotonic()
+        import heapq
+
+        fut = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        heapq.heappush(self._waiting, (self._load(name, time.monotonic()), self._seq, name, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # admitted, then cancelled: pass it on
+                self._admit_next()
+            raise
+        return time.monotonic()
+
+    def release(self, name: str, started: float) -> None:
+        now = time.monotonic()
+        self._usage.setdefault(name, []).append((now, now - started))
+        self._admit_next()
+
+    def _admit_next(self) -> None:
+        import heapq
+
+        while self._waiting:
+            _, _, _, fut = heapq.heappop(self._waiting)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1

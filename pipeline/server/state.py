@@ -22,7 +22,7 @@ from dataengine.pipeline.server.private_cache import PrivateCache
 from dataengine.pipeline.server.prompts import PromptSessions
 from dataengine.pipeline.server.render import Renderer
 from dataengine.pipeline.server.sam_session import SamService
-from dataengine.pipeline.server.security import ApiError, RateLimiter
+from dataengine.pipeline.server.security import ApiError, FairSlots, RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class ServerState:
     jobs: JobRunner
     sessions: PromptSessions
     predicts: RateLimiter
+    decoder_slots: FairSlots
     rounds: dict[int, people.PeopleRound] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -60,7 +61,9 @@ class ServerState:
                    index=people.PeopleIndex(corpus, ttl=max(cfg.refresh_seconds, 0.5)),
                    jobs=JobRunner(cfg.max_pending_jobs),
                    sessions=PromptSessions(cfg.prompt_cache_mb << 20),
-                   predicts=RateLimiter(cfg.predicts_per_second))
+                   predicts=RateLimiter(cfg.predicts_per_second, 2 * cfg.predicts_per_second,
+                                        max_inflight=1),
+                   decoder_slots=FairSlots(1))
 
     @property
     def cache_dir(self) -> str:

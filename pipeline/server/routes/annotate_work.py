@@ -12,8 +12,8 @@
     GET  /api/annotate/decoder/{version}/{multi|single}   ONNX graph (from the private cache)
 
 Every id and coordinate is validated; leases must be live and the caller's; an object id is
-below ``max_objects_per_lease``; predicts are rate-limited per identity and decoded at most two
-at a time, off the event loop.
+below ``max_objects_per_lease``; predicts are rate-limited per identity and decoded one at a
+time off the event loop, the least busy identity first.
 """
 
 from __future__ import annotations
@@ -37,14 +37,6 @@ from dataengine.pipeline.server.state import ServerState, get_state
 
 router = APIRouter(dependencies=[Depends(require("annotator"))])
 Me = Depends(require("annotator"))
-_SLOTS: dict[str, anyio.CapacityLimiter] = {}
-
-
-def _slots() -> anyio.CapacityLimiter:
-    """Decoder calls at once (created in the event loop that uses it)."""
-    if "decode" not in _SLOTS:
-        _SLOTS["decode"] = anyio.CapacityLimiter(2)
-    return _SLOTS["decode"]
 
 
 def round_of(st: ServerState, number: str) -> people.PeopleRound:
@@ -148,12 +140,19 @@ def _prompt(st: ServerState, r: people.PeopleRound, img: people.ImageState,
 
 
 async def _decoded(st: ServerState, r: people.PeopleRound, img: people.ImageState,
-                   body: dict[str, Any], ident: auth.Identity):
-    st.predicts.acquire(ident.name)
+                   body: dict[str, Any], ident: auth.Identity, kind: str = "predict"):
+    """Decode a prompt off the event loop: rate-limited per identity and kind (predict,
+    accept), one decoder call at a time (it uses every core), the least busy identity first."""
+    name = f"{ident.name}/{kind}"
+    st.predicts.acquire(name)
     try:
-        return await anyio.to_thread.run_sync(_prompt, st, r, img, body, limiter=_slots())
+        started = await st.decoder_slots.acquire(ident.name)
+        try:
+            return await anyio.to_thread.run_sync(_prompt, st, r, img, body)
+        finally:
+            st.decoder_slots.release(ident.name, started)
     finally:
-        st.predicts.release(ident.name)
+        st.predicts.release(name)
 
 
 @router.post("/api/annotate/{number}/predict")
@@ -209,7 +208,7 @@ async def accept(number: str, request: Request, ident: auth.Identity = Me) -> di
     idem = body.get("idempotency_key")
     if idem is not None and not isinstance(idem, str):
         raise ApiError(400, "idempotency_key must be text")
-    preds, points, labels, box, obj = await _decoded(st, r, img, body, ident)
+    preds, points, labels, box, obj = await _decoded(st, r, img, body, ident, "accept")
     ann = _annotation(r, img, body, preds, points, labels, box, ident.name)
     uid = await anyio.to_thread.run_sync(
         lambda: _conflicts(r.accept, body["lease_id"], ident.name, ann, idem, img.key))
