@@ -47,6 +47,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_clicks(base: str, key: str, clicks: int) -> tuple[int, int, int, list[float], float]:
+    """Open a round on ``key``, then time ``clicks`` predicts over HTTP (1-5 clicks per object,
+    masks decoded as a client does). Returns the round, the image size, the latencies (ms) and
+    the first click's."""
+    from pycocotools import mask as mask_utils
+
+    with httpx.Client(base_url=base, timeout=300) as c:
+        job = c.post("/api/annotate/rounds", json={"stage": "manual", "model_version": "v0001",
+                                                   "keys": [key]})
+        while (j := c.get(job.json()["status_url"]).json())["status"] not in ("done", "failed"):
+            time.sleep(0.1)
+        n = j["result"]["round"]
+        lease = c.post(f"/api/annotate/{n}/lease", json={}).json()
+        lid = lease["lease"]["lease_id"]
+        h, w = lease["image"]["height"], lease["image"]["width"]
+        rng = random.Random(0)
+
+        def click(obj: int, points: list[dict]) -> float:
+            t0 = time.perf_counter()
+            r = c.post(f"/api/annotate/{n}/predict", json={
+                "lease_id": lid, "key": key, "object": obj % 200, "points": points})
+            r.raise_for_status()
+            body = r.json()
+            for m in body["masks"]:  # full-resolution masks, decoded as the client does
+                mask = mask_utils.decode({"size": [body["height"], body["width"]],
+                                          "counts": m["rle"].encode()})
+                assert mask.shape == (h, w)
+            return (time.perf_counter() - t0) * 1000
+
+        # first click: loads the model, builds the ONNX decoder, reads the cached embedding
+        first = click(0, [{"x": w // 2, "y": h // 2, "label": 1}])
+        lat: list[float] = []
+        obj = 1
+        while len(lat) < clicks + 5:
+            points: list[dict] = []
+            for _ in range(rng.randint(1, 5)):
+                points.append({"x": rng.randrange(w), "y": rng.randrange(h),
+                               "label": 1 if not points else rng.randint(0, 1)})
+                lat.append(click(obj, list(points)))
+                time.sleep(0.2)  # predicts are rate-limited per person, as a person clicks
+            obj += 1
+        c.post(f"/api/annotate/{n}/release", json={"lease_id": lid, "key": key})
+    return n, w, h, lat[5:], first
+
+
 def browser_clicks(base: str, n: int, w: int, h: int, clicks: int) -> list[float] | None:
     """Click latencies (ms) measured by the annotate page in headless Chromium, or None when
     Chromium, Playwright or onnxruntime-web is missing."""
@@ -106,7 +151,6 @@ def main() -> None:
 
     import torch
     from PIL import Image
-    from pycocotools import mask as mask_utils
 
     from dataengine.models.sam import build_sam
     from dataengine.pipeline.core import storage
@@ -142,8 +186,6 @@ def main() -> None:
                              "--set", "precompute=off"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    lat: list[float] = []
-    first_click_ms = float("nan")
     try:
         deadline = time.time() + 120
         while True:
@@ -155,43 +197,7 @@ def main() -> None:
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"server did not start: {proc.stdout.read()}")
             time.sleep(0.2)
-        with httpx.Client(base_url=base, timeout=300) as c:
-            job = c.post("/api/annotate/rounds", json={"stage": "manual",
-                                                       "model_version": "v0001", "keys": [key]})
-            while (j := c.get(job.json()["status_url"]).json())["status"] not in ("done",
-                                                                                "failed"):
-                time.sleep(0.1)
-            n = j["result"]["round"]
-            lease = c.post(f"/api/annotate/{n}/lease", json={}).json()
-            lid = lease["lease"]["lease_id"]
-            h, w = lease["image"]["height"], lease["image"]["width"]
-            rng = random.Random(0)
-
-            def click(obj: int, points: list[dict]) -> float:
-                t0 = time.perf_counter()
-                r = c.post(f"/api/annotate/{n}/predict",
-                           json={"lease_id": lid, "key": key, "object": obj % 200,
-                                 "points": points})
-                r.raise_for_status()
-                body = r.json()
-                for m in body["masks"]:  # full-resolution masks, decoded as the client does
-                    mask = mask_utils.decode({"size": [body["height"], body["width"]],
-                                              "counts": m["rle"].encode()})
-                    assert mask.shape == (h, w)
-                return (time.perf_counter() - t0) * 1000
-
-            # first click: loads the model, builds the ONNX decoder, reads the cached embedding
-            first_click_ms = click(0, [{"x": w // 2, "y": h // 2, "label": 1}])
-            obj = 1
-            while len(lat) < a.clicks + 5:
-                points: list[dict] = []
-                for _ in range(rng.randint(1, 5)):
-                    points.append({"x": rng.randrange(w), "y": rng.randrange(h),
-                                   "label": 1 if not points else rng.randint(0, 1)})
-                    lat.append(click(obj, list(points)))
-                obj += 1
-            lat = lat[5:]  # warm-up
-            c.post(f"/api/annotate/{n}/release", json={"lease_id": lid, "key": key})
+        n, w, h, lat, first_click_ms = server_clicks(base, key, a.clicks)
         browser = None if a.server_only else browser_clicks(base, n, w, h, a.clicks)
     except Exception:
         proc.terminate()

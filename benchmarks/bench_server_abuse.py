@@ -249,6 +249,96 @@ def abuse(base: str, n: int, tokens: dict, leases: dict, stop: mp.Event, deadlin
     q.put(dict(counts))
 
 
+def open_people_round(base: str, H: dict, keys: list[str]) -> tuple[int, dict]:
+    """Open the round (admin) and take one lease each for the annotator and the abusers."""
+    with client(base, H["admin"]) as c:
+        job = c.post("/api/annotate/rounds", json={"stage": "manual", "model_version": "v0001",
+                                                   "keys": keys}).json()
+        while (j := c.get(job["status_url"]).json())["status"] not in ("done", "failed"):
+            time.sleep(0.2)
+    if j["status"] != "done":
+        raise RuntimeError(f"opening the round failed: {j['error']}")
+    n = j["result"]["round"]
+    mine = {}
+    for who in ("good", "flood", "dup"):
+        with client(base, H[who]) as c:
+            mine[who] = lease(c, n)
+    return n, mine
+
+
+def measure(base: str, pid: int, n: int, tokens: dict, H: dict, mine: dict, a) -> dict:
+    """The annotator's clicks idle, then under abuse (another process); memory sampled."""
+    out: dict = {"srv_idle": [], "srv_abuse": []}
+    with client(base, H["good"]) as good:
+        clicks(good, n, mine["good"], 5, 0, 0)                       # warm-up
+        out["idle"] = clicks(good, n, mine["good"], a.clicks, 1, 10, out["srv_idle"])
+        out["rss0"] = rss_mb(pid)
+        ctx = mp.get_context("spawn")
+        q: mp.Queue = ctx.Queue()
+        stop = ctx.Event()
+        leases = {w: mine[w]["lease"] for w in ("flood", "dup")}
+        abuser = ctx.Process(target=abuse, args=(base, n, tokens, leases, stop,
+                                                 time.time() + a.max_seconds, q))
+        out["peak"] = out["rss0"]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                out["peak"] = max(out["peak"], rss_mb(pid))
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        abuser.start()
+        time.sleep(3.0)  # the abuse is under way
+        out["under"] = clicks(good, n, mine["good"], a.clicks, 2, 100, out["srv_abuse"])
+        stop.set()
+        out["counts"] = q.get(timeout=120)
+        abuser.join(timeout=60)
+        time.sleep(2.0)
+        done.set()
+        sampler.join()
+        out["rss_end"] = rss_mb(pid)
+    return out
+
+
+def finish_round(base: str, H: dict, mine: dict, n: int, keys: list[str]) -> None:
+    """Everyone submits (a lease that expired is taken again); the admin skips what is left."""
+    with client(base) as c:
+        for who in ("good", "flood", "dup"):
+            L = mine[who]["lease"]
+            r = c.post(f"/api/annotate/{n}/submit", headers=H[who],
+                       json={"lease_id": L["lease_id"], "key": L["key"]})
+            if r.status_code != 200:
+                with client(base, H[who]) as cw:
+                    L = lease(cw, n)["lease"]
+                if L:
+                    c.post(f"/api/annotate/{n}/submit", headers=H[who],
+                           json={"lease_id": L["lease_id"], "key": L["key"]})
+        for _ in keys:
+            with client(base, H["admin"]) as cw:
+                L = lease(cw, n)["lease"]
+            if L:
+                c.post(f"/api/annotate/{n}/skip", headers=H["admin"],
+                       json={"lease_id": L["lease_id"], "key": L["key"]})
+
+
+def duplicates_in(corpus, n: int) -> tuple[int, int]:
+    """(masks, masks saved twice on one image) in the written round."""
+    from dataengine.pipeline.core.rounds import iter_round_shard, round_shards
+
+    deadline = time.time() + 60
+    while time.time() < deadline and not round_shards(corpus, n):
+        time.sleep(0.5)
+    masks = dups = 0
+    for shard in round_shards(corpus, n):
+        for rec in iter_round_shard(corpus, n, shard):
+            rles = [ann["segmentation"]["counts"] for ann in rec["annotations"]]
+            masks += len(rles)
+            dups += len(rles) - len(set(rles))
+    return masks, dups
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--clicks", type=int, default=60)
@@ -257,7 +347,6 @@ def main() -> None:
     a = ap.parse_args()
 
     from dataengine.pipeline.core.layout import Corpus
-    from dataengine.pipeline.core.rounds import iter_round_shard, round_shards
     from dataengine.pipeline.server import auth
 
     tmp = tempfile.mkdtemp(prefix="bench-abuse-")
@@ -269,100 +358,34 @@ def main() -> None:
                   "good": auth.create_token(corpus, "good"),
                   "flood": auth.create_token(corpus, "flood"),
                   "dup": auth.create_token(corpus, "dup")}
-        proc, base = start_server(root, tmp)
         H = {k: {"Authorization": f"Bearer {v}"} for k, v in tokens.items()}
-        with httpx.Client(base_url=base, timeout=300) as c:
-            job = c.post("/api/annotate/rounds", headers=H["admin"], json={
-                "stage": "manual", "model_version": "v0001", "keys": keys}).json()
-            while (j := c.get(job["status_url"], headers=H["admin"]).json())["status"] not in (
-                    "done", "failed"):
-                time.sleep(0.2)
-            if j["status"] != "done":
-                raise RuntimeError(f"opening the round failed: {j['error']}")
-            n = j["result"]["round"]
-            mine = {}
-            for who in ("good", "flood", "dup"):
-                with client(base, H[who]) as cw:
-                    mine[who] = lease(cw, n)
-        with httpx.Client(base_url=base, timeout=300, headers=H["good"]) as good:
-            clicks(good, n, mine["good"], 5, 0, 0)                       # warm-up
-            srv_idle: list[float] = []
-            srv_abuse: list[float] = []
-            idle = clicks(good, n, mine["good"], a.clicks, 1, 10, srv_idle)
-            rss0 = rss_mb(proc.pid)
-            ctx = mp.get_context("spawn")
-            q: mp.Queue = ctx.Queue()
-            stop = ctx.Event()
-            leases = {w: mine[w]["lease"] for w in ("flood", "dup")}
-            abuser = ctx.Process(target=abuse, args=(base, n, tokens, leases, stop,
-                                                     time.time() + a.max_seconds, q))
-            peak = [rss0]
-            done = threading.Event()
-
-            def sample() -> None:
-                while not done.is_set():
-                    peak[0] = max(peak[0], rss_mb(proc.pid))
-                    time.sleep(0.25)
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            abuser.start()
-            time.sleep(3.0)  # the abuse is under way
-            under = clicks(good, n, mine["good"], a.clicks, 2, 100, srv_abuse)
-            stop.set()
-            counts: dict = q.get(timeout=120)
-            abuser.join(timeout=60)
-            time.sleep(2.0)
-            done.set()
-            sampler.join()
-            rss_end = rss_mb(proc.pid)
-        with httpx.Client(base_url=base, timeout=300) as c:
-            for who in ("good", "flood", "dup"):
-                L = mine[who]["lease"]
-                r = c.post(f"/api/annotate/{n}/submit", headers=H[who],
-                           json={"lease_id": L["lease_id"], "key": L["key"]})
-                if r.status_code != 200:  # an expired lease: take it again
-                    with client(base, H[who]) as cw:
-                        again = lease(cw, n)
-                    if again["lease"]:
-                        c.post(f"/api/annotate/{n}/submit", headers=H[who], json={
-                            "lease_id": again["lease"]["lease_id"],
-                            "key": again["lease"]["key"]})
-            for _ in keys:  # anything left: skipped by the admin
-                with client(base, H["admin"]) as cw:
-                    got = lease(cw, n)
-                if got["lease"]:
-                    c.post(f"/api/annotate/{n}/skip", headers=H["admin"], json={
-                        "lease_id": got["lease"]["lease_id"], "key": got["lease"]["key"]})
-        deadline = time.time() + 60
-        while time.time() < deadline and len(round_shards(corpus, n)) < 1:
-            time.sleep(0.5)
-        duplicates, masks = 0, 0
-        for shard in round_shards(corpus, n):
-            for rec in iter_round_shard(corpus, n, shard):
-                rles = [a_["segmentation"]["counts"] for a_ in rec["annotations"]]
-                masks += len(rles)
-                duplicates += len(rles) - len(set(rles))
+        proc, base = start_server(root, tmp)
+        n, mine = open_people_round(base, H, keys)
+        m = measure(base, proc.pid, n, tokens, H, mine, a)
+        finish_round(base, H, mine, n, keys)
+        masks, duplicates = duplicates_in(corpus, n)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
 
+    idle, under = m["idle"], m["under"]
     p95i, p95a = float(np.percentile(idle, 95)), float(np.percentile(under, 95))
+    growth = m["peak"] - m["rss0"]
     print(f"model {a.config} (random weights), 4 images 640x480, {a.clicks} clicks per phase "
           f"over HTTP (server decoder path)")
     print(f"annotator click idle: p50 {np.percentile(idle, 50):.1f} ms, p95 {p95i:.1f} ms")
     print(f"annotator click under abuse: p50 {np.percentile(under, 50):.1f} ms, "
           f"p95 {p95a:.1f} ms  (ratio {p95a / p95i:.2f}, target < 2)")
-    print(f"  inside the server: p95 {np.percentile(srv_idle, 95):.1f} ms idle, "
-          f"{np.percentile(srv_abuse, 95):.1f} ms under abuse")
-    print(f"server RSS: {rss0:.0f} MB before the abuse, peak {peak[0]:.0f} MB, "
-          f"{rss_end:.0f} MB after (growth {peak[0] - rss0:.0f} MB, target < 200)")
-    print(f"abusive requests by answer: {dict(sorted(counts.items()))}")
+    print(f"  inside the server: p95 {np.percentile(m['srv_idle'], 95):.1f} ms idle, "
+          f"{np.percentile(m['srv_abuse'], 95):.1f} ms under abuse")
+    print(f"server RSS: {m['rss0']:.0f} MB before the abuse, peak {m['peak']:.0f} MB, "
+          f"{m['rss_end']:.0f} MB after (growth {growth:.0f} MB, target < 200)")
+    print(f"abusive requests by answer: {dict(sorted(m['counts'].items()))}")
     print(f"round written: {masks} masks, {duplicates} duplicated (target 0)")
     print(f"RESULT click_p95_idle_ms={p95i:.1f} click_p95_abuse_ms={p95a:.1f} "
-          f"rss_growth_mb={peak[0] - rss0:.0f} duplicates={duplicates}")
+          f"rss_growth_mb={growth:.0f} duplicates={duplicates}")
 
 
 if __name__ == "__main__":
