@@ -122,37 +122,40 @@ async def release(number: str, request: Request, ident: auth.Identity = Me) -> d
 
 
 # prompts ------------------------------------------------------------------------------------
-def _prompt(st: ServerState, r: people.PeopleRound, img: people.ImageState,
-            body: dict[str, Any]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray,
-                                           np.ndarray | None, int]:
+def _parsed(st: ServerState, img: people.ImageState, body: dict[str, Any]
+            ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The prompt of a body: object id, points, labels, box (400 naming what is wrong)."""
     obj = int_field(body, "object", 0, st.config.max_objects_per_lease - 1, default=0)
     points, labels = parse_points(body, img.width, img.height)
     box = parse_box(body, img.width, img.height)
     if not len(points) and box is None:
         raise ApiError(400, "a prompt needs at least one point or a box")
+    return obj, points, labels, box
+
+
+async def _decoded(st: ServerState, r: people.PeopleRound, img: people.ImageState,
+                   body: dict[str, Any], ident: auth.Identity, kind: str = "predict"):
+    """Validate, then decode a prompt off the event loop: rate-limited per identity and kind
+    (predict, accept), one decoder call at a time (it uses every core), the least busy identity
+    first. Returns (masks, points, labels, box, object)."""
+    obj, points, labels, box = _parsed(st, img, body)
 
     def predict(pts, labs, bx, mask_input, multimask, lowres_only):
         return st.sam.predict(r.model_version, img.key, st.image_fn(img.key, img.shard), pts,
                               labs, bx, mask_input, multimask, img.shard, lowres_only)
 
-    preds = decode(predict, st.sessions, body["lease_id"], obj, points, labels, box)
-    return preds, points, labels, box, obj
-
-
-async def _decoded(st: ServerState, r: people.PeopleRound, img: people.ImageState,
-                   body: dict[str, Any], ident: auth.Identity, kind: str = "predict"):
-    """Decode a prompt off the event loop: rate-limited per identity and kind (predict,
-    accept), one decoder call at a time (it uses every core), the least busy identity first."""
     name = f"{ident.name}/{kind}"
     st.predicts.acquire(name)
     try:
         started = await st.decoder_slots.acquire(ident.name)
         try:
-            return await anyio.to_thread.run_sync(_prompt, st, r, img, body)
+            preds = await anyio.to_thread.run_sync(
+                decode, predict, st.sessions, body["lease_id"], obj, points, labels, box)
         finally:
             st.decoder_slots.release(ident.name, started)
     finally:
         st.predicts.release(name)
+    return preds, points, labels, box, obj
 
 
 @router.post("/api/annotate/{number}/predict")
