@@ -8,9 +8,13 @@ Decisions live append-only under ``ROOT/curation/``: every batch of decisions is
 - ``image``: an image key; rejecting an image excludes every mask on it.
 
 For each target the latest decision wins (ordered by time, then by file and row), so a later
-``approve`` undoes an earlier ``reject``. The two levels are independent: an image-level approve
-does not undo a mask-level reject. Every trainer excludes :func:`rejected_mask_ids` and every mask
-of :func:`rejected_image_keys`; :func:`exclude_rejected` does both on a manifest table.
+``approve`` undoes an earlier ``reject``. A decision recorded twice (a retried request with the
+same ``decision_id``) counts once. An unreadable decision file stops every reader with an error
+naming it (a lost ``reject`` would put rejected masks back into training); readers may opt in
+to skipping such files (``skip_unreadable``), which logs how many were skipped. The two levels
+are independent: an image-level approve does not undo a mask-level reject. Every trainer
+excludes :func:`rejected_mask_ids` and every mask of :func:`rejected_image_keys`;
+:func:`exclude_rejected` does both on a manifest table.
 
 Public contract used by the trainers::
 
@@ -102,6 +106,9 @@ class Decision:
             raise ValueError(f"reason must be text, got {type(self.reason).__name__}")
         if len(self.reason) > MAX_REASON:
             raise ValueError(f"reason is {len(self.reason)} characters; at most {MAX_REASON}")
+        if not isinstance(self.decision_id, str) or not re.fullmatch(r"[0-9a-f]{32}",
+                                                                      self.decision_id):
+            raise ValueError(f"decision_id {self.decision_id!r} is not 32 hex digits")
         if self.ts is None:
             self.ts = datetime.now(UTC)
         elif self.ts.tzinfo is None:
@@ -138,8 +145,10 @@ class DecisionLog:
     Thread-safe; the dashboard keeps one per corpus, scripts call the module functions.
     """
 
-    def __init__(self, corpus: Corpus | str) -> None:
+    def __init__(self, corpus: Corpus | str, *, skip_unreadable: bool = False) -> None:
         self.corpus = _as_corpus(corpus)
+        self.skip_unreadable = skip_unreadable
+        self.unreadable: list[str] = []  # files skipped (``skip_unreadable`` only)
         self._lock = threading.Lock()
         self._files: dict[str, pa.Table] = {}
         self._table: pa.Table = DECISION_SCHEMA.empty_table()
@@ -148,26 +157,39 @@ class DecisionLog:
         self.version = 0  # bumps whenever new decisions were read
 
     def refresh(self) -> bool:
-        """Read decision files published since the last call; True when something new came."""
+        """Read decision files published since the last call; True when something new came.
+
+        Raises :class:`storage.UnreadableFile` naming an unreadable file unless the log was
+        made with ``skip_unreadable`` (then the file is skipped, logged and counted).
+        """
         urls = storage.listdir(self.corpus.curation, _FILE_RE)
         with self._lock:
-            new = [u for u in urls if u not in self._files]
+            new = [u for u in urls if u not in self._files and u not in self.unreadable]
             if not new:
                 return False
             for u in new:
                 try:
-                    self._files[u] = storage.read_table(u).cast(DECISION_SCHEMA)
-                except Exception as exc:  # noqa: BLE001 - one bad file must not hide the rest
-                    logger.error("curation: cannot read %s: %s", u, exc)
-                    self._files[u] = DECISION_SCHEMA.empty_table()
+                    self._files[u] = _read_decisions(u)
+                except storage.UnreadableFile as exc:
+                    if not self.skip_unreadable:
+                        raise
+                    self.unreadable.append(u)
+                    logger.error("curation: skipping unreadable decision file (%d so far): %s",
+                                 len(self.unreadable), exc)
             self._rebuild()
             return True
 
     def _rebuild(self) -> None:
         tables = [self._files[u] for u in sorted(self._files) if self._files[u].num_rows]
         table = pa.concat_tables(tables) if tables else DECISION_SCHEMA.empty_table()
-        # Stable sort by time keeps file then row order among equal timestamps.
         if table.num_rows:
+            ids = table.column("decision_id").to_pylist()
+            first = {}
+            for i, d in enumerate(ids):
+                first.setdefault(d, i)
+            if len(first) < len(ids):  # a retried request recorded the same decision twice
+                table = table.take(pa.array(sorted(first.values()), pa.int64()))
+            # Stable sort by time keeps file then row order among equal timestamps.
             order = pc.sort_indices(table, sort_keys=[("ts", "ascending")])
             table = table.take(order)
         self._table = table
@@ -219,21 +241,30 @@ class DecisionLog:
 
 
 
-def load_log(corpus: Corpus | str) -> DecisionLog:
-    """The decision log of ``corpus``, fully read."""
-    log = DecisionLog(corpus)
+def _read_decisions(url: str) -> pa.Table:
+    """One decision file; :class:`storage.UnreadableFile` when it is not a decision table."""
+    table = storage.read_table(url)
+    try:
+        return table.cast(DECISION_SCHEMA)
+    except (pa.ArrowException, ValueError) as exc:
+        raise storage.UnreadableFile(url, f"not a decision table: {exc}") from exc
+
+
+def load_log(corpus: Corpus | str, *, skip_unreadable: bool = False) -> DecisionLog:
+    """The decision log of ``corpus``, fully read (unreadable files: see the module doc)."""
+    log = DecisionLog(corpus, skip_unreadable=skip_unreadable)
     log.refresh()
     return log
 
 
-def rejected_mask_ids(corpus: Corpus | str) -> set[str]:
+def rejected_mask_ids(corpus: Corpus | str, *, skip_unreadable: bool = False) -> set[str]:
     """Mask ids whose latest mask-level decision is ``reject``."""
-    return load_log(corpus).rejected_mask_ids()
+    return load_log(corpus, skip_unreadable=skip_unreadable).rejected_mask_ids()
 
 
-def rejected_image_keys(corpus: Corpus | str) -> set[str]:
+def rejected_image_keys(corpus: Corpus | str, *, skip_unreadable: bool = False) -> set[str]:
     """Image keys whose latest image-level decision is ``reject`` (all their masks excluded)."""
-    return load_log(corpus).rejected_image_keys()
+    return load_log(corpus, skip_unreadable=skip_unreadable).rejected_image_keys()
 
 
 def decision_states(corpus: Corpus | str) -> dict[str, str]:

@@ -41,9 +41,9 @@ from dataengine.pipeline.core import storage
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import (
     RoundWriter,
+    claim_round,
     is_complete,
     load_manifest,
-    next_round,
 )
 from dataengine.pipeline.server.people_log import (
     Conflict,
@@ -98,10 +98,12 @@ def open_round(corpus: Corpus, *, stage: str, model_version: str, n_images: int 
     order = {s: i for i, s in enumerate(sorted({r["shard"] for r in index}))}
     pos = {r["key"]: i for i, r in enumerate(index)}
     chosen.sort(key=lambda r: (order[r["shard"]], pos[r["key"]]))
-    number = next_round(corpus) if number is None else number
-    writer = RoundWriter(corpus, number, stage, model_version=model_version,
-                         config={"people": True, "prefill": prefill, "images": len(chosen)})
-    writer.begin()
+    config = {"people": True, "prefill": prefill, "images": len(chosen)}
+    if number is None:  # the first free number, taken without a race (round.json created)
+        number = claim_round(corpus, stage, model_version, owner="people", config=config)
+    else:
+        RoundWriter(corpus, number, stage, model_version=model_version, config=config,
+                    owner="people").begin()
     storage.write_json(storage.join(people_dir(corpus, number), "queue.json"), {
         "round": number, "stage": stage, "model_version": model_version, "prefill": prefill,
         "opened_by": opened_by, "created": datetime.now(UTC).isoformat(),
@@ -222,7 +224,8 @@ class PeopleRound:
             self._by_lease[ev["lease_id"]] = st.key
 
     def _writer(self) -> RoundWriter:
-        return RoundWriter(self.corpus, self.number, self.stage, self.model_version)
+        return RoundWriter(self.corpus, self.number, self.stage, self.model_version,
+                           owner="people")
 
     # leases -------------------------------------------------------------------------------
     def lease(self, annotator: str) -> Lease | None:

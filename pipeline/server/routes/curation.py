@@ -18,13 +18,15 @@ MAX_DECISIONS = 1000
 def _decision(st: ServerState, i: int, item: object, who: str) -> curation.Decision:
     if not isinstance(item, dict):
         raise ApiError(400, f"decisions[{i}] is not an object")
-    extra = set(item) - {"target_type", "target", "decision", "reason"}
+    extra = set(item) - {"target_type", "target", "decision", "reason", "decision_id"}
     if extra:
         raise ApiError(400, f"decisions[{i}]: unknown field(s) {sorted(extra)}")
-    try:
+    try:  # an optional client decision_id makes a retried request count once
         d = curation.Decision(target_type=item.get("target_type"), target=item.get("target"),
                               decision=item.get("decision"), who=who,
-                              reason=item.get("reason") or "")
+                              reason=item.get("reason") or "",
+                              **({"decision_id": item["decision_id"]}
+                                 if "decision_id" in item else {}))
     except (ValueError, TypeError) as exc:
         raise ApiError(400, f"decisions[{i}]: {exc}") from None
     if d.target_type == "mask" and not st.view.has_mask(d.target):
