@@ -86,6 +86,7 @@ def test_overrides_are_converted_by_the_field_type_not_by_yaml():
     assert cfg.inner.lr == 2.0 and isinstance(cfg.inner.lr, float)
     assert load_config(Typed, None, ["mode=", "flag=yes", "maybe=3"]) == Typed(
         mode="", flag=True, maybe=3)
+    assert load_config(Typed, None, ["mode='off'"]).mode == "off"   # quoted as in YAML
     for item, word in (("count=seven", "count='seven': expected an integer"),
                        ("flag=maybe", "flag='maybe': expected a boolean"),
                        ("rate=fast", "rate='fast': expected a number"),

@@ -121,7 +121,9 @@ def coerce(raw: Any, tp: Any, where: str = "value") -> Any:
     if not isinstance(raw, str):
         raise ValueError(f"{where}={raw!r}: expected {_type_name(tp)}")
     text = raw.strip()
-    if tp is str:
+    if tp is str:  # a quoted text (YAML habit) is the text inside the quotes
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return text[1:-1]
         return raw
     if tp is bool:
         if text.lower() in _TRUE:
