@@ -265,9 +265,14 @@ async def embedding(number: str, request: Request, ident: auth.Identity = Me) ->
     st = get_state(request)
     r = round_of(st, number)
     img = leased(r, dict(request.query_params), ident)
-    data, meta = await anyio.to_thread.run_sync(
-        st.sam.embedding_payload, r.model_version, img.key, st.image_fn(img.key, img.shard),
-        img.shard)
+    name = f"{ident.name}/embedding"
+    st.predicts.acquire(name)
+    try:
+        data, meta = await anyio.to_thread.run_sync(
+            st.sam.embedding_payload, r.model_version, img.key,
+            st.image_fn(img.key, img.shard), img.shard)
+    finally:
+        st.predicts.release(name)
     return Response(data, media_type="application/octet-stream", headers={
         "Cache-Control": "private, max-age=3600",
         "X-Embedding-Shape": ",".join(map(str, meta["shape"])),
@@ -293,7 +298,8 @@ async def decoder(number: str, request: Request) -> dict:
 
 
 @router.get("/api/annotate/decoder/{version}/{kind}")
-async def decoder_graph(version: str, kind: str, request: Request) -> Response:
+async def decoder_graph(version: str, kind: str, request: Request,
+                        ident: auth.Identity = Me) -> Response:
     st = get_state(request)
     if not re.fullmatch(r"v\d{4,}", version) or version not in st.corpus.model_versions("sam"):
         raise ApiError(404, f"no SAM version {version!r}")
@@ -302,6 +308,11 @@ async def decoder_graph(version: str, kind: str, request: Request) -> Response:
     dec = await anyio.to_thread.run_sync(st.sam.browser_decoder, version)
     if dec is None:
         raise ApiError(404, "this server decodes with torch; no ONNX graphs to send")
-    data = await anyio.to_thread.run_sync(dec.graph, kind)
+    name = f"{ident.name}/graph"
+    st.predicts.acquire(name)  # megabytes, hashed before they are sent: rate-limited
+    try:
+        data = await anyio.to_thread.run_sync(dec.graph, kind)
+    finally:
+        st.predicts.release(name)
     return Response(data, media_type="application/octet-stream",
                     headers={"Cache-Control": "private, max-age=86400"})
