@@ -301,6 +301,44 @@ def export_onnx_decoder(model: Sam, path: str, *, opset: int = 17,
                       input_names=list(dummy), output_names=output_names)
 
 
+def predict_masks_per_pixel(decoder: Any, image_embeddings: torch.Tensor,
+                            image_pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``MaskDecoder.predict_masks`` with its output upscaling written as per-pixel matrix
+    products (same result): both transposed convolutions have kernel 2 and stride 2, so each
+    embedding pixel maps to its own 4x4 block of the low-res mask through two matmuls, a
+    layer norm and GELUs, and only the final Bx(masks)xSxS logits are put in spatial order.
+    ONNX Runtime runs matmuls much faster than ``ConvTranspose`` (natively and in wasm).
+
+    Returns masks Bx(num mask tokens)x4Hx4W and IoU predictions Bx(num mask tokens).
+    """
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
+    tokens = torch.cat((output_tokens, sparse), dim=1)
+    src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0) + dense
+    pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
+    b, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos_src, tokens)         # src: B x hw x c
+    n = decoder.num_mask_tokens
+    conv1, norm, act1, conv2, act2 = decoder.output_upscaling
+    c1, c2 = conv1.out_channels, conv2.out_channels
+    # ConvTranspose weight Cin x Cout x 2 x 2 -> Cin x (2 x 2 x Cout): the 2x2 offsets first
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
+    x = (src @ w1).reshape(b, h * w * 4, c1) + conv1.bias
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).pow(2).mean(-1, keepdim=True)
+    x = act1((x - mu) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias)
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+    x = act2((x @ w2).reshape(b, h * w * 16, c2) + conv2.bias)  # pixel order (i, j, a, b, a2, b2)
+    mask_tokens = hs[:, 1:1 + n, :]
+    hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens[:, i, :])
+                            for i in range(n)], dim=1)          # B x n x c2
+    masks = hyper_in @ x.transpose(1, 2)                        # B x n x (h w 2 2 2 2)
+    masks = masks.reshape(b, n, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+    masks = masks.reshape(b, n, 4 * h, 4 * w)                   # row = 4i + 2a + a2
+    return masks, decoder.iou_prediction_head(hs[:, 0, :])
+
+
 class _LowResOnnxModel(torch.nn.Module):
     """Meta's ``SamOnnxModel`` without the upsampling to the original size."""
 
@@ -317,9 +355,9 @@ class _LowResOnnxModel(torch.nn.Module):
         m = self.inner
         sparse = m._embed_points(point_coords, point_labels)
         dense = m._embed_masks(mask_input, has_mask_input)
-        masks, scores = m.model.mask_decoder.predict_masks(
-            image_embeddings=image_embeddings, image_pe=m.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+        masks, scores = predict_masks_per_pixel(
+            m.model.mask_decoder, image_embeddings, m.model.prompt_encoder.get_dense_pe(),
+            sparse, dense)
         if m.use_stability_score:
             from segment_anything.utils.amg import calculate_stability_score
 
