@@ -23,7 +23,9 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline.sam": {"models", "pipeline.core"},
     "pipeline.ldm": {"models", "pipeline.core"},
     "pipeline.detector": {"models", "pipeline.core", "pipeline.sam"},
-    "pipeline.annotate": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector"},
+    "pipeline.formats": {"models", "pipeline.core"},
+    "pipeline.annotate": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
+                          "pipeline.formats"},
     "pipeline.engine": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
                         "pipeline.annotate"},
     "pipeline.server": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
@@ -32,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
               "pipeline.detector", "pipeline.annotate", "pipeline.engine"},
     "pipeline.cli": {"models", "pipeline.core", "pipeline.ingest", "pipeline.sam",
                      "pipeline.ldm", "pipeline.detector", "pipeline.annotate", "pipeline.engine",
-                     "pipeline.server", "flows"},
+                     "pipeline.server", "pipeline.formats", "flows"},
 }
 #: Third-party packages only some units may import.
 RESTRICTED = {"prefect": {"flows", "pipeline.cli"}}
