@@ -41,7 +41,7 @@ def corpus(tmp_path, shared_data) -> Corpus:
 
 
 def keys_of(c: Corpus) -> list[str]:
-    return [r["key"] for r in storage.read_table(c.index).to_pylist() if r["split"] == "train"]
+    return [r["key"] for r in load_index(c).to_pylist() if r["split"] == "train"]
 
 
 def start(c: Corpus, tmp_path: Path, name: str, *extra: str) -> ServerProcess:
