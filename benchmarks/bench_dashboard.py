@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dataengine.pipeline.core import curation
+from dataengine.pipeline.core import curation  # noqa: E402
 from dataengine.pipeline.core.layout import Corpus  # noqa: E402
 from dataengine.pipeline.server.synthetic import build_corpus  # noqa: E402
 

@@ -288,7 +288,8 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
             "--resize", "keep_ratio", "--image-size", "320"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     log = open(tmp_path / "killed-run.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", "from dataengine.pipeline.cli.app import app; app()", *args],
+    cli = "from dataengine.pipeline.cli.app import app; app()"
+    proc = subprocess.Popen([sys.executable, "-c", cli, *args],
                             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     images = root / "images"
