@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -83,19 +84,37 @@ class MaskStore:
                 self.con.execute(f"DELETE FROM {t}")
         self.con.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", [SCHEMA_VERSION])
         self.version = 0
+        self._make_private()
 
     def _connect(self, path: str) -> duckdb.DuckDBPyConnection:
         if path == ":memory:":
             return duckdb.connect()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         try:
-            return duckdb.connect(path)
+            con = duckdb.connect(path)
         except duckdb.IOException:
             # another dashboard holds the file: keep a private copy for this process
             alt = f"{path}.{os.getpid()}"
             logger.warning("dashboard store %s is in use; using %s", path, alt)
             self.path = alt
-            return duckdb.connect(alt)
+            con = duckdb.connect(alt)
+        # spilled data goes to a folder only this user can enter (DuckDB creates it 0755)
+        spill = f"{self.path}.spill"
+        os.makedirs(spill, mode=0o700, exist_ok=True)
+        os.chmod(spill, 0o700)
+        con.execute("SET temp_directory = ?", [spill])
+        return con
+
+    def _make_private(self) -> None:
+        """Give the database file and its WAL mode 0600 (DuckDB creates them with the umask's
+        mode; the WAL is re-created after checkpoints, so this runs after every write)."""
+        if self.path == ":memory:":
+            return
+        for name in (self.path, f"{self.path}.wal"):
+            try:
+                os.chmod(name, 0o600)
+            except FileNotFoundError:
+                pass
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor for the calling thread (DuckDB connections are not shared across threads)."""
@@ -119,6 +138,7 @@ class MaskStore:
             for suffix in ("", ".wal"):
                 if os.path.exists(self.path + suffix):
                     os.remove(self.path + suffix)
+            shutil.rmtree(f"{self.path}.spill", ignore_errors=True)
 
     # ingest --------------------------------------------------------------------------------
     def known_parts(self, kind: str) -> dict[str, tuple[int, str]]:
@@ -164,6 +184,7 @@ class MaskStore:
                             [next_id, kind, rnd, name, url, _sig(info), n])
                 next_id += 1
             self.version += 1
+            self._make_private()
         logger.info("dashboard store: %d %s part(s) read, %d dropped", len(new), kind, len(gone))
         return True
 
@@ -211,6 +232,7 @@ class MaskStore:
             cur.execute("INSERT INTO dec_image SELECT * FROM _di")
             cur.unregister("_dm")
             cur.unregister("_di")
+            self._make_private()
 
 
 def _split_mask_id(mask_id: str) -> tuple[int, str, int]:
