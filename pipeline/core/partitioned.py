@@ -279,6 +279,11 @@ class PartitionedDataset:
         raise storage.UnreadableFile(self.url, "kept changing while being read")
 
     # compaction ----------------------------------------------------------------------------
+    def compaction_due(self, fanout: int = 16) -> bool:
+        """Whether :meth:`compact` with ``fanout`` may write a compact (enough uncovered parts;
+        one listing): when not, compacting reads nothing."""
+        return len(self.resolve().parts) >= max(1, fanout)
+
     def compact(self, fanout: int = 16, force: bool = False,
                 eligible: Callable[[str], bool] | None = None) -> str | None:
         """Size-tiered compaction: ``fanout`` uncovered parts (any, with ``force``) become a

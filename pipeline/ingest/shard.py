@@ -24,6 +24,7 @@ Imported masks (COCO, YOLO-seg) go to round 0 (stage ``imported``) through
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -159,6 +160,11 @@ def _run(tasks, root: str, cfg: ShardConfig, fn=run_task):
     if cfg.use_ray and not root.startswith("memory://"):
         from dataengine.pipeline.core.distribute import ensure_ray, stream_tasks
 
+        tasks = iter(tasks)
+        first = next(tasks, None)
+        if first is None:  # nothing to write (every chunk done): Ray is not started
+            return
+        tasks = itertools.chain([first], tasks)
         ensure_ray()
         import ray
 
@@ -196,7 +202,17 @@ def heal(corpus: Corpus) -> int:
     return added
 
 
-def _finish_run(arg: dict[str, Any], root: str, cfg: ShardConfig) -> int:
+def _light_finish(corpus: Corpus) -> bool:
+    """Whether the end of a run may run in the driver: no compaction is due (compacting is the
+    step that reads O(index) rows; the rest is O(new shards))."""
+    return not index.index_dataset(corpus).compaction_due() and \
+        not rounds.manifest_dataset(corpus, 0).compaction_due()
+
+
+def _finish_run(arg: dict[str, Any], root: str, cfg: ShardConfig, wrote: bool = True) -> int:
+    if not wrote and _light_finish(Corpus(root)):
+        # a run that wrote nothing does not start Ray for a finish that reads a few records
+        return int(finish(arg, root, {})["index_rows"])
     for _, res in _run([arg], root, cfg, fn=finish):
         if "error" in res:
             raise RuntimeError(f"shard: merging into the index failed: {res['error']}")
@@ -245,7 +261,8 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
     quarantine.write(corpus, quarantine.content_name("list", qrows), qrows)
     summary["quarantined"] += len(qrows)
     summary["index_rows"] = _finish_run(
-        {"round0": run.round0, "sources": [normalize(s) for s in sources]}, corpus.root, cfg)
+        {"round0": run.round0, "sources": [normalize(s) for s in sources]}, corpus.root, cfg,
+        wrote=bool(run.shards))
     summary.update(plan=publish.Owner.current().run, seconds=round(time.time() - t0, 2))
     logger.info("shard summary: %s", {k: v for k, v in summary.items() if k != "failed_shards"})
     return summary
