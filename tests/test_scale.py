@@ -5,6 +5,9 @@ listings page by page and incrementally."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from dataengine.pipeline.ingest import stream
 from dataengine.pipeline.ingest.shard import ShardConfig, content_key, shard
 from dataengine.pipeline.ingest.sources import iter_items, list_items
 
+REPO = Path(__file__).resolve().parents[1]
 SCHEMA = pa.schema([("key", pa.string()), ("v", pa.int64()), ("blob", pa.string())])
 
 
@@ -189,3 +193,22 @@ def test_a_corpus_with_the_old_single_file_index_is_migrated(tmp_path):
     assert after.num_rows == 4 and len(set(after["key"].to_pylist())) == 4
     assert index.indexed_shards(corpus, legacy=False) == \
         {"shard-000000", "shard-000001", "shard-000002"}
+
+
+@pytest.mark.timeout(300)
+def test_a_run_with_nothing_to_write_starts_no_ray(tmp_path):
+    """A re-run whose chunks are all done neither starts Ray nor leaves round 0 unfinished."""
+    src = tmp_path / "src"
+    _yolo(src, [(200, 0, 0), (0, 200, 0), (0, 0, 200)])
+    root = str(tmp_path / "corpus")
+    shard([str(src)], root, ShardConfig(samples_per_shard=2, use_ray=False))
+    code = ("import sys, ray\n"
+            "from dataengine.pipeline.ingest.shard import ShardConfig, shard\n"
+            "s = shard([sys.argv[1]], sys.argv[2], ShardConfig(samples_per_shard=2))\n"
+            "assert (s['ok'], s['existing'], s['shards_skipped']) == (0, 3, 2), s\n"
+            "assert not ray.is_initialized()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", code, str(src), root], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert rounds.is_complete(Corpus(root), 0) and verify(root).ok
