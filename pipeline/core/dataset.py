@@ -20,6 +20,7 @@ import webdataset as wds
 from dataengine.pipeline.core import splits, storage
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import iter_round_shard
+from dataengine.pipeline.core.shards import register_fsspec_gopen
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def iter_corpus(root: str | Corpus, *, split: str | None = None, decode: str | N
     urls = image_shard_urls(root)
     if not urls:
         raise FileNotFoundError(f"no image shards under {_corpus(root).images}")
+    register_fsspec_gopen()  # s3:// and other fsspec URLs (webdataset has no opener for them)
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False,
                         nodesplitter=wds.split_by_node if split_by_node else None,
                         workersplitter=wds.split_by_worker if split_by_worker else None)
