@@ -178,6 +178,7 @@ def measure(config: str, clicks: int, torch_threads: int, browser_path: bool
     from dataengine.models.sam import build_sam
     from dataengine.pipeline.core import storage
     from dataengine.pipeline.core.checkpoints import save_sam
+    from dataengine.pipeline.core.index import load_index
     from dataengine.pipeline.server.synthetic import build_corpus
 
     img_path = next(p for p in sorted((SHARED / "coco128-seg/images/train2017").glob("*.jpg"))
@@ -193,8 +194,8 @@ def measure(config: str, clicks: int, torch_threads: int, browser_path: bool
     # embeddings ahead of time, as opening a people round does: the encoder pass the cache saves
     from dataengine.pipeline.sam.embeddings import EmbeddingCache
 
-    key = storage.read_table(corpus.index)["key"][0].as_py()
-    shard = storage.read_table(corpus.index)["shard"][0].as_py()
+    first = load_index(corpus, ["key", "shard"]).slice(0, 1).to_pylist()[0]
+    key, shard = first["key"], first["shard"]
     cache = EmbeddingCache(corpus, "v0001", model)
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dataengine.pipeline.core import curation
+from dataengine.pipeline.core import curation  # noqa: E402
 from dataengine.pipeline.core.layout import Corpus  # noqa: E402
 from dataengine.pipeline.server.synthetic import build_corpus  # noqa: E402
 
@@ -119,10 +119,9 @@ def main() -> None:
               f"{time.perf_counter() - t0:.1f}s at {root}")
     # some curation decisions so the state filter and states are non-trivial
     rng = random.Random(0)
-    import pyarrow.parquet as pq
+    from dataengine.pipeline.core.rounds import read_round_manifest
 
-    manifest = pq.read_table(os.path.join(root, "annotations/round-0001/manifest.parquet"),
-                             columns=["mask_id", "key"])
+    manifest = read_round_manifest(corpus, 1, ["mask_id", "key"])
     n_masks = manifest.num_rows
     if not curation.load_log(corpus).table.num_rows:
         ids = manifest["mask_id"].to_pylist()

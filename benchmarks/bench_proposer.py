@@ -50,11 +50,11 @@ def build_corpus(root: str, image_size: int) -> None:
     from dataengine.pipeline.ingest.images import ImageConfig
     from dataengine.pipeline.ingest.shard import ShardConfig, shard
 
-    if Path(root, "images", "index.parquet").exists():
+    if Path(root, "images", "index").is_dir():
         return
     val = str(DATA / "coco-mini/annotations/instances_val2017.json")
-    sources = [str(DATA / "coco128-seg"), str(DATA / "coco-mini/annotations/instances_train2017.json"),
-               val]
+    sources = [str(DATA / "coco128-seg"),
+               str(DATA / "coco-mini/annotations/instances_train2017.json"), val]
     cfg = ShardConfig(samples_per_shard=32, use_ray=False, holdout_sources=[val],
                       image=ImageConfig(resize_mode="keep_ratio", image_size=image_size))
     out = shard(sources, root, cfg)
@@ -155,8 +155,8 @@ def detector_box_recall(root: str, version: str, keys: list[str], threshold: flo
     shard_of = {}
     for r in rows:
         if r["key"] in want:
-            gt.setdefault(r["key"], []).append([r["bbox_x"], r["bbox_y"],
-                                                r["bbox_x"] + r["bbox_w"], r["bbox_y"] + r["bbox_h"]])
+            x, y = r["bbox_x"], r["bbox_y"]
+            gt.setdefault(r["key"], []).append([x, y, x + r["bbox_w"], y + r["bbox_h"]])
             shard_of[r["key"]] = r["shard"]
     hit = total = nboxes = 0
     for key, img in iter_images(corpus, shard_of):

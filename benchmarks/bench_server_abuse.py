@@ -71,9 +71,10 @@ def build(tmp: str, config: str) -> tuple[str, list[str]]:
     save_sam(model, url)
     storage.write_json(storage.join(url, "version.json"), {"version": "v0001"})
     from dataengine.pipeline.core.imagecodec import sample_image
+    from dataengine.pipeline.core.index import load_index
     from dataengine.pipeline.core.shards import iter_tar
 
-    rows = storage.read_table(corpus.index).to_pylist()
+    rows = load_index(corpus).to_pylist()
     cache = EmbeddingCache(corpus, "v0001", model)
     with torch.inference_mode():
         for shard in sorted({r["shard"] for r in rows}):

@@ -55,15 +55,16 @@ def _first(d: dict[str, Any], *keys: str) -> Any:
 
 def summarise(root: str) -> dict[str, Any]:
     """The demo's summary from what the corpus holds (done records, manifests, version files)."""
-    from dataengine.pipeline.core import rounds, storage, versions
+    from dataengine.pipeline.core import rounds, versions
+    from dataengine.pipeline.core.index import has_index, load_index
     from dataengine.pipeline.core.info import corpus_state
     from dataengine.pipeline.core.layout import Corpus
 
     corpus = Corpus(root)
     st = corpus_state(root)
     out: dict[str, Any] = {"state": st, "rounds": [], "models": {}, "grids": []}
-    if storage.exists(corpus.index):
-        index = storage.read_table(corpus.index)
+    if has_index(corpus):
+        index = load_index(corpus, ["split"])
         out["images"] = index.num_rows
         if "split" in index.column_names:
             splits = index.column("split").to_pylist()
@@ -74,7 +75,7 @@ def summarise(root: str) -> dict[str, Any]:
         row: dict[str, Any] = {"round": n, "stage": info.get("stage", "imported" if n == 0 else ""),
                                "model": info.get("model_version", "")}
         try:
-            manifest = rounds.read_round_manifest(corpus, n)
+            manifest = rounds.read_round_manifest(corpus, n, ["key", "n_clicks"])
             row["masks"] = manifest.num_rows
             row["images"] = len(set(manifest.column("key").to_pylist()))
             clicks = manifest.column("n_clicks").to_pylist()

@@ -49,6 +49,6 @@ def shard_flow(root: str | None = None, sources: list[str] | None = None,
     base = done["root"]
     publish("shard", "Sharding",
             metrics=summary if isinstance(summary, dict) else {"result": summary},
-            links={"images": f"{base}/images", "index": f"{base}/images/index.parquet",
+            links={"images": f"{base}/images", "index": f"{base}/images/index",
                    "quarantine": f"{base}/quarantine"})
     return {"summary": summary, "image_shards": len(done["image_shards"])}

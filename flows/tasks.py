@@ -41,7 +41,7 @@ def publish_round_task(root: str, number: int) -> dict[str, Any]:
     metrics = rounds.round_metrics(Corpus(root), number)
     d = Corpus(root).round_dir(number)
     publish(f"round-{number:04d}", f"Annotation round {number}", metrics=metrics,
-            links={"round": d, "manifest": f"{d}/manifest.parquet", "metrics": f"{d}/metrics.json"})
+            links={"round": d, "manifest": f"{d}/manifest", "metrics": f"{d}/metrics.json"})
     return metrics
 
 

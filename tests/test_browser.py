@@ -84,6 +84,7 @@ def test_annotate_click_negative_accept_submit(tmp_path, shared_data, decoder):
     from dataengine.models.sam import build_sam
     from dataengine.pipeline.core import storage
     from dataengine.pipeline.core.checkpoints import save_sam
+    from dataengine.pipeline.core.index import load_index
     from dataengine.pipeline.core.rounds import iter_round_shard, read_round_manifest
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -95,7 +96,7 @@ def test_annotate_click_negative_accept_submit(tmp_path, shared_data, decoder):
     storage.write_json(storage.join(url, "version.json"), {"version": "v0001"})
     # the first imported object of the first image: click at its box centre
     gt = read_round_manifest(corpus, 0).to_pylist()
-    index = storage.read_table(corpus.index).to_pylist()
+    index = load_index(corpus).to_pylist()
     key = index[0]["key"]
     obj = max((r for r in gt if r["key"] == key), key=lambda r: r["area"])
     cx, cy = obj["bbox_x"] + obj["bbox_w"] / 2, obj["bbox_y"] + obj["bbox_h"] / 2

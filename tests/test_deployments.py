@@ -108,7 +108,7 @@ def test_served_shard_deployment_runs_and_cron_schedules_runs(prefect_server, se
                             "overrides": ["samples_per_shard=2", "task_cpus=0.5"]})
             assert run.state.is_completed(), (run.state, served["log"].read_text()[-4000:])
             assert len(list((root / "images").glob("*.done.json"))) == 2
-            assert (root / "images" / "index.parquet").is_file()
+            assert any((root / "images" / "index").glob("*.parquet"))
 
             def scheduled():
                 runs = client.read_flow_runs(

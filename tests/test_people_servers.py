@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.index import load_index
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import is_complete, iter_round_shard, round_shards
 from dataengine.pipeline.server import auth
@@ -40,7 +41,7 @@ def corpus(tmp_path, shared_data) -> Corpus:
 
 
 def keys_of(c: Corpus) -> list[str]:
-    return [r["key"] for r in storage.read_table(c.index).to_pylist() if r["split"] == "train"]
+    return [r["key"] for r in load_index(c).to_pylist() if r["split"] == "train"]
 
 
 def start(c: Corpus, tmp_path: Path, name: str, *extra: str) -> ServerProcess:
@@ -178,7 +179,7 @@ def test_replay_heals_a_round(corpus, tmp_path, crash):
     try:
         with httpx.Client(base_url=a.base, timeout=180, headers=H) as c:
             n = open_round(c, keys)
-            shards = {r["shard"] for r in storage.read_table(corpus.index).to_pylist()
+            shards = {r["shard"] for r in load_index(corpus).to_pylist()
                       if r["key"] in keys}
             blockers = [Path(corpus.round_shard(n, s)) for s in shards]
             if crash == "write fails":             # the shard's tar path is taken by a folder

@@ -124,4 +124,4 @@ def test_shard_stage_runs_as_ray_job(ray_head, tmp_path):
     assert "succeeded" in text, text[-4000:]
     assert sorted(p.name for p in (root / "images").glob("*.done.json")) == [
         "shard-000000.done.json", "shard-000001.done.json"]
-    assert (root / "images" / "index.parquet").is_file()
+    assert any((root / "images" / "index").glob("*.parquet"))

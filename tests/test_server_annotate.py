@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.index import load_index
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import is_complete, iter_round_shard, read_round_manifest
 from dataengine.pipeline.server import auth
@@ -40,7 +41,7 @@ def make_client(c: Corpus, tmp_path, *, host="127.0.0.1", peer=LOOP, lease_secon
 
 
 def train_keys(c: Corpus) -> list[str]:
-    t = storage.read_table(c.index).to_pylist()
+    t = load_index(c).to_pylist()
     return [r["key"] for r in t if r["split"] == "train"]
 
 
@@ -103,7 +104,7 @@ def test_click_accept_submit_writes_the_round(corpus, tmp_path):
     assert api.post(f"/api/annotate/{n}/lease", json={}).json()["lease"] is None
     # the round: SA-1B records through RoundWriter with the person's id, clicks and seconds
     assert is_complete(corpus, n)
-    shard = next(r["shard"] for r in storage.read_table(corpus.index).to_pylist()
+    shard = next(r["shard"] for r in load_index(corpus).to_pylist()
                  if r["key"] == key)
     recs = list(iter_round_shard(corpus, n, shard))
     assert [r["image"]["image_id"] for r in recs] == [key]
@@ -172,7 +173,7 @@ def test_leases_never_double_assign_and_expire(corpus, tmp_path):
 def test_bad_input(corpus, tmp_path):
     api = make_client(corpus, tmp_path)
     keys = train_keys(corpus)
-    held = [r["key"] for r in storage.read_table(corpus.index).to_pylist()
+    held = [r["key"] for r in load_index(corpus).to_pylist()
             if r["split"] == "holdout"]
     for body, word in [
         ({"stage": "auto", "model_version": "v0001", "n_images": 1}, "stage"),
@@ -269,7 +270,7 @@ def test_embeddings_ahead_of_time_are_used(corpus, tmp_path):
     api = make_client(corpus, tmp_path)
     keys = train_keys(corpus)[:2]
     n = open_round(api, keys=keys)
-    index = {r["key"]: r["shard"] for r in storage.read_table(corpus.index).to_pylist()}
+    index = {r["key"]: r["shard"] for r in load_index(corpus).to_pylist()}
     shard_keys: dict[str, list[str]] = {}
     for k in keys:
         shard_keys.setdefault(index[k], []).append(k)

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.index import load_index
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import iter_round_shard
 from dataengine.pipeline.server import auth
@@ -74,7 +75,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def train_keys(corpus: Corpus) -> list[str]:
-    return [r["key"] for r in storage.read_table(corpus.index).to_pylist()
+    return [r["key"] for r in load_index(corpus).to_pylist()
             if r["split"] == "train"]
 
 
@@ -268,7 +269,7 @@ def test_accepts_are_idempotent(open_server, corpus):
         sub = c.post(f"/api/annotate/{n}/submit", json={"lease_id": lease["lease_id"],
                                                          "key": lease["key"]}).json()
         assert sub["round_complete"]
-    shard = next(r["shard"] for r in storage.read_table(corpus.index).to_pylist()
+    shard = next(r["shard"] for r in load_index(corpus).to_pylist()
                  if r["key"] == lease["key"])
     (rec,) = list(iter_round_shard(corpus, n, shard))
     assert len(rec["annotations"]) == 1

@@ -249,17 +249,17 @@ def test_missing_source_and_unwritable_root_fail_at_once(tmp_path, shared_data):
 
 
 class _SlowAfterFirstGet(http.server.SimpleHTTPRequestHandler):
-    """Serves images; while ``hold`` is set, every GET after a path's first one (the hashing
-    read) of a path in ``hold`` stalls, so a run is reliably in flight when it is killed."""
+    """Serves images and counts the GETs of each path; while ``hold`` is set, every GET of a
+    path in ``hold`` stalls, so a run is reliably in flight when it is killed."""
 
-    seen: set = set()
+    gets: dict = {}
     hold: set = set()
 
     def do_GET(self):  # noqa: N802 - http.server API
         name = self.path.lstrip("/")
-        if name in self.seen and name in self.hold:
+        self.gets[name] = self.gets.get(name, 0) + 1
+        if name in self.hold:
             time.sleep(120)
-        self.seen.add(name)
         super().do_GET()
 
     def log_message(self, *args):
@@ -288,7 +288,8 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
             "--resize", "keep_ratio", "--image-size", "320"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     log = open(tmp_path / "killed-run.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", "from dataengine.pipeline.cli.app import app; app()", *args],
+    cli = "from dataengine.pipeline.cli.app import app; app()"
+    proc = subprocess.Popen([sys.executable, "-c", cli, *args],
                             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     images = root / "images"
@@ -304,7 +305,8 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
     log.close()
     assert done_before == ["shard-000000.done.json", "shard-000001.done.json"], \
         (tmp_path / "killed-run.log").read_text()[-3000:]
-    assert not (images / "index.parquet").exists()
+    # done shards were merged into the index as they finished; the killed ones are not in it
+    assert set(load_index(str(root))["shard"].to_pylist()) == {"shard-000000", "shard-000001"}
     plan_before = {json.loads((images / n).read_text())["plan"] for n in done_before}
 
     _SlowAfterFirstGet.hold = set()
@@ -312,8 +314,10 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
                                                              image_size=320))
     s = shard([src], str(root), cfg)
     server.shutdown()
-    # the killed run's two unfinished claims were finished from their work orders
-    assert (s["shards_finished"], s["shards_written"], s["ok"], s["existing"]) == (2, 2, 10, 20)
+    # the killed run's two unfinished claims were finished from their work orders; the two
+    # chunks done before the crash were skipped without reading their inputs
+    assert (s["shards_finished"], s["shards_written"], s["shards_skipped"], s["ok"],
+            s["existing"]) == (2, 2, 2, 10, 10)
     assert not s["failed_shards"]
     plans = {json.loads(p.read_text())["plan"] for p in images.glob("*.done.json")}
     assert plans == plan_before and len(list(images.glob("*.done.json"))) == 4
@@ -323,3 +327,8 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
     all_samples = [x["__key__"] for x in iter_corpus(str(root), decode=None)]
     assert sorted(all_samples) == sorted(keys)
     assert len(list(images.glob("shard-*.tar"))) == 4
+    # every input was read once by the run that stored it: the two chunks done before the
+    # crash were not read again, the held ones were read by the killed run and the resumed one
+    gets = _SlowAfterFirstGet.gets
+    assert all(gets[f.name] == 1 for f in files[:10]), gets
+    assert all(gets[f.name] <= 2 for f in files[10:]), gets

@@ -40,6 +40,7 @@ from dataengine.pipeline.annotate.annotators import (
 from dataengine.pipeline.core import config as config_mod
 from dataengine.pipeline.core import masks as mask_utils
 from dataengine.pipeline.core import splits, storage
+from dataengine.pipeline.core.dataset import shard_duplicates
 from dataengine.pipeline.core.imagecodec import sample_image
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import (
@@ -225,10 +226,11 @@ class ShardAnnotator:
     def _eligible(self, shard: str) -> list[tuple[str, np.ndarray | None, str | None]]:
         """(key, image or None, failure reason or None) for the shard's images to annotate."""
         keys = set(self.cfg.keys)
+        dups = shard_duplicates(self.corpus, shard)  # indexed in another shard
         out = []
         for sample in iter_tar(self.corpus.image_shard(shard)):
             key = sample["__key__"]
-            if key in self.holdout or (keys and key not in keys):
+            if key in self.holdout or key in dups or (keys and key not in keys):
                 continue
             if self.cfg.max_images_per_shard and len(out) >= self.cfg.max_images_per_shard:
                 break

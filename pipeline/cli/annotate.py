@@ -40,7 +40,7 @@ def annotate_command(
     """Run one annotation round over the corpus (one Ray actor per model replica).
 
     Writes ROOT/annotations/round-NNNN/ (SA-1B JSON shards aligned with the image shards,
-    manifest.parquet, metrics.json) and prints the round's metrics. Held-out images are never
+    manifest/ parts, metrics.json) and prints the round's metrics. Held-out images are never
     annotated; a crashed round resumes per shard when run again.
     """
     from dataengine.pipeline.annotate.stage import AnnotateConfig, metrics_table, run_round

@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 
 from dataengine.pipeline.core import storage
 from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.core.listing import IncrementalListing, rewind_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,8 @@ class DecisionLog:
 
     def __init__(self, corpus: Corpus | str, *, skip_unreadable: bool = False) -> None:
         self.corpus = _as_corpus(corpus)
+        # decision files are named by time: list only what is new since the last refresh
+        self._listing = IncrementalListing(self.corpus.curation, _FILE_RE, rewind_stamp(300))
         self.skip_unreadable = skip_unreadable
         self.unreadable: list[str] = []  # files skipped (``skip_unreadable`` only)
         self._lock = threading.Lock()
@@ -162,7 +165,7 @@ class DecisionLog:
         Raises :class:`storage.UnreadableFile` naming an unreadable file unless the log was
         made with ``skip_unreadable`` (then the file is skipped, logged and counted).
         """
-        urls = storage.listdir(self.corpus.curation, _FILE_RE)
+        urls = self._listing.urls()
         with self._lock:
             new = [u for u in urls if u not in self._files and u not in self.unreadable]
             if not new:

@@ -20,6 +20,7 @@ import webdataset as wds
 from dataengine.pipeline.core import splits, storage
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import iter_round_shard
+from dataengine.pipeline.core.shards import register_fsspec_gopen
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,28 @@ def join_rounds(samples: Iterable[dict[str, Any]], root: str | Corpus, rounds: I
         yield sample
 
 
+def shard_duplicates(root: str | Corpus, shard: str) -> set[str]:
+    """Keys whose bytes an image shard holds but another shard's copy is the indexed one (two
+    tasks stored the same image at once; see :mod:`dataengine.pipeline.ingest.stream`)."""
+    corpus = _corpus(root)
+    url = corpus.image_done(shard)
+    if not storage.exists(url):
+        return set()
+    return set(storage.read_json(url).get("duplicates") or {})
+
+
+def skip_duplicates(samples: Iterable[dict[str, Any]], root: str | Corpus
+                    ) -> Iterator[dict[str, Any]]:
+    """Image samples without the second copies :func:`shard_duplicates` names."""
+    current, skip = None, set()
+    for sample in samples:
+        shard = sample["__url__"].rsplit("/", 1)[-1][: -len(".tar")]
+        if shard != current:
+            current, skip = shard, shard_duplicates(root, shard)
+        if sample["__key__"] not in skip:
+            yield sample
+
+
 def _meta(sample: dict[str, Any]) -> dict[str, Any]:
     raw = sample.get("json")
     return json.loads(raw) if isinstance(raw, (bytes, str)) else (raw or {})
@@ -82,9 +105,11 @@ def iter_corpus(root: str | Corpus, *, split: str | None = None, decode: str | N
     urls = image_shard_urls(root)
     if not urls:
         raise FileNotFoundError(f"no image shards under {_corpus(root).images}")
+    register_fsspec_gopen()  # s3:// and other fsspec URLs (webdataset has no opener for them)
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False,
                         nodesplitter=wds.split_by_node if split_by_node else None,
                         workersplitter=wds.split_by_worker if split_by_worker else None)
+    ds = ds.compose(lambda src: skip_duplicates(src, root))
     if split is not None:
         keep = splits.keys_of(_corpus(root), split)
         ds = ds.select(lambda s: s["__key__"] in keep)

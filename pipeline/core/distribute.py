@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,42 @@ def map_tasks(fn: Callable[..., dict[str, Any]], items: Iterable[Any], *,
         if progress is not None:
             progress(results[i])  # type: ignore[arg-type]
     return results  # type: ignore[return-value]
+
+
+def stream_tasks(fn: Callable[..., dict[str, Any]], items: Iterable[Any], *,
+                 num_cpus: float = 1.0, max_in_flight: int = 4, retries: int = 2,
+                 **kwargs: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Run ``fn(item, **kwargs)`` as Ray tasks over a stream of items, at most
+    ``max_in_flight`` at once, pulling the next item only when one finishes; yields
+    ``(item, result)`` in completion order (an exception becomes ``{"error": ...}``). The
+    caller's memory holds the items in flight, not the stream."""
+    import ray
+
+    ensure_ray()
+    remote = ray.remote(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True)(fn)
+    source = iter(items)
+    running: dict[Any, Any] = {}
+    exhausted = False
+    while True:
+        while not exhausted and len(running) < max_in_flight:
+            item = next(source, _END)
+            if item is _END:
+                exhausted = True
+                break
+            running[remote.remote(item, **kwargs)] = item
+        if not running:
+            return
+        done, _ = ray.wait(list(running), num_returns=1)
+        item = running.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except Exception as exc:  # noqa: BLE001 - failures are data
+            logger.error("work unit failed: %s", exc)
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        yield item, result
+
+
+_END = object()
 
 
 def map_actors(actor_cls: type, init_args: tuple[Any, ...], items: Iterable[Any], *,

@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 from dataengine.pipeline.core import quarantine, rounds, storage
-from dataengine.pipeline.core.index import load_index
+from dataengine.pipeline.core.index import has_index, iter_index
 from dataengine.pipeline.core.layout import MODEL_KINDS, Corpus
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def corpus_state(root: str | Corpus) -> dict[str, Any]:
     return {
         "root": corpus.root,
         "image_shards": corpus.image_shards(),
-        "index": storage.exists(corpus.index),
+        "index": has_index(corpus),
         "rounds_complete": rounds.complete_rounds(corpus),
         "rounds_started": corpus.rounds(),
         "models": {kind: corpus.model_versions(kind) for kind in MODEL_KINDS},
@@ -41,15 +41,21 @@ def corpus_info(root: str) -> dict[str, Any]:
     root = corpus.root
     if not storage.exists(root):
         raise FileNotFoundError(f"corpus root {root!r} does not exist")
-    index = load_index(corpus)
     shards = corpus.image_shards()
     q = quarantine.load(corpus)
+    split_of: dict[str, str] = {}
+    per_source: Counter = Counter()
+    nbytes = 0
+    for batch in iter_index(corpus, ["key", "split", "source", "bytes"]):
+        split_of.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(),
+                            strict=True))
+        per_source.update(batch.column(2).to_pylist())
+        nbytes += sum(v or 0 for v in batch.column(3).to_pylist())
     info: dict[str, Any] = {
         "root": root,
-        "images": {"shards": len(shards), "indexed": index.num_rows,
-                   "bytes": int(sum(index.column("bytes").to_pylist())) if index.num_rows else 0,
-                   "per_split": dict(Counter(index.column("split").to_pylist())),
-                   "per_source": dict(Counter(index.column("source").to_pylist()))},
+        "images": {"shards": len(shards), "indexed": len(split_of), "bytes": nbytes,
+                   "per_split": dict(Counter(split_of.values())),
+                   "per_source": dict(per_source)},
         "quarantine": {"total": q.num_rows, "per_stage": dict(Counter(q.column("stage")
                                                                       .to_pylist()))},
         "rounds": [],
@@ -57,11 +63,9 @@ def corpus_info(root: str) -> dict[str, Any]:
         "latents": [u.rsplit("/", 1)[-1] for u in storage.listdir(corpus.path("latents"))],
         "embeddings": [u.rsplit("/", 1)[-1] for u in storage.listdir(corpus.path("embeddings"))],
     }
-    split_of = dict(zip(index.column("key").to_pylist(), index.column("split").to_pylist(),
-                        strict=True)) if index.num_rows else {}
     for number in corpus.rounds():
         meta = rounds.round_info(corpus, number) or {}
-        table = rounds.read_round_manifest(corpus, number)
+        table = rounds.read_round_manifest(corpus, number, ["key", "stage"])
         keys = table.column("key").to_pylist()
         info["rounds"].append({
             "round": number, "stage": meta.get("stage", "?"),

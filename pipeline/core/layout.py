@@ -6,10 +6,12 @@
       images/shard-NNNNNN.tar          image shards (key, image bytes, .json metadata)
       images/shard-NNNNNN.claim.json   the shard number's claim: owner, expiry, work order
       images/shard-NNNNNN.done.json    per-shard done record (stats + keys), written last
-      images/index.parquet             key, shard, width, height, bytes, sha256, source, split
+      images/index/                    key, shard, width, height, bytes, sha256, source, split
+                                       (partitioned: one entry per merged shard + compacts)
+      images/chunks/                   input chunk -> shard, and which chunks are done (resume)
       splits/part-*.parquet            key -> train | holdout, fixed when a key is first added
       annotations/round-NNNN/          shard-NNNNNN.tar (SA-1B per-image JSON), manifest/,
-                                       manifest.parquet (one row per mask), round.json,
+                                       (one row per mask: parts + compacts), round.json,
                                        metrics.json (written last: the round is complete)
       embeddings/<model-version>/      shard-NNNNNN.tar of cached SAM image embeddings
       models/{sam,detector,vae,ldm}/vNNNN/   weights + config; version.json written last
@@ -20,8 +22,8 @@
       quarantine/                      *.parquet: rejected inputs with source and reason
 
 Every area is append-only: a stage never rewrites another stage's output nor its own published
-files (aggregates such as ``index.parquet`` and ``manifest.parquet`` are re-derived from the
-append-only per-shard records and published atomically). A derived dataset writes one tar per
+files (aggregates, the index and the manifests, grow by one part per shard and are compacted:
+:mod:`dataengine.pipeline.core.partitioned`). A derived dataset writes one tar per
 image shard with the same basename; its keys are a subsequence of the image shard's, in order.
 """
 
@@ -95,6 +97,7 @@ class Corpus:
 
     @property
     def index(self) -> str:
+        """The single-file index of corpora written before ``images/index/`` (read only)."""
         return self.path("images", "index.parquet")
 
     def image_shards(self) -> list[str]:

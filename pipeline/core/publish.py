@@ -13,9 +13,11 @@ name only if it is absent: ``os.link`` locally, a PUT with ``If-None-Match: *`` 
 2. **Data files are created, never replaced; the done record is created last.** Of two writers
    of one unit, the first data file published wins; the other derives its done record from what
    was published. A unit is done when its done record exists.
-3. **Aggregates are derived.** ``index.parquet``, ``manifest.parquet`` and summaries are
-   re-derived from the done records and re-published until the records they were derived from
-   stop changing (:func:`publish_derived`), so the last publish reflects every done record.
+3. **Aggregates are derived.** The index (``images/index/``), round manifests
+   (``manifest/``) and summaries are derived from the done records: partitioned aggregates
+   gain one create-if-absent part per done shard; whole-file summaries are re-published until
+   the records they were derived from stop changing (:func:`publish_derived`), so the last
+   publish reflects every done record.
 
 A claim without its done record is **stale** when its owner is gone (a dead process on this
 host) or it is past its expiry; whoever re-runs the stage finishes it from the claim. Finishing

@@ -8,8 +8,13 @@ A round lives in ``ROOT/annotations/round-NNNN/``::
     done/shard-NNNNNN.json     per-shard stats: per-image seconds, clicks, failures with reasons
     manifest/shard-NNNNNN.parquet   one row per mask of that shard; created last, so its
                                     presence marks the shard done (resume unit)
-    manifest.parquet           all masks of the round (derived from manifest/, published atomically)
+    manifest/compact-NNNNNN.parquet the parts' rows without ``rle``, sorted by key (compaction:
+                                    :mod:`dataengine.pipeline.core.partitioned`)
     metrics.json               written last: its presence means the round is complete
+
+The manifest of a round is the partitioned dataset ``manifest/``: readers project columns and push
+filters down (:func:`read_round_manifest`, :func:`iter_manifest`); asking for ``rle`` reads the
+per-shard parts, anything else reads the compacts and the parts they do not cover yet.
 
 A round has one owner (``round.json``'s ``owner``): ``annotate`` (the annotate stage and the
 engine), ``people`` (the dashboard's people rounds, with their state under ``people/``),
@@ -33,12 +38,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from dataengine.pipeline.core import publish, storage
 from dataengine.pipeline.core.layout import STAGES, Corpus, round_name
-from dataengine.pipeline.core.shards import create_tar, iter_tar
+from dataengine.pipeline.core.partitioned import PartitionedDataset
 
 logger = logging.getLogger(__name__)
+
+PART_ROW_GROUP = 4096  # one image's masks are a row group or two of its shard's part
 
 MANIFEST_SCHEMA = pa.schema([
     ("mask_id", pa.string()),          # "round-NNNN/<key>/<ann id>", unique in the corpus
@@ -245,6 +253,8 @@ class RoundWriter:
         """
         if self.shard_done(shard):
             return storage.read_table(self._manifest_part(shard)).num_rows
+        from dataengine.pipeline.core.shards import create_tar  # webdataset: torch, ~0.5 GB
+
         for rec in records:
             validate_record(rec)
         created, _ = create_tar(storage.join(self.dir, f"{shard}.tar"),
@@ -270,9 +280,8 @@ class RoundWriter:
                             {**stats, "shard": shard, "images": len(records),
                              "masks": len(rows)})
         table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-        try:
-            storage.write_table(self._manifest_part(shard), table, overwrite=False)
-        except FileExistsError:
+        if not manifest_dataset(self.corpus, self.number).write_part(
+                shard, table, row_group_size=PART_ROW_GROUP):
             return storage.read_table(self._manifest_part(shard)).num_rows
         return len(rows)
 
@@ -286,13 +295,12 @@ class RoundWriter:
         return [storage.read_json(u)
                 for u in storage.listdir(storage.join(self.dir, "done"), r"shard-\d+\.json")]
 
-    def finish(self, metrics: dict[str, Any], *, republish: bool = False) -> pa.Table:
-        """Aggregate the manifest, then publish ``metrics.json`` (round complete).
-
-        ``metrics.json`` is created once; ``republish`` replaces it (round 0, which grows).
-        """
-        table = read_round_manifest(self.corpus, self.number)
-        storage.write_table(storage.join(self.dir, "manifest.parquet"), table)
+    def finish(self, metrics: dict[str, Any], *, republish: bool = False,
+               fanout: int = 1) -> None:
+        """Compact the manifest (size-tiered: when ``fanout`` parts are uncovered), then publish
+        ``metrics.json`` (round complete): created once; ``republish`` replaces it (round 0,
+        which grows)."""
+        manifest_dataset(self.corpus, self.number).compact(fanout=fanout)
         publish.fault("round-manifest")
         record = {"round": self.number, "stage": self.stage,
                   "model_version": self.model_version, **metrics}
@@ -301,35 +309,80 @@ class RoundWriter:
             storage.write_json(url, record)
         elif not storage.create_json(url, record):
             logger.info("round %d was already complete", self.number)
-        return table
 
 
-def read_round_manifest(corpus: Corpus, number: int, *, skip_unreadable: bool = False
-                        ) -> pa.Table:
-    """All mask rows of one round from its per-shard manifest parts.
+def manifest_dataset(corpus: Corpus, number: int) -> PartitionedDataset:
+    """The partitioned manifest of one round (parts per shard, compacts without ``rle``)."""
+    return PartitionedDataset(storage.join(corpus.round_dir(number), "manifest"),
+                              MANIFEST_SCHEMA, part_pattern=r"shard-\d+", sort_by="key",
+                              heavy=("rle",))
+
+
+def read_round_manifest(corpus: Corpus, number: int, columns: list[str] | None = None,
+                        filter: pads.Expression | None = None, *,
+                        skip_unreadable: bool = False) -> pa.Table:
+    """Mask rows of one round (optionally only ``columns``, only rows matching ``filter``).
 
     An unreadable part raises :class:`storage.UnreadableFile` naming it (training must not go
     on without masks it was meant to see); ``skip_unreadable`` leaves it out with a logged count.
     """
-    parts = storage.listdir(storage.join(corpus.round_dir(number), "manifest"),
-                            r"shard-\d+\.parquet")
-    if not parts:
-        return MANIFEST_SCHEMA.empty_table()
-    return storage.read_tables(parts, skip_unreadable=skip_unreadable).cast(MANIFEST_SCHEMA)
+    return manifest_dataset(corpus, number).table(columns, filter,
+                                                  skip_unreadable=skip_unreadable)
 
 
-def load_manifest(corpus: Corpus, rounds: Iterable[int] | None = None, *,
+def load_manifest(corpus: Corpus, rounds: Iterable[int] | None = None,
+                  columns: list[str] | None = None,
+                  filter: pads.Expression | None = None, *,
                   skip_unreadable: bool = False) -> pa.Table:
     """Mask rows of the given rounds (default: every complete round), one table; unreadable
     parts as in :func:`read_round_manifest`."""
     numbers = complete_rounds(corpus) if rounds is None else list(rounds)
-    tables = [read_round_manifest(corpus, n, skip_unreadable=skip_unreadable) for n in numbers]
+    tables = [read_round_manifest(corpus, n, columns, filter, skip_unreadable=skip_unreadable)
+              for n in numbers]
     tables = [t for t in tables if t.num_rows]
-    return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+    if tables:
+        return pa.concat_tables(tables)
+    schema = MANIFEST_SCHEMA if columns is None else \
+        pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+    return schema.empty_table()
+
+
+def iter_manifest(corpus: Corpus, rounds: Iterable[int] | None = None,
+                  columns: list[str] | None = None, filter: pads.Expression | None = None,
+                  batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """Mask rows of the given rounds (default: every complete round) as record batches, so a
+    reader of a corpus-sized manifest never holds it whole."""
+    numbers = complete_rounds(corpus) if rounds is None else list(rounds)
+    for n in numbers:
+        yield from manifest_dataset(corpus, n).batches(columns, filter, batch_size)
+
+
+def update_metrics(corpus: Corpus, number: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Re-publish a growing round's ``metrics.json`` (round 0) from the previous one plus the
+    stats of the shards it did not count yet: O(new shards), not O(round)."""
+    url = storage.join(corpus.round_dir(number), "metrics.json")
+    prev = storage.read_json(url) if storage.exists(url) else {}
+    counted = set(prev.get("counted_shards", []))
+    images, masks = int(prev.get("images", 0)), int(prev.get("masks", 0))
+    for shard in sorted(set(round_shards(corpus, number)) - counted):
+        stats = storage.read_json(storage.join(corpus.round_dir(number), "done", f"{shard}.json"))
+        images += int(stats.get("images", 0))
+        masks += int(stats.get("masks", 0))
+        counted.add(shard)
+    info = round_info(corpus, number) or {}
+    metrics = {**prev, **extra, "round": number, "stage": info.get("stage", "imported"),
+               "model_version": info.get("model_version", ""), "images": images,
+               "masks": masks, "shards": len(counted), "counted_shards": sorted(counted)}
+    manifest_dataset(corpus, number).compact()
+    publish.fault("round-manifest")
+    storage.write_json(url, metrics)
+    return metrics
 
 
 def iter_round_shard(corpus: Corpus, number: int, shard: str) -> Iterator[dict[str, Any]]:
     """Per-image records of one round shard, in key order."""
+    from dataengine.pipeline.core.shards import iter_tar
+
     url = corpus.round_shard(number, shard)
     if not storage.exists(url):
         return

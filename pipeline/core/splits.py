@@ -44,6 +44,24 @@ def load_map(corpus: Corpus) -> dict[str, str]:
     return out
 
 
+def lookup(corpus: Corpus, keys: Iterable[str]) -> dict[str, str]:
+    """``key -> split`` for those of ``keys`` that have one (a filtered scan: memory O(keys))."""
+    import pyarrow.dataset as pads
+
+    from dataengine.pipeline.core.partitioned import PartitionedDataset
+
+    wanted = pa.array(sorted(set(keys)), pa.string())
+    out: dict[str, str] = {}
+    if not len(wanted):
+        return out
+    ds = PartitionedDataset(corpus.splits, SCHEMA, part_pattern=r"part-.*", sort_by=None)
+    # parts in name order, as load_map: the first recorded split wins
+    for batch in ds.batches(["key", "split"], pads.field("key").isin(wanted)):
+        for k, s in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+            out.setdefault(k, s)
+    return out
+
+
 def keys_of(corpus: Corpus, split: str) -> set[str]:
     """The keys recorded in ``split`` (``train`` or ``holdout``)."""
     if split not in SPLITS:

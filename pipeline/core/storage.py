@@ -171,6 +171,82 @@ def listdir(url: str, pattern: str | None = None) -> list[str]:
     return [join(url, n) for n in names]
 
 
+def _s3_pages(fs, path: str, *, delimiter: str, start_after: str = "") -> Iterator[dict]:
+    """Pages of an S3 ``list_objects_v2`` under ``path`` (1,000 keys each), in key order."""
+    bucket, _, key = path.partition("/")
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key, "Delimiter": delimiter}
+    if start_after:
+        kwargs["StartAfter"] = start_after
+    while True:
+        page = retry(lambda: fs.call_s3("list_objects_v2", **kwargs), what=f"s3://{path}")
+        yield page
+        if not page.get("IsTruncated"):
+            return
+        kwargs.pop("StartAfter", None)
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def iter_names(url: str, pattern: str | None = None, start_after: str = "") -> Iterator[str]:
+    """Basenames of the files directly under ``url`` that sort after ``start_after``, in order.
+
+    On S3 the listing starts at ``start_after`` (``StartAfter``) and streams page by page, so
+    listing what is new in a folder of time-stamped names costs O(new), not O(folder).
+    """
+    rx = re.compile(pattern) if pattern else None
+    fs, path = get_fs(url)
+    if _is_s3(fs):
+        prefix = path.rstrip("/") + "/"
+        after = prefix.split("/", 1)[1] + start_after if start_after else ""  # a key: no bucket
+        for page in _s3_pages(fs, prefix, delimiter="/", start_after=after):
+            for obj in page.get("Contents", []):
+                name = obj["Key"].rsplit("/", 1)[-1]
+                if name > start_after and (rx is None or rx.fullmatch(name)):
+                    yield name
+        return
+    names = [u.rsplit("/", 1)[-1] for u in listdir(url)]
+    yield from (n for n in names if n > start_after and (rx is None or rx.fullmatch(n)))
+
+
+def iter_files(url: str) -> Iterator[tuple[str, int]]:
+    """``(url, size)`` of every file under ``url``, recursively, in lexicographic order of the
+    full path, as a stream: local folders are walked one directory at a time, S3 prefixes are
+    listed page by page (1,000 keys per request), so memory stays O(one directory / page)."""
+    local = plain_local(url)
+    if local is not None:
+        yield from _walk_sorted(os.path.abspath(local))
+        return
+    fs, path = get_fs(url)
+    if _is_s3(fs):
+        proto = "s3"
+        prefix = path.rstrip("/") + "/"
+        for page in _s3_pages(fs, prefix, delimiter=""):
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith("/"):
+                    yield f"{proto}://{path.split('/', 1)[0]}/{obj['Key']}", int(obj["Size"])
+        return
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    found = retry(lambda: fs.find(path, detail=True), what=url)
+    for p in sorted(found):
+        yield (f"{proto}://{p}" if "://" in url else p), int(found[p].get("size") or 0)
+
+
+def _walk_sorted(path: str) -> Iterator[tuple[str, int]]:
+    """Files under a local folder in the order of their sorted full paths."""
+    try:
+        with os.scandir(path) as it:
+            entries = [(e.name + ("/" if e.is_dir() else ""), e) for e in it]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for key, e in sorted(entries, key=lambda x: x[0]):
+        if key.endswith("/"):
+            yield from _walk_sorted(e.path)
+        else:
+            try:
+                yield e.path, e.stat().st_size
+            except FileNotFoundError:
+                continue
+
+
 def makedirs(url: str) -> None:
     """Create a directory (a no-op on object stores)."""
     fs, path = get_fs(url)

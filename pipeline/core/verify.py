@@ -3,12 +3,12 @@
 Checks, per area:
 
 - **images**: each done record matches its tar (the same keys in the same order, each sample's
-  sha256, the tar's size and sha256 when recorded); no key is in two shards; the index is the
-  union of the done records; no stale claim (an unfinished shard whose writer is gone) and no
-  tar without a claim or done record.
+  sha256, the tar's size and sha256 when recorded); no key is in two shards; the index (its
+  published entries) is the union of the done records; no stale claim (an unfinished shard
+  whose writer is gone) and no tar without a claim or done record.
 - **rounds**: ``round.json`` and every manifest part readable; each manifest part matches its
-  round shard's masks; a complete round's ``manifest.parquet`` is the union of its parts; no
-  round shard without its manifest part.
+  round shard's masks; the compacted manifest holds exactly its parts' masks; no round shard
+  without its manifest part.
 - **models**: every published version (``version.json``) readable and holding its weights;
   every promotion record in the promotion log.
 - **latents**: each done record matches its tar's sample count; ``dataset.json`` lists the
@@ -186,28 +186,32 @@ def _check_claims(corpus: Corpus, names: dict[str, set[str]], report: Report, re
 
 def _check_index(corpus: Corpus, done: dict[str, dict[str, Any]], report: Report,
                  repair: bool) -> None:
+    """The published index (entries of done shards) holds exactly the done records' rows."""
     want = sorted((r["key"], name) for name, rec in done.items() for r in rec.get("rows", []))
     if not done:
         return
-    problem = ""
+    for bad in index_mod.index_dataset(corpus).unreadable_compacts():
+        report.problem("images", bad, "unreadable index compact (readers use its entries)")
+        if repair:
+            quarantine_file(corpus, bad, report, "unreadable compact; its entries hold its rows")
+    problem, url = "", index_mod.index_dataset(corpus).url
     try:
-        table = index_mod.load_index(corpus)
+        table = index_mod.load_index(corpus, ["key", "shard"])
         have = sorted(zip(table.column("key").to_pylist(), table.column("shard").to_pylist(),
                           strict=True))
         if have != want:
             problem = (f"index has {len(have)} rows, the done records {len(want)}; "
                        f"{len(set(have) ^ set(want))} differ")
     except storage.UnreadableFile as exc:
-        problem = str(exc)
+        problem, url = str(exc), exc.url
+        if repair:  # an entry is derived from its shard's done record: re-merge that shard
+            quarantine_file(corpus, url, report, "unreadable index entry")
     if not problem:
         return
-    report.problem("images", corpus.index, problem)
+    report.problem("images", url, problem)
     if repair:
-        split_map = splits.load_map(corpus)
-        rows = ({**r, "split": split_map.get(r["key"], r.get("split", "train"))}
-                for name in sorted(done) for r in done[name]["rows"])
-        index_mod.write_index(corpus, rows, list(done))
-        report.repaired.append("re-derived images/index.parquet from the done records")
+        rows = index_mod.merge_done_shards(corpus)
+        report.repaired.append(f"merged {rows} index row(s) from the done records")
 
 
 def check_splits(corpus: Corpus, report: Report, repair: bool) -> None:
@@ -282,30 +286,34 @@ def check_round(corpus: Corpus, number: int, report: Report, repair: bool) -> No
 
 
 def _check_round_aggregate(corpus: Corpus, number: int, report: Report, repair: bool) -> None:
-    url = storage.join(corpus.round_dir(number), "manifest.parquet")
-    if not rounds.is_complete(corpus, number):
-        return
+    """The round's compacts and uncovered parts hold exactly its parts' masks."""
+    ds = rounds.manifest_dataset(corpus, number)
     try:
-        want = sorted(rounds.read_round_manifest(corpus, number).column("mask_id").to_pylist())
+        want = sorted(ds.table(["mask_id"], resolver=ds.parts_view).column("mask_id")
+                      .to_pylist())
     except storage.UnreadableFile:
         return  # reported with the parts
-    problem = ""
-    if not storage.exists(url):
-        problem = "complete round without manifest.parquet"
-    else:
-        try:
-            have = sorted(storage.read_table(url).column("mask_id").to_pylist())
-            if have != want:
-                problem = f"manifest.parquet has {len(have)} masks, its parts {len(want)}"
-        except storage.UnreadableFile as exc:
-            problem = str(exc)
+    problem, bad = "", []
+    res = ds.resolve()
+    try:
+        have = sorted(ds.table(["mask_id"], resolver=lambda: res).column("mask_id").to_pylist())
+        if have != want:
+            problem = f"the compacted manifest has {len(have)} masks, its parts {len(want)}"
+            bad = list(res.compacts)
+    except storage.UnreadableFile as exc:
+        problem, bad = str(exc), [exc.url]
     if len(set(want)) != len(want):
-        report.problem("rounds", url, "a mask id appears twice in the round")
-    if problem:
-        report.problem("rounds", url, problem)
+        report.problem("rounds", ds.url, "a mask id appears twice in the round")
+    for url in ds.unreadable_compacts():  # readers skip them (the parts hold everything)
+        report.problem("rounds", url, "unreadable compact")
         if repair:
-            storage.write_table(url, rounds.read_round_manifest(corpus, number))
-            report.repaired.append(f"re-derived {_rel(corpus, url)} from its parts")
+            quarantine_file(corpus, url, report, "unreadable compact; the parts hold its rows")
+    if problem:
+        report.problem("rounds", ds.url, problem)
+        if repair:  # compacts are derived: set them aside, the parts hold everything
+            for url in bad:
+                quarantine_file(corpus, url, report, "compact that differs from its parts")
+            ds.compact(fanout=1)
 
 
 # ---- models, latents, records ---------------------------------------------------------------

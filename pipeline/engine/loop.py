@@ -51,7 +51,7 @@ def train_keys(corpus: Corpus, only_with_ground_truth: bool = True) -> list[str]
     split_map = splits.load_map(corpus)
     gt: set[str] | None = None
     if only_with_ground_truth and rounds.is_complete(corpus, 0):
-        gt = set(rounds.read_round_manifest(corpus, 0).column("key").to_pylist())
+        gt = set(rounds.read_round_manifest(corpus, 0, ["key"]).column("key").to_pylist())
     out = []
     for shard in corpus.image_shards():
         done = storage.read_json(corpus.image_done(shard))

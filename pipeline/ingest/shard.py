@@ -1,56 +1,44 @@
 """The sharding stage: raw images -> ``ROOT/images/shard-NNNNNN.tar`` + index, splits, round 0.
 
-:func:`shard` runs in five steps; any number of runs may work on one root at once:
+:func:`shard` streams; any number of runs may work on one root at once:
 
-1. **List** every source (:mod:`dataengine.pipeline.ingest.sources`); problems are quarantined.
-2. **Hash** every input (threads): key = first 16 hex digits of the sha256 of the original bytes.
-   Unreadable inputs are quarantined. Keys already done or claimed in the corpus and exact
-   duplicates within the run are dropped and counted.
-3. **Claim**: the new keys, in input order, are cut into shards of ``samples_per_shard`` images
-   or ``max_shard_bytes`` input bytes, and each shard number is claimed with its whole work order
-   (:mod:`dataengine.pipeline.ingest.shard_claims`); keys another run claims first are left to
-   it. Unfinished claims of runs that died (or expired) are taken over and finished.
-4. **Write**: one Ray task per claimed shard (:func:`dataengine.pipeline.core.distribute.map_tasks`;
-   in-process for ``memory://`` roots or ``use_ray: false``) writes it
-   (:func:`dataengine.pipeline.ingest.shard_writer.write_one_shard`: split part, quarantine part,
-   round-0 masks, the tar, then the done record, each created if absent).
-5. **Aggregate**: ``images/index.parquet`` (and round 0's manifest and metrics when masks were
-   imported) are re-derived from the done records until they are stable
-   (:func:`dataengine.pipeline.core.publish.publish_derived`).
+1. **List** every source as a stream (folders a directory at a time, S3 page by page, URL lists
+   row group by row group; :func:`dataengine.pipeline.ingest.sources.iter_items`); problems are
+   quarantined.
+2. **Claim**: the stream is cut into chunks of ``samples_per_shard`` inputs; each new chunk gets
+   a shard number claimed with its whole work order (:mod:`dataengine.pipeline.ingest.stream`).
+   A chunk done by an earlier run is skipped without reading its inputs; unfinished claims of
+   runs that died (or expired) are finished. The driver holds only the chunks in flight.
+3. **Write**: one Ray task per claimed shard (in-process for ``memory://`` roots or
+   ``use_ray: false``) reads each input once, merges the shard into the index (exact duplicates
+   are resolved there: an image is stored by the shard that merged it first), then creates its
+   split part, quarantine part, round-0 masks, the tar and the done record last
+   (:mod:`dataengine.pipeline.ingest.chunk_writer`).
+4. **Aggregate** (a Ray task, so the driver never holds the index): done shards the index lacks
+   are merged, the index is compacted when enough entries accumulated, and round 0's manifest
+   is compacted and its metrics updated from the shards it has not counted yet.
 
 Imported masks (COCO, YOLO-seg) go to round 0 (stage ``imported``) through
-:class:`dataengine.pipeline.core.rounds.RoundWriter`, one tar per image shard that has any. Round 0
-grows when later shard runs import more masks, so its aggregates are re-published after each
-shard run that added round-0 shards; the per-shard parts stay append-only.
+:class:`dataengine.pipeline.core.rounds.RoundWriter`, one tar per image shard that has any.
 """
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import logging
-import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
 from dataengine.pipeline.core import config as config_mod
-from dataengine.pipeline.core import index, publish, quarantine, rounds, splits, storage
+from dataengine.pipeline.core import index, publish, quarantine, rounds, storage
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import RoundWriter
 from dataengine.pipeline.ingest.images import ImageConfig
-from dataengine.pipeline.ingest.shard_claims import (
-    ShardState,
-    claim_shards,
-    read_state,
-    stale_claims,
-    task_of,
-)
-from dataengine.pipeline.ingest.shard_writer import content_key, write_one_shard
-from dataengine.pipeline.ingest.sources import Item, kind_of, list_items, matches, normalize
+from dataengine.pipeline.ingest.shard_writer import content_key  # noqa: F401 - public here too
+from dataengine.pipeline.ingest.sources import kind_of, normalize
+from dataengine.pipeline.ingest.stream import ChunkLedger, chunk_id, iter_chunks, run_task, task_of
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +56,7 @@ class ShardConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     use_ray: bool = True
     task_cpus: float = 1.0
-    read_threads: int = 16
+    read_threads: int = 16  # unused since the stage streams (kept: configs may set it)
     claim_ttl_seconds: float = 3600.0  # after this, an unfinished claim may be finished by others
 
     def __post_init__(self) -> None:
@@ -90,230 +78,6 @@ class ShardConfig:
             raise ValueError(f"claim_ttl_seconds={self.claim_ttl_seconds!r}: must be > 0")
 
 
-
-
-__all__ = ["ShardConfig", "content_key", "shard", "write_one_shard", "cut_shard", "write_index"]
-
-
-# --------------------------------------------------------------------------------------------
-# hashing
-
-def _hash_inputs(items: list[Item], threads: int, progress: Progress | None,
-                 known: dict[str, list] | None = None
-                 ) -> list[tuple[Item, str | None, int, str]]:
-    """``(item, key or None, bytes, error)`` per input; for local files ``known[uri]`` gets
-    ``[sha256, size, mtime_ns]`` so a shard task can skip hashing a file that did not change."""
-    known = {} if known is None else known
-
-    def one(item: Item) -> tuple[Item, str | None, int, str]:
-        try:
-            local = storage.plain_local(item.uri)
-            if local is not None:  # streamed through one buffer, no whole-file bytes object
-                with open(local, "rb") as f:
-                    st = os.fstat(f.fileno())
-                    digest = hashlib.file_digest(f, "sha256").hexdigest()
-                    known[item.uri] = [digest, f.tell(), st.st_mtime_ns]
-                    return item, digest[:16], f.tell(), ""
-            data = storage.read_bytes(item.uri)
-        except Exception as exc:  # noqa: BLE001
-            return item, None, 0, f"unreadable: {type(exc).__name__}: {exc}"
-        return item, content_key(data)[0], len(data), ""
-
-    chunk = 1
-    if all(storage.plain_local(i.uri) is not None for i in items):
-        # local reads are CPU-bound (sha256): more threads than cores only contend for the GIL,
-        # and one pool task per file costs as much as hashing it
-        threads, chunk = min(threads, os.cpu_count() or 1), 32
-    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
-    out: list[tuple[Item, str | None, int, str]] = []
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for part in pool.map(lambda c: [one(it) for it in c], chunks):
-            before = len(out)
-            out.extend(part)
-            if progress and (len(out) // 64 > before // 64 or len(out) == len(items)):
-                progress("hash", len(out), len(items))
-    return out
-
-
-
-# --------------------------------------------------------------------------------------------
-# planning and claims
-
-def cut_shard(items: list[dict[str, Any]], cfg: ShardConfig
-              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(the next shard's items, the rest): at most ``samples_per_shard`` items and, past the
-    first, at most ``max_shard_bytes`` input bytes."""
-    size = 0
-    for i, it in enumerate(items):
-        if i and (i >= cfg.samples_per_shard or size + it["nbytes"] > cfg.max_shard_bytes):
-            return items[:i], items[i:]
-        size += it["nbytes"]
-    return items, []
-
-
-@dataclass
-class _Plan:
-    """What this run does: shards to finish (stale claims) and shards it claimed."""
-
-    finish: list[dict[str, Any]] = field(default_factory=list)
-    claimed: list[dict[str, Any]] = field(default_factory=list)
-    existing: int = 0
-    duplicate: int = 0
-
-    @property
-    def tasks(self) -> list[dict[str, Any]]:
-        return self.finish + self.claimed
-
-
-def _task_items(hashed, known: dict[str, list], taken: set[str], split_map: dict[str, str],
-                cfg: ShardConfig, qrows: list[dict[str, Any]]
-                ) -> tuple[list[dict[str, Any]], int, int]:
-    """(task items of the new keys in input order, existing, duplicate counts)."""
-    seen: set[str] = set()
-    out, existing, duplicate = [], 0, 0
-    for item, key, nbytes, err in hashed:
-        if key is None:
-            qrows.append(quarantine.record(item.source, item.uri, err, "read"))
-        elif key in seen:
-            duplicate += 1
-        elif key in taken:
-            existing += 1
-            seen.add(key)
-        else:
-            seen.add(key)
-            if key in split_map:
-                split, rule, new = split_map[key], "existing", False
-            else:
-                held = any(matches(item, h) for h in cfg.holdout_sources)
-                split, rule = splits.decide(key, held, float(cfg.holdout))
-                new = True
-            out.append({**item.to_dict(), "key": key, "nbytes": nbytes, "split": split,
-                        "split_rule": rule, "split_new": new, "known": known.get(item.uri)})
-    return out, existing, duplicate
-
-
-def _plan(corpus: Corpus, state: ShardState, hashed, known: dict[str, list], cfg: ShardConfig,
-          qrows: list[dict[str, Any]]) -> _Plan:
-    """Take over stale claims, then claim shards for this run's new keys."""
-    plan = _Plan(finish=[task_of(c) for c in stale_claims(state)])
-    if plan.finish:
-        logger.warning("finishing %d unfinished shard(s) of earlier runs: %s", len(plan.finish),
-                       ", ".join(t["shard"] for t in plan.finish))
-    items, plan.existing, plan.duplicate = _task_items(
-        hashed, known, state.taken_keys(), splits.load_map(corpus), cfg, qrows)
-    for claim in claim_shards(corpus, state, items, lambda its: cut_shard(its, cfg),
-                              plan=publish.Owner.current().run,
-                              image=config_mod.to_dict(cfg.image),
-                              ttl_seconds=float(cfg.claim_ttl_seconds)):
-        plan.claimed.append(task_of(claim))
-    mine = {it["key"] for t in plan.claimed for it in t["items"]}
-    plan.existing += sum(1 for it in items if it["key"] not in mine)  # claimed by another run
-    return plan
-
-
-# --------------------------------------------------------------------------------------------
-# writing and aggregates
-
-def _run_tasks(tasks: list[dict[str, Any]], root: str, cfg: ShardConfig,
-               progress: Progress | None) -> list[dict[str, Any]]:
-    """Write every shard (Ray tasks, or in-process); a failure is a result with ``error``."""
-    cfg_dict = config_mod.to_dict(cfg)
-    results: list[dict[str, Any]] = []
-    if not tasks:
-        return results
-
-    n_done = 0
-
-    def on_result(_res: dict[str, Any]) -> None:
-        nonlocal n_done
-        n_done += 1
-        if progress:
-            progress("shards", n_done, len(tasks))
-
-    if cfg.use_ray and not root.startswith("memory://"):
-        from dataengine.pipeline.core.distribute import map_tasks
-        return map_tasks(write_one_shard, tasks, num_cpus=float(cfg.task_cpus), progress=on_result,
-                         root=root, cfg=cfg_dict)
-    for t in tasks:
-        try:
-            results.append(write_one_shard(t, root, cfg_dict))
-        except Exception as exc:  # noqa: BLE001 - failures are data
-            logger.error("shard %s failed: %s", t["shard"], exc)
-            results.append({"item": t["shard"], "error": f"{type(exc).__name__}: {exc}"})
-        on_result(results[-1])
-    return results
-
-
-def write_index(corpus: Corpus, done: dict[str, dict[str, Any]], split_map: dict[str, str]
-                ) -> pa.Table:
-    """Re-derive ``images/index.parquet`` from the done records and publish it."""
-    rows = ({**r, "split": split_map.get(r["key"], r.get("split", "train"))}
-            for name in sorted(done) for r in done[name]["rows"])
-    return index.write_index(corpus, rows, list(done))
-
-
-def _indexed_shards(corpus: Corpus) -> set[str] | None:
-    """The shards the published index was derived from (None: no readable index)."""
-    import json
-
-    try:
-        meta = storage.read_table(corpus.index).schema.metadata or {}
-    except (FileNotFoundError, storage.UnreadableFile):
-        return None
-    return set(json.loads(meta.get(b"shards", b"[]")))
-
-
-def publish_index(corpus: Corpus, done: dict[str, dict[str, Any]] | None = None) -> int:
-    """Re-derive the index from the done records until no new done record appears; returns
-    its rows. ``done`` is a cache of records already read (filled in)."""
-    done = {} if done is None else done
-    rows = [0]
-
-    def listing() -> tuple[str, ...]:
-        return tuple(corpus.image_shards())
-
-    def publish_(names: tuple[str, ...]) -> None:
-        for n in names:
-            if n not in done:
-                done[n] = storage.read_json(corpus.image_done(n))
-        table = write_index(corpus, {n: done[n] for n in names}, splits.load_map(corpus))
-        rows[0] = table.num_rows
-
-    publish.publish_derived(listing, publish_)
-    return rows[0]
-
-
-def publish_round0(corpus: Corpus, sources: list[str]) -> None:
-    """Re-derive round 0's manifest and metrics from its shard parts until stable."""
-    writer = RoundWriter(corpus, 0, "imported",
-                         config={"sources": sorted({normalize(s) for s in sources})})
-    writer.begin()
-
-    def publish_(_parts: tuple[str, ...]) -> None:
-        stats = writer.shard_stats()
-        writer.finish({"images": sum(s["images"] for s in stats),
-                       "masks": sum(s["masks"] for s in stats), "shards": len(stats),
-                       "sources": sorted({normalize(s) for s in sources})}, republish=True)
-
-    publish.publish_derived(lambda: tuple(rounds.round_shards(corpus, 0)), publish_)
-
-
-def finish_stale_claims(corpus: Corpus) -> list[str]:
-    """Finish every stale image claim of the corpus in-process (what a re-run would do, without
-    sources; ``dataengine verify --repair``) and re-derive the aggregates; returns the shards."""
-    state = read_state(corpus)
-    tasks = [task_of(c) for c in stale_claims(state)]
-    results = [write_one_shard(t, corpus.root, {"image": t["image"]}) for t in tasks]
-    if tasks:
-        publish_index(corpus, dict(state.done))
-    if any(r.get("round0_images") for r in results):
-        publish_round0(corpus, sorted({it["source"] for t in tasks for it in t["items"]}))
-    return [t["shard"] for t in tasks]
-
-
-# --------------------------------------------------------------------------------------------
-# the stage
-
 def _check(sources: list[str], root: str, cfg: ShardConfig) -> Corpus:
     if not sources:
         raise ValueError("sources: give at least one SRC")
@@ -327,31 +91,146 @@ def _check(sources: list[str], root: str, cfg: ShardConfig) -> Corpus:
     return corpus
 
 
-class _Laps:
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self.mark = time.perf_counter()
+@dataclass
+class _Run:
+    """One run's bookkeeping: its claimed shards and the summary."""
 
-    def __call__(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.timings[phase] = round(now - self.mark, 3)
-        self.mark = now
+    shards: set[str] = field(default_factory=set)
+    round0: bool = False
+    summary: dict[str, Any] = field(default_factory=lambda: {
+        "inputs": 0, "ok": 0, "duplicate": 0, "existing": 0, "quarantined": 0,
+        "shards_written": 0, "shards_skipped": 0, "shards_finished": 0, "failed_shards": [],
+        "masks": 0})
 
-
-def _summary(plan: _Plan, results: list[dict[str, Any]], n_inputs: int) -> dict[str, Any]:
-    summary: dict[str, Any] = {"inputs": n_inputs, "ok": 0, "duplicate": plan.duplicate,
-                               "existing": plan.existing, "quarantined": 0,
-                               "shards_written": 0, "shards_skipped": 0,
-                               "shards_finished": len(plan.finish), "failed_shards": [],
-                               "masks": 0}
-    for task, res in zip(plan.tasks, results, strict=True):
-        if "error" in res:
-            summary["failed_shards"].append({"shard": task["shard"], "error": res["error"]})
-            continue
-        summary["shards_skipped" if res.get("status") == "skipped" else "shards_written"] += 1
+    def count(self, res: dict[str, Any]) -> None:
+        s = self.summary
+        s["shards_skipped" if res.get("status") == "skipped" else "shards_written"] += 1
         for k in ("ok", "quarantined", "masks"):
-            summary[k] += res[k]
-    return summary
+            s[k] += int(res.get(k) or 0)
+        s["duplicate"] += int(res.get("repeated") or 0)
+        for other, n in (res.get("existing_in") or {}).items():
+            s["duplicate" if other in self.shards else "existing"] += n
+
+
+def _tasks(corpus: Corpus, sources: list[str], cfg: ShardConfig, run: _Run,
+           problems: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+    """The shards to write, as a stream: stale claims first, then a claim per new chunk."""
+    ledger = ChunkLedger(corpus)
+    stale = ledger.stale()
+    if stale:
+        logger.warning("finishing %d unfinished shard(s) of earlier runs: %s", len(stale),
+                       ", ".join(c["shard"] for c in stale))
+        run.summary["shards_finished"] = len(stale)
+    for claim in stale:
+        _begin_round0(corpus, claim["items"], sources, run)
+        run.shards.add(claim["shard"])
+        yield task_of(claim)
+    work = {"plan": publish.Owner.current().run, "image": config_mod.to_dict(cfg.image)}
+    first = True
+    for items in iter_chunks(sources, cfg.samples_per_shard, cfg.max_shard_bytes, problems):
+        run.summary["inputs"] += len(items)
+        cid = chunk_id(items)
+        if cid in ledger.done:
+            run.summary["shards_skipped"] += 1
+            run.summary["existing"] += int(ledger.done_stats(cid).get("ok", 0))
+            continue
+        if cid in ledger.claimed:
+            continue  # being written by another run, or a stale claim finished above
+        claim = ledger.claim(cid, {**work, "items": [it.to_dict() for it in items]},
+                             float(cfg.claim_ttl_seconds))
+        if first:
+            publish.fault("shard-claims")
+            first = False
+        _begin_round0(corpus, claim["items"], sources, run)
+        run.shards.add(claim["shard"])
+        yield task_of(claim)
+
+
+def _begin_round0(corpus: Corpus, items: list[dict[str, Any]], sources: list[str],
+                  run: _Run) -> None:
+    if not run.round0 and any(it.get("annotations") for it in items):
+        RoundWriter(corpus, 0, "imported",
+                    config={"sources": [normalize(s) for s in sources]}).begin()
+        run.round0 = True
+
+
+def _run(tasks, root: str, cfg: ShardConfig, fn=run_task):
+    """(task, result) as tasks finish: Ray tasks (at most 2 per CPU in flight), or here."""
+    cfg_dict = config_mod.to_dict(cfg)
+    if cfg.use_ray and not root.startswith("memory://"):
+        from dataengine.pipeline.core.distribute import ensure_ray, stream_tasks
+
+        tasks = iter(tasks)
+        first = next(tasks, None)
+        if first is None:  # nothing to write (every chunk done): Ray is not started
+            return
+        tasks = itertools.chain([first], tasks)
+        ensure_ray()
+        import ray
+
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        in_flight = max(2, int(2 * cpus / float(cfg.task_cpus)))
+        yield from stream_tasks(fn, tasks, num_cpus=float(cfg.task_cpus),
+                                max_in_flight=in_flight, root=root, cfg=cfg_dict)
+        return
+    for t in tasks:
+        try:
+            yield t, fn(t, root, cfg_dict)
+        except Exception as exc:  # noqa: BLE001 - failures are data
+            logger.error("shard %s failed: %s", t.get("shard"), exc)
+            yield t, {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def finish(arg: dict[str, Any], root: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The end of a run (a Ray task: compaction reads O(index) rows, the driver must not):
+    merge done shards the index lacks, compact the index, update round 0."""
+    corpus = Corpus(root)
+    added = heal(corpus)
+    if arg.get("round0") or rounds.round_info(corpus, 0) is not None and \
+            not rounds.is_complete(corpus, 0):
+        prev = rounds.round_metrics(corpus, 0).get("sources", [])
+        rounds.update_metrics(corpus, 0, {"sources": sorted({*prev, *arg.get("sources", [])})})
+    return {"index_rows": added}
+
+
+def heal(corpus: Corpus) -> int:
+    """Merge the done shards the index does not cover (shards of earlier versions, a corpus
+    with the old single-file index), then compact the index when enough entries accumulated;
+    returns the rows added."""
+    added = index.merge_done_shards(corpus)
+    index.compact_index(corpus)
+    return added
+
+
+def _light_finish(corpus: Corpus) -> bool:
+    """Whether the end of a run may run in the driver: no compaction is due (compacting is the
+    step that reads O(index) rows; the rest is O(new shards))."""
+    return not index.index_dataset(corpus).compaction_due() and \
+        not rounds.manifest_dataset(corpus, 0).compaction_due()
+
+
+def _finish_run(arg: dict[str, Any], root: str, cfg: ShardConfig, wrote: bool = True) -> int:
+    if not wrote and _light_finish(Corpus(root)):
+        # a run that wrote nothing does not start Ray for a finish that reads a few records
+        return int(finish(arg, root, {})["index_rows"])
+    for _, res in _run([arg], root, cfg, fn=finish):
+        if "error" in res:
+            raise RuntimeError(f"shard: merging into the index failed: {res['error']}")
+        return int(res["index_rows"])
+    return 0
+
+
+def finish_stale_claims(corpus: Corpus) -> list[str]:
+    """Finish every stale image claim of the corpus in-process (what a re-run would do, without
+    sources; ``dataengine verify --repair``) and update the aggregates; returns the shards."""
+    claims = ChunkLedger(corpus).stale()
+    for claim in claims:
+        run_task(task_of(claim), corpus.root, {"image": claim["image"]})
+    if claims:
+        sources = sorted({it["source"] for c in claims for it in c["items"]})
+        finish({"round0": any(it.get("annotations") for c in claims for it in c["items"]),
+                "sources": sources}, corpus.root, {})
+    return [c["shard"] for c in claims]
 
 
 def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
@@ -363,37 +242,27 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
     """
     cfg = cfg or ShardConfig()
     corpus = _check(sources, root, cfg)
-    t0, lap = time.time(), _Laps()
-    problems: list[tuple[str, str]] = []
-    items: list[Item] = []
-    for src in sources:
-        items.extend(list_items(src, problems))
-    qrows = [quarantine.record(src.split("#")[0], src, reason, "list") for src, reason in problems]
-    lap("list")
-    known: dict[str, list] = {}
-    hashed = _hash_inputs(items, cfg.read_threads, progress, known)
-    lap("hash")
-    state = read_state(corpus)
-    plan = _plan(corpus, state, hashed, known, cfg, qrows)
-    if any(it["annotations"] for t in plan.tasks for it in t["items"]):
-        RoundWriter(corpus, 0, "imported", config={"sources": [normalize(s) for s in sources]}
-                    ).begin()
-    publish.fault("shard-claims")
-    lap("plan")
-    results = _run_tasks(plan.tasks, corpus.root, cfg, progress)
-    lap("write")
+    t0 = time.time()
+    if index.needs_migration(corpus):  # a corpus with the old single-file index: re-derive it
+        _finish_run({"round0": False, "sources": []}, corpus.root, cfg)
+    run, problems = _Run(), []
+    finished = 0
+    for task, res in _run(_tasks(corpus, sources, cfg, run, problems), corpus.root, cfg):
+        finished += 1
+        if progress:
+            progress("shards", finished, len(run.shards))
+        if "error" in res:
+            run.summary["failed_shards"].append({"shard": task["shard"], "error": res["error"]})
+        else:
+            run.count(res)
     publish.fault("shards")
-    quarantine.write(corpus, quarantine.content_name("plan", qrows), qrows)
-    summary = _summary(plan, results, len(items))
+    summary = run.summary
+    qrows = [quarantine.record(src.split("#")[0], src, reason, "list") for src, reason in problems]
+    quarantine.write(corpus, quarantine.content_name("list", qrows), qrows)
     summary["quarantined"] += len(qrows)
-    done = dict(state.done)
-    if summary["shards_written"] or _indexed_shards(corpus) != set(corpus.image_shards()):
-        summary["index_rows"] = publish_index(corpus, done)
-    if any(r.get("round0_images") for r in results if "error" not in r) or \
-            (rounds.round_shards(corpus, 0) and not rounds.is_complete(corpus, 0)):
-        publish_round0(corpus, sources)
-    lap("index")
-    summary.update(plan=publish.Owner.current().run, timings=lap.timings,
-                   seconds=round(time.time() - t0, 2))
+    summary["index_rows"] = _finish_run(
+        {"round0": run.round0, "sources": [normalize(s) for s in sources]}, corpus.root, cfg,
+        wrote=bool(run.shards))
+    summary.update(plan=publish.Owner.current().run, seconds=round(time.time() - t0, 2))
     logger.info("shard summary: %s", {k: v for k, v in summary.items() if k != "failed_shards"})
     return summary

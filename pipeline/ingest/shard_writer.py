@@ -1,9 +1,9 @@
 """One image shard, written by whoever holds (or finishes) its claim.
 
-:func:`write_one_shard` is the per-shard unit of the sharding stage (a Ray task body; also runs
-in-process). A task is the work order stored in the shard's claim
-(:mod:`dataengine.pipeline.ingest.shard_claims`), so the owner and anyone finishing a stale claim
-write the same shard. The publish steps, in order:
+:func:`write_one_shard` finishes claims whose work order lists keys (claims of earlier versions,
+whose driver hashed every input first); streamed claims are written by
+:mod:`dataengine.pipeline.ingest.chunk_writer`, which shares this module's helpers (keys,
+imported masks, index rows, reading a tar back). The publish steps, in order:
 
 1. the tar is staged locally (never visible under its name yet) while each input is read,
    checked against its key, decoded and converted;
@@ -39,7 +39,6 @@ from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.masks import area, bbox, encode
 from dataengine.pipeline.core.publish import fault
 from dataengine.pipeline.core.rounds import RoundWriter
-from dataengine.pipeline.core.shards import BytesTarWriter, iter_tar
 from dataengine.pipeline.ingest.images import BadImage, ImageConfig, apply_to_mask, process_image
 
 logger = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ class _HashingWriter:
         return self.f.write(data)
 
 
-def _imported_annotations(item: dict[str, Any], geometry, uri: str, key: str, shard: str,
+def imported_annotations(item: dict[str, Any], geometry, uri: str, key: str, shard: str,
                           qrows: list[dict]) -> list[dict[str, Any]]:
     frame = geometry.upright_size if item["upright"] else geometry.raw_size
     out = []
@@ -149,7 +148,7 @@ class _ShardBuild:
                     "orig_mode": img.orig_mode, "passthrough": img.passthrough,
                     "bytes": len(img.data), "split": it["split"], **it["meta"]}
             if it["annotations"]:
-                anns = _imported_annotations(it, img.geometry, uri, key, self.name, self.qrows)
+                anns = imported_annotations(it, img.geometry, uri, key, self.name, self.qrows)
                 if anns:
                     self.records.append({"image": {"image_id": key, "width": img.width,
                                                    "height": img.height, "file_name": uri},
@@ -218,6 +217,8 @@ def write_one_shard(task: dict[str, Any], root: str, cfg: dict[str, Any]) -> dic
     ``cfg`` is the run's ShardConfig as a dict; the image settings of the claim
     (``task["image"]``) win, so a finished claim is written as its owner would have.
     """
+    from dataengine.pipeline.core.shards import BytesTarWriter  # webdataset: torch
+
     t0 = time.time()
     corpus = Corpus(root)
     name = task["shard"]
@@ -251,6 +252,8 @@ def write_one_shard(task: dict[str, Any], root: str, cfg: dict[str, Any]) -> dic
 
 def read_tar_rows(url: str, shard: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(index rows, {"bytes", "sha256"}) of a published image tar, read back."""
+    from dataengine.pipeline.core.shards import iter_tar
+
     sha, size = hashlib.sha256(), 0
     with storage.open_read(url) as f:
         while chunk := f.read(1 << 22):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,11 +45,12 @@ class Item:
     annotations: list[dict[str, Any]] | None = None  # core.coco annotation dicts
     upright: bool = False  # annotations are relative to the EXIF-rotated image (YOLO)
     annotator: str = ""
+    size: int = 0  # bytes, when the listing told (0: unknown)
 
     def to_dict(self) -> dict[str, Any]:
         return {"uri": self.uri, "source": self.source, "meta": self.meta,
                 "annotations": self.annotations, "upright": self.upright,
-                "annotator": self.annotator}
+                "annotator": self.annotator, "size": self.size}
 
 
 def normalize(src: str) -> str:
@@ -223,6 +225,85 @@ def list_items(src: str, problems: list[tuple[str, str]]) -> list[Item]:
         items = [Item(u, src) for u in _find_images(src)]
     logger.info("source %s (%s): %d images", src, kind, len(items))
     return items
+
+
+def iter_items(src: str, problems: list[tuple[str, str]]) -> Iterator[Item]:
+    """The images of one source as a stream, in the order of :func:`list_items`, without
+    holding the listing: folders and YOLO datasets are walked one directory (S3: one page of
+    1,000 keys) at a time, parquet URL lists are read row group by row group, text lists line
+    by line. A COCO JSON is loaded whole (its annotations are needed per image anyway).
+    YOLO label files are read as their image comes by (a missing one means no labels)."""
+    src = normalize(src)
+    kind = kind_of(src)
+    if kind == "coco":
+        yield from _coco_items(src, problems)
+    elif kind == "yolo":
+        yield from _iter_yolo(src, problems)
+    elif kind == "list":
+        if src.lower().startswith(("http://", "https://")) and \
+                not src.lower().endswith((".txt", ".parquet")):
+            yield Item(src, src)
+            return
+        for uri in _iter_list(src):
+            yield Item(uri, src)
+    else:
+        skipped = 0
+        for uri, size in storage.iter_files(src):
+            if _is_image(uri):
+                yield Item(uri, src, size=size)
+            else:
+                skipped += 1
+        if skipped:
+            logger.info("%s: %d files without an image extension ignored", src, skipped)
+
+
+def _iter_yolo(src: str, problems: list[tuple[str, str]]) -> Iterator[Item]:
+    names, coco_ids = yolo_names(src)
+    images_dir = storage.join(src, "images")
+    for uri, size in storage.iter_files(images_dir):
+        if not _is_image(uri):
+            continue
+        rel = uri[len(images_dir) + 1:]
+        label = storage.join(src, "labels", rel.rsplit(".", 1)[0] + ".txt")
+        anns: list[dict[str, Any]] = []
+        try:
+            text = storage.read_bytes(label).decode("utf-8")
+        except FileNotFoundError:
+            text = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append((label, f"unreadable YOLO label file: {exc}"))
+            text = ""
+        if text:
+            anns = parse_yolo_labels(text, label, names, coco_ids, problems)
+        yield Item(uri, src, {"file_name": rel}, anns, True, "import:yolo", size)
+
+
+def _iter_list(src: str) -> Iterator[str]:
+    base = src.rsplit("/", 1)[0] if "/" in src else "."
+
+    def resolve(e: str) -> str:
+        if "://" in e or os.path.isabs(e) or "://" in base:
+            return e if "://" in e or os.path.isabs(e) else storage.join(base, e)
+        return os.path.normpath(os.path.join(base, e))
+
+    if src.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with storage.open_read(src) as f:
+            pf = pq.ParquetFile(f)
+            col = next((c for c in LIST_COLUMNS if c in pf.schema_arrow.names), None)
+            if col is None:
+                raise ValueError(f"{src}: no column named one of {LIST_COLUMNS}")
+            for i in range(pf.num_row_groups):
+                for v in pf.read_row_group(i, columns=[col]).column(0).to_pylist():
+                    if v:
+                        yield resolve(str(v))
+        return
+    with storage.open_read(src) as f:
+        for raw in f:
+            line = raw.decode("utf-8").strip()
+            if line and not line.startswith("#"):
+                yield resolve(line)
 
 
 def matches(item: Item, holdout_source: str) -> bool:

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dataengine.pipeline.core import storage
+from dataengine.pipeline.core.index import load_index
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import (
     RoundWriter,
@@ -93,7 +94,7 @@ def open_round(corpus: Corpus, *, stage: str, model_version: str, n_images: int 
         raise ValueError(f"prefill {prefill!r}: allowed none, amg, round:N")
     if prefill != "none" and stage != "semi":
         raise ValueError(f"prefill {prefill!r} only applies to semi rounds")
-    index = storage.read_table(corpus.index).to_pylist()
+    index = load_index(corpus).to_pylist()
     chosen = _choose_images(corpus, index, n_images, keys)
     order = {s: i for i, s in enumerate(sorted({r["shard"] for r in index}))}
     pos = {r["key"]: i for i, r in enumerate(index)}
@@ -130,7 +131,7 @@ def _choose_images(corpus: Corpus, index: list[dict[str, Any]], n_images: int | 
         if not n_images or n_images < 1:
             raise ValueError(f"n_images={n_images!r}: give a positive number or keys")
         taken: set[str] = set()
-        m = load_manifest(corpus)
+        m = load_manifest(corpus, columns=["key", "stage"])
         if m.num_rows:
             for k, s in zip(m["key"].to_pylist(), m["stage"].to_pylist(), strict=True):
                 if s in PEOPLE_STAGES:
@@ -349,10 +350,12 @@ class PeopleRound:
     def _compute_prefill(self, key: str) -> list[dict[str, Any]]:
         if self.prefill_mode.startswith("round:"):
             n = int(self.prefill_mode.split(":")[1])
+            import pyarrow.dataset as pads
+
             from dataengine.pipeline.core.rounds import read_round_manifest
 
-            t = read_round_manifest(self.corpus, n)
-            rows = [r for r in t.to_pylist() if r["key"] == key]
+            t = read_round_manifest(self.corpus, n, filter=pads.field("key") == key)
+            rows = t.to_pylist()
             anns = []
             for i, r in enumerate(rows):
                 anns.append({"uid": f"p{i}", "segmentation": {"size": [r["height"], r["width"]],

@@ -51,7 +51,7 @@ class ServerState:
         """Load the corpus view and set up everything the routes use."""
         corpus = Corpus(root)
         cache = PrivateCache(cfg.cache_dir or default_cache_dir(corpus.root))
-        view = CorpusView(corpus, refresh_seconds=cfg.refresh_seconds)
+        view = CorpusView(corpus, refresh_seconds=cfg.refresh_seconds, cache_dir=cache.root)
         renderer = Renderer(corpus, cache)
         view.refresh(force=True)  # index, manifests and decisions before the first request
         sam = SamService(corpus, device=cfg.annotate_device or None, threads=cfg.torch_threads,

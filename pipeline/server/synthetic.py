@@ -1,7 +1,7 @@
 """Small corpora in the documented layout for dashboard tests, benchmarks and demos.
 
-:func:`build_corpus` writes image shards (+ done records, ``index.parquet``) from given image files
-or generated pictures, and annotation rounds through
+:func:`build_corpus` writes image shards (+ done records, ``images/index/`` entries) from given
+image files or generated pictures, and annotation rounds through
 :class:`dataengine.pipeline.core.rounds.RoundWriter`: masks from YOLO-seg polygons (round 0,
 ``imported``) and/or ``masks_per_image`` synthetic ellipses (an ``auto`` round with random scores).
 It is not the shard stage: it writes only what the dashboard reads, in the same format.
