@@ -22,17 +22,18 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline.ingest": {"models", "pipeline.core"},
     "pipeline.sam": {"models", "pipeline.core"},
     "pipeline.ldm": {"models", "pipeline.core"},
+    "pipeline.curate": {"models", "pipeline.core", "pipeline.sam"},
     "pipeline.detector": {"models", "pipeline.core", "pipeline.sam"},
     "pipeline.annotate": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector"},
     "pipeline.engine": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
-                        "pipeline.annotate"},
+                        "pipeline.annotate", "pipeline.curate"},
     "pipeline.server": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
                         "pipeline.annotate"},
     "flows": {"models", "pipeline.core", "pipeline.ingest", "pipeline.sam", "pipeline.ldm",
               "pipeline.detector", "pipeline.annotate", "pipeline.engine"},
     "pipeline.cli": {"models", "pipeline.core", "pipeline.ingest", "pipeline.sam",
                      "pipeline.ldm", "pipeline.detector", "pipeline.annotate", "pipeline.engine",
-                     "pipeline.server", "flows"},
+                     "pipeline.server", "pipeline.curate", "flows"},
 }
 #: Third-party packages only some units may import.
 RESTRICTED = {"prefect": {"flows", "pipeline.cli"}}

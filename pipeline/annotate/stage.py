@@ -54,6 +54,7 @@ from dataengine.pipeline.detector.proposer import DetectorProposerConfig
 from dataengine.pipeline.sam.amg import AmgConfig, MaskGenerator
 from dataengine.pipeline.sam.clicker import SamSegmenter, clicks_to_iou
 from dataengine.pipeline.sam.embeddings import EmbeddingCache
+from dataengine.pipeline.sam.resolve import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -115,34 +116,6 @@ class AnnotateConfig:
             raise ValueError(f"max_images_per_shard={self.max_images_per_shard} must be >= 0")
         if self.retries < 0:
             raise ValueError(f"retries={self.retries} must be >= 0")
-
-
-# ---- model resolution ----------------------------------------------------------------------
-
-def resolve_model(corpus: Corpus, spec: str, *, model_config: str = "tiny", seed: int = 0,
-                  device: str | None = None) -> tuple[Any, str]:
-    """``(model, model_version)`` for a model spec (see :class:`AnnotateConfig.model`)."""
-    import re
-
-    from dataengine.models.sam import SAM_CONFIGS, build_sam
-    from dataengine.pipeline.core.checkpoints import load_sam
-
-    if re.fullmatch(r"v\d{4,}", spec):
-        url = corpus.model_dir("sam", spec)
-        if not storage.exists(storage.join(url, "version.json")) and not storage.exists(
-                storage.join(url, "config.json")):
-            raise FileNotFoundError(f"model {spec!r}: {url} is not a published SAM version")
-        return load_sam(url, device), spec
-    if spec in SAM_CONFIGS:
-        return build_sam(spec, seed=seed, device=device), f"{spec}-random-s{seed}"
-    if storage.exists(storage.join(spec, "config.json")):
-        name = spec.rstrip("/").rsplit("/", 1)[-1]
-        return load_sam(spec, device), name
-    if storage.exists(spec):
-        name = spec.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        return build_sam(model_config, spec, device=device), f"{model_config}-{name}"
-    raise FileNotFoundError(f"model {spec!r} is not a version under {corpus.path('models/sam')}, "
-                            f"a registry config ({sorted(SAM_CONFIGS)}) or a checkpoint path")
 
 
 # ---- per-shard work ------------------------------------------------------------------------
