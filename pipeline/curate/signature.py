@@ -93,7 +93,7 @@ def signature(image: np.ndarray, config: SignatureConfig | None = None) -> np.nd
         d = dctn(thumb.astype(np.float64), norm="ortho")[:cfg.coeffs, :cfg.coeffs:2]
         v = d.ravel()[1:]
         n = np.linalg.norm(v)
-        rows.append(v / n if n > 1e-9 else np.zeros_like(v))
+        rows.append(v / n if n > 1e-3 else np.zeros_like(v))  # flat: no signature
     return np.stack(rows).astype(np.float32)
 
 
