@@ -364,6 +364,7 @@ def aggregate(stats: list[dict[str, Any]], stage: str) -> dict[str, Any]:
     clicked = tot["added"]
     out: dict[str, Any] = {
         "stage": stage, "shards": len(stats), "images": n, "masks": masks,
+        "clicks": tot["clicks"],
         "failed_images": len(failures), "failures": failures[:1000],
         "masks_per_image": round(masks / n, 3) if n else 0.0,
         # no mask clicked: 0 when the masks came without clicks (auto, kept pre-fill), None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,3 +257,24 @@ def load_signatures(corpus: Corpus, cfg: SignatureConfig) -> tuple[list[str], np
                      for v in values]).astype(np.float32) if values else \
         np.zeros((0, cfg.windows, cfg.dims), np.float32)
     return keys, sigs
+
+
+def read_images(corpus: Corpus, keys: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key, HxWx3 uint8)`` of ``keys`` in corpus order (an unreadable image is logged and
+    skipped)."""
+    wanted = set(keys)
+    for shard in corpus.image_shards():
+        if not wanted:
+            return
+        done = storage.read_json(corpus.image_done(shard))
+        if not wanted & set(done.get("keys", [])):
+            continue
+        for sample in iter_tar(corpus.image_shard(shard)):
+            key = sample["__key__"]
+            if key not in wanted:
+                continue
+            wanted.discard(key)
+            try:
+                yield key, sample_image(sample)
+            except Exception as exc:  # noqa: BLE001 - a bad image is skipped, named
+                logger.error("%s/%s: unreadable image skipped: %s", shard, key, exc)
