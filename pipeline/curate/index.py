@@ -16,8 +16,14 @@ distinct photos sit at cosine > 0.98 of each other).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from dataengine.pipeline.core import splits
+from dataengine.pipeline.core.index import load_index
+from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.curate.embed import EmbedConfig, embed_corpus, load_vectors
 
 #: Exact search up to this many vectors; an HNSW graph beyond.
 EXACT_LIMIT = 500_000
@@ -97,29 +103,36 @@ class SimilarityIndex:
         return out
 
 
-def similar_images(root: str, key: str, k: int = 10, config=None) -> dict:
-    """The ``k`` images most like ``key`` by the pooled embeddings of ``config.model`` (the
-    embedding pass fills in missing shards first): ``{"key", "model_version", "neighbours":
-    [{"key", "similarity", "split", "shard"}]}``."""
-    from dataengine.pipeline.core import splits
-    from dataengine.pipeline.core.index import load_index
-    from dataengine.pipeline.core.layout import Corpus
-    from dataengine.pipeline.curate.embed import EmbedConfig, embed_corpus, load_vectors
+def stored_index(corpus: Corpus, model_version: str) -> SimilarityIndex:
+    """The similarity index of the pooled embeddings stored for ``model_version`` (nothing is
+    computed: a server answers from what the embedding pass wrote)."""
+    keys, vectors = load_vectors(corpus, model_version)
+    return SimilarityIndex(keys, vectors)
 
-    if k < 1:
-        raise ValueError(f"k={k}: must be >= 1")
-    corpus = Corpus(root)
-    summary = embed_corpus(corpus.root, config or EmbedConfig())
-    keys, vectors = load_vectors(corpus, summary["model_version"])
-    index = SimilarityIndex(keys, vectors)
+
+def neighbour_rows(corpus: Corpus, index: SimilarityIndex, key: str, k: int
+                   ) -> list[dict[str, Any]]:
+    """``[{"key", "similarity", "split", "shard"}]`` of ``key``'s ``k`` nearest images."""
     if key not in index:
-        raise ValueError(f"image {key!r} is not an image of {corpus.root} (or it could not be "
-                         f"embedded); keys are the 16 hex digits `dataengine info` lists")
+        raise ValueError(f"image {key!r} is not an image of {corpus.root} (or it has no "
+                         f"embedding yet: run `dataengine embed`); keys are 16 hex digits")
     split_map = splits.load_map(corpus)
     table = load_index(corpus)
     shard_of = dict(zip(table.column("key").to_pylist(), table.column("shard").to_pylist(),
                         strict=True))
+    return [{"key": n.key, "similarity": round(n.similarity, 4), "split": split_map.get(n.key),
+             "shard": shard_of.get(n.key)} for n in index.neighbours(key, k)]
+
+
+def similar_images(root: str, key: str, k: int = 10, config: EmbedConfig | None = None
+                   ) -> dict[str, Any]:
+    """The ``k`` images most like ``key`` by the pooled embeddings of ``config.model`` (the
+    embedding pass fills in missing shards first): ``{"key", "model_version", "neighbours":
+    [{"key", "similarity", "split", "shard"}]}``."""
+    if k < 1:
+        raise ValueError(f"k={k}: must be >= 1")
+    corpus = Corpus(root)
+    summary = embed_corpus(corpus.root, config or EmbedConfig())
+    index = stored_index(corpus, summary["model_version"])
     return {"key": key, "model_version": summary["model_version"],
-            "neighbours": [{"key": n.key, "similarity": round(n.similarity, 4),
-                            "split": split_map.get(n.key), "shard": shard_of.get(n.key)}
-                           for n in index.neighbours(key, k)]}
+            "neighbours": neighbour_rows(corpus, index, key, k)}
