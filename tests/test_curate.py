@@ -253,3 +253,28 @@ def test_promoted_model_is_required_by_default(leaky):
 
     with pytest.raises(ValueError, match="no SAM version is promoted"):
         embed_corpus(leaky["root"], EmbedConfig())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_embedding_pass_on_ray_actors_equals_in_process(tmp_path, ray_cluster):
+    from dataengine.pipeline.curate.embed import (
+        EmbedConfig,
+        embed_corpus,
+        load_signatures,
+        load_vectors,
+    )
+
+    roots = [str(tmp_path / n) for n in ("ray", "local")]
+    for root in roots:
+        build_corpus(root, shards=2, per_shard=3, seed=4)
+    cfg = {"model": MODEL, "num_actors": 2, "num_cpus": 0.5, "torch_threads": 1}
+    on_ray = embed_corpus(roots[0], EmbedConfig(**cfg, use_ray=True))
+    local = embed_corpus(roots[1], EmbedConfig(**cfg))
+    assert on_ray["computed_shards"] == local["computed_shards"] == 2
+    assert on_ray["images"] == 6 and not on_ray["failed_shards"]
+    (ka, va), (kb, vb) = (load_vectors(Corpus(r), local["model_version"]) for r in roots)
+    assert ka == kb and np.allclose(va, vb, atol=1e-5)
+    (ka, sa), (kb, sb) = (load_signatures(Corpus(r), EmbedConfig().signature) for r in roots)
+    assert ka == kb and np.array_equal(sa, sb)
+    assert embed_corpus(roots[0], EmbedConfig(**cfg, use_ray=True))["computed_shards"] == 0

@@ -102,9 +102,22 @@ def test_honeypots_are_held_out_with_ground_truth_and_never_reach_training(corpu
 
 
 def test_annotator_stats_from_rounds_and_review_records(corpus_info):
+    from dataengine.pipeline.core.rounds import RoundWriter, iter_round_shard
+
     root, info = corpus_info
     corpus = Corpus(root)
     add_round(root, 1, info, info["train"][:2])      # annotator "simulated": not a person
+    w = RoundWriter(corpus, 2, "manual", model_version="v0001")   # a person's round
+    w.begin()
+    shard = info["shards"][0]
+    rec = next(iter_round_shard(corpus, 0, shard))
+    anns = [{**a, "stage": "manual", "round": 2, "annotator": "ann", "seconds": 6.0,
+             "clicks": [{"x": 1, "y": 1, "label": 1}] * (3 if i == 0 else 1),
+             "prefilled": False} for i, a in enumerate(rec["annotations"][:2])]
+    anns.append({**rec["annotations"][0], "id": 9, "stage": "manual", "round": 2,
+                 "annotator": "ann", "prefilled": True, "clicks": [], "seconds": 0.0})
+    w.write_shard(shard, [{"image": rec["image"], "annotations": anns}])
+    w.finish({"images": 1})
     pots = review.choose_honeypots(corpus, 2)
     gt = review.ground_truth(corpus, pots)
     review.record_review(corpus, "honeypot", {"key": pots[0], "round": 1, "annotator": "ann",
@@ -124,7 +137,8 @@ def test_annotator_stats_from_rounds_and_review_records(corpus_info):
     assert stats["ann"]["agreement"] == pytest.approx(0.5)
     assert stats["bob"]["agreement"] == pytest.approx(0.75) and stats["bob"]["reviewed_images"] == 2
     assert stats["cy"]["agreement"] == pytest.approx(1.0)
-    assert stats["ann"]["masks"] == 0 and stats["ann"]["clicks_per_mask"] is None
+    assert stats["ann"]["masks"] == 2 and stats["ann"]["clicks_per_mask"] == 2.0
+    assert stats["ann"]["seconds_per_mask"] == 6.0 and stats["bob"]["masks"] == 0
     with pytest.raises(ValueError, match="reviewer"):
         review.record_review(corpus, "agreement", {"key": pots[0], "annotator": "ann",
                                                    "reviewer": "../x"})

@@ -189,7 +189,8 @@ def load_reviews(corpus: Corpus) -> list[dict[str, Any]]:
 
 
 def annotator_stats(corpus: Corpus) -> list[dict[str, Any]]:
-    """Per person: masks, clicks and seconds per mask (clicked masks of every round), honeypot
+    """Per person: masks, clicks and seconds per mask (the masks they clicked in manual and semi
+    rounds; imports, pre-fills and the simulator are not people), honeypot
     images and mean honeypot IoU, reviewed images and mean agreement (over the pairs they were
     either side of)."""
     per: dict[str, dict[str, Any]] = {}
@@ -200,10 +201,10 @@ def annotator_stats(corpus: Corpus) -> list[dict[str, Any]]:
 
     m = rounds.load_manifest(corpus)
     if m.num_rows:
-        for who, n, s, pre in zip(m["annotator"].to_pylist(), m["n_clicks"].to_pylist(),
-                                  m["seconds"].to_pylist(), m["prefilled"].to_pylist(),
-                                  strict=True):
-            if who in NOT_PEOPLE or pre:
+        for who, stage, n, s, pre in zip(m["annotator"].to_pylist(), m["stage"].to_pylist(),
+                                         m["n_clicks"].to_pylist(), m["seconds"].to_pylist(),
+                                         m["prefilled"].to_pylist(), strict=True):
+            if who in NOT_PEOPLE or pre or stage not in ("manual", "semi"):
                 continue
             e = entry(who)
             e["masks"] += 1
