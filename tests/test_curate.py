@@ -205,15 +205,16 @@ def test_flags_are_append_only_and_a_curator_can_keep_a_near_duplicate(leaky):
     assert curation.excluded_image_keys(corpus) == set()
 
 
-def test_unreadable_newest_flags_fall_back_to_the_previous_run(tmp_path, caplog):
+def test_unreadable_newest_flags_stop_the_reader(tmp_path):
     corpus = Corpus(str(tmp_path / "c"))
     curation.record_flags(corpus, "holdout_leak", [{"key": "a" * 16, "of_key": "b" * 16,
                                                      "score": 0.99}], "dedup")
+    assert curation.excluded_image_keys(corpus) == {"a" * 16}
     bad = storage.join(corpus.curation, "flags-holdout_leak-29990101T000000000000Z-"
                                         "000000000000.parquet")
     storage.write_bytes(bad, b"not parquet")
-    assert curation.excluded_image_keys(corpus) == {"a" * 16}
-    assert "cannot read flags" in caplog.text
+    with pytest.raises(ValueError, match="flags-holdout_leak-2999.*unreadable"):
+        curation.excluded_image_keys(corpus)
     with pytest.raises(ValueError, match="flag kind"):
         curation.record_flags(corpus, "blurry", [], "dedup")
     with pytest.raises(ValueError, match="not a valid key"):

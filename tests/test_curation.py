@@ -110,14 +110,27 @@ def test_exclude_rejected_on_manifest(corpus):
     assert curation.is_excluded(f"round-0001/{K2}/1", K2, set(), {K2})
 
 
-def test_corrupt_decision_file_is_reported_not_fatal(tmp_path, caplog):
+def test_corrupt_decision_file_fails_closed_unless_skipped_on_request(tmp_path, caplog):
     corpus = Corpus(str(tmp_path / "c"))
     curation.record(corpus, [Decision("image", K1, "reject", "alice")])
-    bad = os.path.join(corpus.curation, "decisions-20260101T000000000000Z-0123456789ab.parquet")
-    with open(bad, "wb") as f:
-        f.write(b"not parquet")
-    assert curation.rejected_image_keys(corpus) == {K1}
-    assert "cannot read" in caplog.text
+    url = curation.record(corpus, [Decision("image", K2, "reject", "bob")])
+    data = open(url, "rb").read()
+    with open(url, "wb") as f:  # truncated: the rejection of K2 is unreadable
+        f.write(data[: len(data) // 2])
+    with pytest.raises(storage.UnreadableFile, match=os.path.basename(url)):
+        curation.rejected_image_keys(corpus)
+    assert curation.rejected_image_keys(corpus, skip_unreadable=True) == {K1}
+    assert "skipping unreadable decision file (1 so far)" in caplog.text
+
+
+def test_a_retried_decision_counts_once(tmp_path):
+    corpus = Corpus(str(tmp_path / "c"))
+    d = Decision("image", K1, "reject", "alice", ts=_t(1))
+    curation.record(corpus, [d])
+    curation.record(corpus, [Decision("image", K1, "approve", "bob", ts=_t(2))])
+    curation.record(corpus, [d])  # the same request again
+    log = curation.load_log(corpus)
+    assert log.table.num_rows == 2 and log.rejected_image_keys() == set()
 
 
 @pytest.mark.parametrize("fmt", curation.EXPORT_FORMATS)

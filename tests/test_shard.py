@@ -312,9 +312,11 @@ def test_crash_resume_no_duplicates_no_drops(ray_cluster, shared_data, tmp_path)
                                                              image_size=320))
     s = shard([src], str(root), cfg)
     server.shutdown()
-    assert plan_before == {s["plan"]}  # the same plan was recomputed
-    assert (s["shards_skipped"], s["shards_written"], s["ok"]) == (2, 2, 20)
+    # the killed run's two unfinished claims were finished from their work orders
+    assert (s["shards_finished"], s["shards_written"], s["ok"], s["existing"]) == (2, 2, 10, 20)
     assert not s["failed_shards"]
+    plans = {json.loads(p.read_text())["plan"] for p in images.glob("*.done.json")}
+    assert plans == plan_before and len(list(images.glob("*.done.json"))) == 4
     keys = load_index(str(root)).column("key").to_pylist()
     expect = {content_key(f.read_bytes())[0] for f in files}
     assert len(keys) == len(set(keys)) == 20 and set(keys) == expect

@@ -178,3 +178,29 @@ def test_create_if_absent_has_one_winner(where, tmp_path, request):
     with pytest.raises(FileExistsError, match="append-only"):
         storage.write_bytes(url, b"again", overwrite=False)
     assert storage.read_bytes(url) == str(won.index(True)).encode()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_staged_file_is_published_whole_once_or_not_at_all(where, tmp_path, request):
+    """A staged file is invisible until published; ``create`` publishes only if the name is
+    free (a large file's create-if-absent); a stage never published leaves nothing behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    url = storage.join(base, "images", "shard-000000.tar")
+
+    def stage_and_create(i: int) -> bool:
+        with storage.Staged(url) as staged:
+            staged.file.write(bytes([i]) * (1 << 20))
+            assert not storage.exists(url) or storage.read_bytes(url)[:1] != bytes([i])
+            return staged.create()
+
+    with ThreadPoolExecutor(6) as pool:
+        won = list(pool.map(stage_and_create, range(6)))
+    assert sum(won) == 1
+    assert storage.read_bytes(url) == bytes([won.index(True)]) * (1 << 20)
+    with storage.Staged(storage.join(base, "images", "never.tar")) as staged:
+        staged.file.write(b"abandoned")
+    assert not storage.exists(storage.join(base, "images", "never.tar"))
+    if where == "local":
+        assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["shard-000000.tar"]

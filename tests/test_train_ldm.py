@@ -4,6 +4,7 @@ at its last checkpoint's step; the published version loads into a diffusers pipe
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -70,6 +71,15 @@ def test_two_nodes_identical_weights_control_diverges_and_export(ray_cluster, ld
     out = pipe("<c1>", layout=np.zeros((8, 8), np.uint8), num_inference_steps=2,
                output_type="np")
     assert out.shape == (1, 32, 32, 3)
+    # samples conditioned on held-out images, shown beside them: 3 rows of 2 (32 px, 2 px pad)
+    from PIL import Image
+
+    from dataengine.pipeline.ldm.sample import SampleConfig, sample
+
+    grid = sample(ldm_root, SampleConfig(heldout=True, n=2, steps=2))
+    assert grid["model"] == info["version"] and grid["prompt"].startswith("holdout images of")
+    with Image.open(io.BytesIO(storage.read_bytes(grid["grid"]))) as im:
+        assert im.size == (2 * 34 + 2, 3 * 34 + 2)
 
     train_ldm(ldm_root, _cfg(run_name="nosync", sync_gradients=False, publish=False))
     c = sorted(_workers(ldm_root, "nosync"), key=lambda r: r["rank"])

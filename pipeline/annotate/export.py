@@ -9,9 +9,9 @@
   per-image schema with our provenance), like SA-1B's own tars.
 - :func:`import_coco`: a COCO JSON (people's corrections, or any tool's output) becomes a new
   round: images are matched to corpus keys by ``dataengine_key``, file-name stem or original source
-  name; masks must be in the stored image's frame; per-image problems are recorded in the shard's
-  done record, never stop the import. Parsing reuses
-  :func:`dataengine.pipeline.core.coco.load_coco`.
+  name; masks must be in the stored image's frame; the file is validated before the round starts
+  and bad images or annotations are quarantined with their reason, never stop the import.
+  Parsing reuses :func:`dataengine.pipeline.core.coco.load_coco`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ from dataengine.pipeline.core.imagecodec import IMAGE_EXTS
 from dataengine.pipeline.core.layout import STAGES, Corpus
 from dataengine.pipeline.core.rounds import (
     RoundWriter,
+    claim_round,
     complete_rounds,
+    is_complete,
     iter_round_shard,
-    next_round,
+    round_info,
+    round_owner,
     round_shards,
 )
 from dataengine.pipeline.core.shards import iter_tar, write_tar
@@ -172,87 +175,155 @@ def _key_lookup(corpus: Corpus) -> tuple[dict[str, str], dict[str, tuple[int, in
     return shard_of, size, by_name
 
 
-def import_coco(root: str, coco_path: str, *, stage: str = "manual",
-                round_number: int | None = None, model_version: str = "",
-                annotator: str = "human") -> dict[str, Any]:
-    """Import a COCO instances JSON as round ``round_number`` (default: the next round).
+def _imported_annotation(ann: dict[str, Any], raw: dict[str, Any], h: int, w: int, stage: str,
+                         model_version: str, annotator: str) -> dict[str, Any]:
+    """One parsed COCO annotation as a round annotation (round number set when writing)."""
+    from dataengine.pipeline.core.coco import annotation_mask
 
-    Annotations keep the provenance found under ``attributes`` (our export) and otherwise get
-    ``stage`` / ``annotator`` / ``model_version`` given here. Returns a summary.
-    """
-    from dataengine.pipeline.core.coco import annotation_mask, load_coco
+    rle = mask_utils.encode(annotation_mask(ann, h, w))
+    attrs = raw.get("attributes") if isinstance(raw.get("attributes"), dict) else {}
+    score = raw.get("score") if isinstance(raw.get("score"), (int, float)) else None
 
-    if stage not in STAGES:
-        raise ValueError(f"stage {stage!r} is not one of {STAGES}")
-    corpus = Corpus(root)
-    root = corpus.root
-    problems: list[tuple[str, str]] = []
+    def num(v: Any, default: float = 0.0) -> float:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+    def listed(v: Any) -> list:
+        return v if isinstance(v, list) else []
+
+    return {"id": 0, "segmentation": rle, "bbox": mask_utils.bbox(rle),
+            "area": mask_utils.area(rle),
+            "predicted_iou": num(attrs.get("predicted_iou"), num(score)),
+            "stability_score": num(attrs.get("stability_score")),
+            "point_coords": listed(attrs.get("point_coords")),
+            "crop_box": listed(attrs.get("crop_box")) or [0, 0, w, h],
+            "stage": stage, "round": -1,
+            "model_version": attrs.get("model_version") if isinstance(
+                attrs.get("model_version"), str) and attrs.get("model_version") else model_version,
+            "clicks": listed(attrs.get("clicks")),
+            "annotator": attrs["annotator"] if stage == attrs.get("stage") and isinstance(
+                attrs.get("annotator"), str) else annotator,
+            "seconds": num(attrs.get("seconds")),
+            "category_id": ann["category_id"] or None, "category": ann["category"],
+            "iscrowd": ann.get("iscrowd", 0), "source_id": ann["id"]}
+
+
+def _import_records(corpus: Corpus, coco_path: str, stage: str, model_version: str,
+                    annotator: str, problems: list[tuple[str, str]]
+                    ) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
+    """(shard -> key -> record, unmatched file names) of a COCO file, every mask validated and
+    rasterised; bad images and annotations are appended to ``problems``."""
+    from dataengine.pipeline.core.coco import load_coco
+
     images, anns_by_file, _ = load_coco(coco_path, captions_json=None, problems=problems)
     raw = storage.read_json(coco_path)
-    extra = {a.get("id"): a for a in raw.get("annotations") or [] if isinstance(a, dict)}
-    raw_images = {i.get("file_name"): i for i in raw.get("images") or [] if isinstance(i, dict)}
+    extra = {a.get("id"): a for a in raw.get("annotations") or [] if isinstance(a, dict)
+             and isinstance(a.get("id"), int)}
+    raw_images = {i.get("file_name"): i for i in raw["images"] if isinstance(i, dict)
+                  and isinstance(i.get("file_name"), str)}
     shard_of, size, by_name = _key_lookup(corpus)
-    number = round_number if round_number is not None else next_round(corpus)
-    writer = RoundWriter(corpus, number, stage, model_version,
-                         config={"imported_from": coco_path, "annotator": annotator})
-    writer.begin()
     per_shard: dict[str, dict[str, dict[str, Any]]] = {}
-    failures: dict[str, list[dict[str, str]]] = {}
     unmatched = []
     for fname, info in images.items():
-        rimg = raw_images.get(fname, {})
-        key = rimg.get("dataengine_key") or by_name.get(fname) or \
-            by_name.get(PurePosixPath(fname).name) or by_name.get(PurePosixPath(fname).stem)
+        key = raw_images.get(fname, {}).get("dataengine_key")
+        key = key if isinstance(key, str) else None
+        key = key or by_name.get(fname) or by_name.get(PurePosixPath(fname).name) or \
+            by_name.get(PurePosixPath(fname).stem)
         if key not in shard_of:
             unmatched.append(fname)
             continue
-        shard = shard_of[key]
-        h, w = size.get(key, (int(info["height"]), int(info["width"])))
-        try:
-            if (int(info["height"]), int(info["width"])) != (h, w):
-                raise ValueError(f"COCO image {fname} is {info['height']}x{info['width']} but "
-                                 f"the stored image {key} is {h}x{w}")
-            out = []
-            for ann in anns_by_file.get(fname, []):
-                m = annotation_mask(ann, h, w)
-                rle = mask_utils.encode(m)
-                attrs = (extra.get(ann["id"]) or {}).get("attributes") or {}
-                score = (extra.get(ann["id"]) or {}).get("score")
-                out.append({
-                    "id": len(out) + 1, "segmentation": rle, "bbox": mask_utils.bbox(rle),
-                    "area": mask_utils.area(rle),
-                    "predicted_iou": float(attrs.get("predicted_iou", score or 0.0) or 0.0),
-                    "stability_score": float(attrs.get("stability_score") or 0.0),
-                    "point_coords": attrs.get("point_coords") or [],
-                    "crop_box": attrs.get("crop_box") or [0, 0, w, h],
-                    "stage": stage, "round": number,
-                    "model_version": attrs.get("model_version", model_version) or model_version,
-                    "clicks": attrs.get("clicks") or [], "annotator":
-                        attrs.get("annotator", annotator) if stage == attrs.get("stage")
-                        else annotator,
-                    "seconds": float(attrs.get("seconds") or 0.0),
-                    "category_id": ann["category_id"] or None, "category": ann["category"],
-                    "iscrowd": ann.get("iscrowd", 0), "source_id": ann["id"]})
-            per_shard.setdefault(shard, {})[key] = {
-                "image": {"image_id": key, "width": w, "height": h, "file_name": fname},
-                "annotations": out}
-        except (ValueError, KeyError, TypeError) as exc:
-            failures.setdefault(shard, []).append({"key": key, "reason": str(exc)})
+        if key in per_shard.get(shard_of[key], {}):
+            problems.append((f"{coco_path}#image={info['id']}",
+                             f"COCO image {fname} is the corpus image {key}, as is "
+                             f"{per_shard[shard_of[key]][key]['image']['file_name']}: "
+                             f"not imported twice"))
+            continue
+        h, w = size.get(key, (info["height"], info["width"]))
+        if (info["height"], info["width"]) != (h, w):
+            problems.append((f"{coco_path}#image={info['id']}",
+                             f"COCO image {fname} is {info['width']}x{info['height']} but the "
+                             f"stored image {key} is {w}x{h}"))
+            continue
+        out = []
+        for ann in anns_by_file.get(fname, []):
+            try:
+                out.append(_imported_annotation(ann, extra.get(ann["id"]) or {}, h, w, stage,
+                                                model_version, annotator))
+            except (ValueError, KeyError, TypeError) as exc:
+                problems.append((f"{coco_path}#annotation={ann['id']}",
+                                 f"bad annotation: {exc}"))
+        for i, a in enumerate(out, 1):
+            a["id"] = i
+        per_shard.setdefault(shard_of[key], {})[key] = {
+            "image": {"image_id": key, "width": w, "height": h, "file_name": fname},
+            "annotations": out}
+    return per_shard, unmatched
+
+
+def _quarantine_problems(corpus: Corpus, coco_path: str, problems: list[tuple[str, str]]
+                         ) -> None:
+    from dataengine.pipeline.core import quarantine
+
+    rows = [quarantine.record(coco_path, where, reason, "annotation")
+            for where, reason in problems]
+    quarantine.write(corpus, quarantine.content_name("import", rows), rows)
+
+
+def _unfinished_import(corpus: Corpus, coco_path: str, stage: str, model_version: str
+                       ) -> int | None:
+    """An unfinished round importing the same file (a crashed import: resume it), or None."""
+    for n in reversed(corpus.rounds()):
+        info = round_info(corpus, n) or {}
+        if n and not is_complete(corpus, n) and round_owner(corpus, n) == "import" and \
+                (info.get("config") or {}).get("imported_from") == coco_path and \
+                info.get("stage") == stage and info.get("model_version") == model_version:
+            return n
+    return None
+
+
+def import_coco(root: str, coco_path: str, *, stage: str = "manual",
+                round_number: int | None = None, model_version: str = "",
+                annotator: str = "human") -> dict[str, Any]:
+    """Import a COCO instances JSON as round ``round_number`` (default: a new round).
+
+    The whole file is validated and every mask rasterised before the round is started: bad
+    images and annotations are quarantined with their reason (``ROOT/quarantine/``), and a file
+    with nothing to import starts no round (ValueError). Annotations keep the provenance found
+    under ``attributes`` (our export) and otherwise get ``stage`` / ``annotator`` /
+    ``model_version`` given here. Returns a summary.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {STAGES}")
+    corpus = Corpus(root)
+    problems: list[tuple[str, str]] = []
+    per_shard, unmatched = _import_records(corpus, coco_path, stage, model_version, annotator,
+                                           problems)
+    _quarantine_problems(corpus, coco_path, problems)
+    if not per_shard:
+        raise ValueError(f"{coco_path}: no image matches the corpus and passes validation "
+                         f"({len(unmatched)} unmatched, {len(problems)} quarantined); "
+                         f"no round was started")
+    config = {"imported_from": coco_path, "annotator": annotator}
+    number = round_number if round_number is not None else _unfinished_import(
+        corpus, coco_path, stage, model_version)
+    if number is None:
+        number = claim_round(corpus, stage, model_version, owner="import", config=config)
+    writer = RoundWriter(corpus, number, stage, model_version, config=config, owner="import")
+    writer.begin()
     n_masks = 0
     for shard in corpus.image_shards():
-        recs = per_shard.get(shard, {})
-        if not recs and shard not in failures:
-            continue
-        if writer.shard_done(shard):
-            continue
+        recs = per_shard.get(shard)
+        if not recs:
+            continue  # (a shard done before a crash is counted, not rewritten)
         order = [s["__key__"] for s in iter_tar(corpus.image_shard(shard))]
         records = [recs[k] for k in order if k in recs]
+        for rec in records:
+            for a in rec["annotations"]:
+                a["round"] = number
         n_masks += writer.write_shard(shard, records, {
-            "images": len(records), "failures": failures.get(shard, []),
-            "problems": [f"{w_}: {r}" for w_, r in problems][:1000]})
+            "images": len(records), "problems": [f"{w_}: {r}" for w_, r in problems][:1000]})
     summary = {"round": number, "images": sum(len(v) for v in per_shard.values()),
                "masks": n_masks, "unmatched_images": unmatched[:1000],
-               "failed_images": sum(len(v) for v in failures.values()),
-               "problems": len(problems)}
+               "failed_images": sum("#image=" in w_ for w_, _ in problems),
+               "quarantined": len(problems), "problems": len(problems)}
     writer.finish({"stage": stage, "imported_from": coco_path, **summary})
     return summary

@@ -43,11 +43,13 @@ from dataengine.pipeline.core import splits, storage
 from dataengine.pipeline.core.imagecodec import sample_image
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import (
+    RoundOwnedError,
     RoundWriter,
+    claim_round,
     is_complete,
     iter_round_shard,
-    next_round,
     round_info,
+    round_owner,
 )
 from dataengine.pipeline.core.shards import iter_tar
 from dataengine.pipeline.detector.proposer import DetectorProposerConfig
@@ -210,6 +212,10 @@ class ShardAnnotator:
         t0 = time.time()
         if self.writer.shard_done(shard):
             return {"shard": shard, "skipped": True}
+        if storage.exists(self.corpus.round_shard(self.number, shard)):
+            # published before a crash, without its manifest part: finish it from the tar
+            self.writer.complete_shard(shard)
+            return {"shard": shard, "skipped": True}
         items = self._eligible(shard)
         good = [(k, img) for k, img, err in items if err is None]
         if self.cfg.use_embedding_cache:
@@ -330,16 +336,30 @@ class ShardAnnotator:
 # ---- the round -----------------------------------------------------------------------------
 
 def choose_round(corpus: Corpus, cfg: AnnotateConfig, model_version: str) -> int:
-    """The round to write: ``cfg.round``, else the last unfinished round started with the same
-    stage and model (resume), else the next unused number."""
+    """The round to write: ``cfg.round``, else the newest unfinished ``annotate`` round started
+    with the same stage and model (resume), else a new round (claimed, so concurrent runs get
+    different numbers). Rounds of other owners (people in the dashboard, imports) are never
+    resumed: an explicit ``cfg.round`` of one is refused, and they are skipped otherwise."""
     if cfg.round is not None:
+        owner = round_owner(corpus, cfg.round)
+        if owner not in (None, "annotate"):
+            hint = (" (open for people in the dashboard; they finish it there)"
+                    if owner == "people" else "")
+            raise RoundOwnedError(f"round {cfg.round} of {corpus.root} is a {owner} round{hint}; "
+                                  f"annotate never resumes it: choose another --round")
         return cfg.round
-    started = [n for n in corpus.rounds() if n > 0 and not is_complete(corpus, n)]
-    if started:
-        info = round_info(corpus, started[-1]) or {}
+    for n in sorted((n for n in corpus.rounds() if n > 0 and not is_complete(corpus, n)),
+                    reverse=True):
+        owner = round_owner(corpus, n)
+        if owner != "annotate":
+            logger.info("round %d is a %s round: annotate leaves it to its owner", n, owner)
+            continue
+        info = round_info(corpus, n) or {}
         if info.get("stage") == cfg.stage and info.get("model_version") == model_version:
-            return started[-1]
-    return next_round(corpus)
+            return n
+        break  # the newest unfinished annotate round is another stage/model: start a new one
+    return claim_round(corpus, cfg.stage, model_version, owner="annotate",
+                       config=json.loads(json.dumps(config_mod.to_dict(cfg), default=str)))
 
 
 def aggregate(stats: list[dict[str, Any]], stage: str) -> dict[str, Any]:

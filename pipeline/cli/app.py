@@ -9,7 +9,11 @@ reported in one place (:func:`dataengine.pipeline.cli.common.reports_errors`).
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import sys
+import traceback
 
 import typer
 from rich.logging import RichHandler
@@ -36,6 +40,53 @@ for _group in (corpus, annotate, sam, detector, flows, server, ldm, curate):
     _group.register(app)
 
 
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def _shutdown() -> None:
+    """Stop what native threads this process started (Ray's driver, first), then run the
+    interpreter's exit handlers."""
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:  # noqa: BLE001 - shutting down; the command's result stands
+            logging.getLogger(__name__).debug("ray.shutdown failed", exc_info=True)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+
+
 def main() -> None:
-    """The console script."""
-    app(prog_name="dataengine")
+    """The console script: runs the command, shuts down, and leaves with its exit code.
+
+    The process ends with ``os._exit`` after an explicit shutdown: native libraries (Ray,
+    onnxruntime, torch) keep threads whose C++ destructors race the interpreter's own exit and
+    could abort a command that had succeeded ("terminate called without an active exception",
+    exit 134).
+    """
+    code = 0
+    try:
+        app(prog_name="dataengine")
+    except SystemExit as exc:
+        code = _exit_code(exc)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 - reported, then the same exit as an uncaught error
+        traceback.print_exc()
+        code = 1
+    try:
+        _shutdown()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe must not change the exit code
+                pass
+        os._exit(code)

@@ -120,6 +120,27 @@ def info_command(
         console.print(f"latents: {', '.join(info['latents'])}")
 
 
+def verify_command(
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    repair: bool = typer.Option(False, "--repair", help=(
+        "Re-derive aggregates, finish stale shard claims, remove staging files older than the "
+        "grace period, and move what cannot be re-derived to ROOT/quarantine/files/.")),
+    grace_seconds: float = typer.Option(3600.0, "--grace-seconds", help=(
+        "Staging files younger than this belong to a writer at work and are left alone.")),
+) -> None:
+    """Check every area's invariants (done records against tars, index, round manifests, model
+    versions, latents, records, staging files); exit 1 on any problem."""
+    from dataengine.pipeline.core.verify import verify
+    from dataengine.pipeline.ingest.shard import finish_stale_claims
+
+    report = verify(root, repair=repair, grace_seconds=grace_seconds,
+                    finish_claims=finish_stale_claims)
+    for line in report.lines():
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``shard`` and ``info`` to the CLI."""
-    add_commands(app, {"shard": shard_command, "info": info_command})
+    """Add ``shard``, ``info`` and ``verify`` to the CLI."""
+    add_commands(app, {"shard": shard_command, "info": info_command, "verify": verify_command})

@@ -84,6 +84,8 @@ def sample_cmd(
     caption: str = typer.Option(None, "--caption", help="Caption text."),
     layout_from: str = typer.Option(None, "--layout-from", help="Image key whose layout "
                                     "map (from its latent sample) conditions the samples."),
+    heldout: bool = typer.Option(None, "--heldout", help="Condition each sample on a held-out "
+                                 "image (classes, caption, layout) and show the images too."),
     guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
     out: str = typer.Option(None, "--out", help="Output PNG path or URL."),
     config: str = typer.Option(None, "--config", help=CONFIG_HELP),
@@ -93,7 +95,8 @@ def sample_cmd(
     from dataengine.pipeline.ldm.sample import SampleConfig, sample
 
     cfg = stage_config(SampleConfig, config, overrides, "sample", model=model, classes=classes,
-                       caption=caption, layout_from=layout_from, guidance=guidance, out=out)
+                       caption=caption, layout_from=layout_from, heldout=heldout,
+                       guidance=guidance, out=out)
     print_fields(sample(root, cfg))
 
 

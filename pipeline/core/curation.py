@@ -8,8 +8,11 @@ Decisions live append-only under ``ROOT/curation/``: every batch of decisions is
 - ``image``: an image key; rejecting an image excludes every mask on it.
 
 For each target the latest decision wins (ordered by time, then by file and row), so a later
-``approve`` undoes an earlier ``reject``. The two levels are independent: an image-level approve
-does not undo a mask-level reject.
+``approve`` undoes an earlier ``reject``. A decision recorded twice (a retried request with the
+same ``decision_id``) counts once. An unreadable decision file stops every reader with an error
+naming it (a lost ``reject`` would put rejected masks back into training); readers may opt in
+to skipping such files (``skip_unreadable``), which logs how many were skipped. The two levels
+are independent: an image-level approve does not undo a mask-level reject.
 
 Beside people's decisions, tools flag images (``flags-<kind>-<UTC time>-<random>.parquet``, schema
 :data:`FLAG_SCHEMA`): ``near_duplicate`` (an image that nearly duplicates another training image)
@@ -123,6 +126,9 @@ class Decision:
             raise ValueError(f"reason must be text, got {type(self.reason).__name__}")
         if len(self.reason) > MAX_REASON:
             raise ValueError(f"reason is {len(self.reason)} characters; at most {MAX_REASON}")
+        if not isinstance(self.decision_id, str) or not re.fullmatch(r"[0-9a-f]{32}",
+                                                                      self.decision_id):
+            raise ValueError(f"decision_id {self.decision_id!r} is not 32 hex digits")
         if self.ts is None:
             self.ts = datetime.now(UTC)
         elif self.ts.tzinfo is None:
@@ -159,8 +165,10 @@ class DecisionLog:
     Thread-safe; the dashboard keeps one per corpus, scripts call the module functions.
     """
 
-    def __init__(self, corpus: Corpus | str) -> None:
+    def __init__(self, corpus: Corpus | str, *, skip_unreadable: bool = False) -> None:
         self.corpus = _as_corpus(corpus)
+        self.skip_unreadable = skip_unreadable
+        self.unreadable: list[str] = []  # files skipped (``skip_unreadable`` only)
         self._lock = threading.Lock()
         self._files: dict[str, pa.Table] = {}
         self._table: pa.Table = DECISION_SCHEMA.empty_table()
@@ -169,26 +177,39 @@ class DecisionLog:
         self.version = 0  # bumps whenever new decisions were read
 
     def refresh(self) -> bool:
-        """Read decision files published since the last call; True when something new came."""
+        """Read decision files published since the last call; True when something new came.
+
+        Raises :class:`storage.UnreadableFile` naming an unreadable file unless the log was
+        made with ``skip_unreadable`` (then the file is skipped, logged and counted).
+        """
         urls = storage.listdir(self.corpus.curation, _FILE_RE)
         with self._lock:
-            new = [u for u in urls if u not in self._files]
+            new = [u for u in urls if u not in self._files and u not in self.unreadable]
             if not new:
                 return False
             for u in new:
                 try:
-                    self._files[u] = storage.read_table(u).cast(DECISION_SCHEMA)
-                except Exception as exc:  # noqa: BLE001 - one bad file must not hide the rest
-                    logger.error("curation: cannot read %s: %s", u, exc)
-                    self._files[u] = DECISION_SCHEMA.empty_table()
+                    self._files[u] = _read_decisions(u)
+                except storage.UnreadableFile as exc:
+                    if not self.skip_unreadable:
+                        raise
+                    self.unreadable.append(u)
+                    logger.error("curation: skipping unreadable decision file (%d so far): %s",
+                                 len(self.unreadable), exc)
             self._rebuild()
             return True
 
     def _rebuild(self) -> None:
         tables = [self._files[u] for u in sorted(self._files) if self._files[u].num_rows]
         table = pa.concat_tables(tables) if tables else DECISION_SCHEMA.empty_table()
-        # Stable sort by time keeps file then row order among equal timestamps.
         if table.num_rows:
+            ids = table.column("decision_id").to_pylist()
+            first = {}
+            for i, d in enumerate(ids):
+                first.setdefault(d, i)
+            if len(first) < len(ids):  # a retried request recorded the same decision twice
+                table = table.take(pa.array(sorted(first.values()), pa.int64()))
+            # Stable sort by time keeps file then row order among equal timestamps.
             order = pc.sort_indices(table, sort_keys=[("ts", "ascending")])
             table = table.take(order)
         self._table = table
@@ -240,21 +261,30 @@ class DecisionLog:
 
 
 
-def load_log(corpus: Corpus | str) -> DecisionLog:
-    """The decision log of ``corpus``, fully read."""
-    log = DecisionLog(corpus)
+def _read_decisions(url: str) -> pa.Table:
+    """One decision file; :class:`storage.UnreadableFile` when it is not a decision table."""
+    table = storage.read_table(url)
+    try:
+        return table.cast(DECISION_SCHEMA)
+    except (pa.ArrowException, ValueError) as exc:
+        raise storage.UnreadableFile(url, f"not a decision table: {exc}") from exc
+
+
+def load_log(corpus: Corpus | str, *, skip_unreadable: bool = False) -> DecisionLog:
+    """The decision log of ``corpus``, fully read (unreadable files: see the module doc)."""
+    log = DecisionLog(corpus, skip_unreadable=skip_unreadable)
     log.refresh()
     return log
 
 
-def rejected_mask_ids(corpus: Corpus | str) -> set[str]:
+def rejected_mask_ids(corpus: Corpus | str, *, skip_unreadable: bool = False) -> set[str]:
     """Mask ids whose latest mask-level decision is ``reject``."""
-    return load_log(corpus).rejected_mask_ids()
+    return load_log(corpus, skip_unreadable=skip_unreadable).rejected_mask_ids()
 
 
-def rejected_image_keys(corpus: Corpus | str) -> set[str]:
+def rejected_image_keys(corpus: Corpus | str, *, skip_unreadable: bool = False) -> set[str]:
     """Image keys whose latest image-level decision is ``reject`` (all their masks excluded)."""
-    return load_log(corpus).rejected_image_keys()
+    return load_log(corpus, skip_unreadable=skip_unreadable).rejected_image_keys()
 
 
 def decision_states(corpus: Corpus | str) -> dict[str, str]:
@@ -309,22 +339,21 @@ def record_flags(corpus: Corpus | str, kind: str, rows: Iterable[dict[str, Any]]
 
 
 def load_flags(corpus: Corpus | str) -> dict[str, pa.Table]:
-    """The current flags of each kind: its newest readable file (an unreadable newest file is
-    logged and the one before it is used, so a damaged file never lets a leak back in)."""
+    """The current flags of each kind: its newest file. An unreadable newest file stops the
+    reader with an error naming it (a lost ``holdout_leak`` would put a leak into training)."""
     corpus = _as_corpus(corpus)
-    by_kind: dict[str, list[str]] = {}
-    for u in storage.listdir(corpus.curation, _FLAGS_RE):
+    newest: dict[str, str] = {}
+    urls = storage.listdir(corpus.curation, _FLAGS_RE)
+    for u in sorted(urls, key=lambda x: x.rsplit("/", 1)[-1]):
         name = u.rsplit("/", 1)[-1]
-        kind = next(k for k in FLAG_KINDS if name.startswith(f"flags-{k}-"))
-        by_kind.setdefault(kind, []).append(u)
+        newest[next(k for k in FLAG_KINDS if name.startswith(f"flags-{k}-"))] = u
     out: dict[str, pa.Table] = {}
-    for kind, urls in by_kind.items():
-        for u in sorted(urls, key=lambda x: x.rsplit("/", 1)[-1], reverse=True):
-            try:
-                out[kind] = storage.read_table(u).cast(FLAG_SCHEMA)
-                break
-            except Exception as exc:  # noqa: BLE001 - fall back to the previous run
-                logger.error("curation: cannot read flags %s: %s", u, exc)
+    for kind, u in newest.items():
+        try:
+            out[kind] = storage.read_table(u).cast(FLAG_SCHEMA)
+        except Exception as exc:
+            raise ValueError(f"curation flags {u} are unreadable ({exc}); repair or remove "
+                             f"the file, or re-run `dataengine dedup`") from exc
     return out
 
 

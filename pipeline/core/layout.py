@@ -4,6 +4,7 @@
 
     ROOT/
       images/shard-NNNNNN.tar          image shards (key, image bytes, .json metadata)
+      images/shard-NNNNNN.claim.json   the shard number's claim: owner, expiry, work order
       images/shard-NNNNNN.done.json    per-shard done record (stats + keys), written last
       images/index.parquet             key, shard, width, height, bytes, sha256, source, split
       splits/part-*.parquet            key -> train | holdout, fixed when a key is first added
@@ -91,6 +92,9 @@ class Corpus:
 
     def image_done(self, name: str) -> str:
         return self.path("images", f"{name}.done.json")
+
+    def image_claim(self, name: str) -> str:
+        return self.path("images", f"{name}.claim.json")
 
     @property
     def index(self) -> str:

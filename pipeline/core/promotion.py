@@ -99,22 +99,39 @@ def record(corpus: Corpus, candidate: str, verdict: dict[str, Any], *,
            current_metrics: dict[str, Any] | None, protocol: str = "",
            who: str = "engine") -> dict[str, Any]:
     """Append one decision (see the module docstring); returns it. A version is gated once."""
-    if decision_for(corpus, candidate) is not None:
-        raise FileExistsError(f"SAM {candidate} was already gated: "
-                              f"{decision_for(corpus, candidate)}")
-    seq = len(storage.listdir(corpus.path("models", "sam", "promotions"), _FILE_RE)) + 1
-    rec = {"seq": seq, "candidate": candidate, "current": current,
+    prior = decision_for(corpus, candidate)
+    if prior is not None:
+        log_decision(corpus, prior)
+        raise FileExistsError(f"SAM {candidate} was already gated: {prior}")
+    rec = {"candidate": candidate, "current": current,
            "promoted": bool(verdict["promoted"]), "reason": verdict["reason"],
            "checks": verdict.get("checks", []), "protocol": protocol,
            "candidate_metrics": candidate_metrics, "current_metrics": current_metrics,
            "who": who, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    storage.write_json(corpus.path("models", "sam", "promotions", f"{seq:06d}-{candidate}.json"),
-                       rec, overwrite=False)
-    storage.write_json(storage.join(corpus.model_dir("sam", candidate), "promotion.json"), rec,
-                       overwrite=False)
+    # the version's own record is the claim (gated once, even by two gates at once); the log
+    # entry follows, at the first free sequence number
+    if not storage.create_json(storage.join(corpus.model_dir("sam", candidate),
+                                            "promotion.json"), rec):
+        raise FileExistsError(f"SAM {candidate} was already gated: "
+                              f"{decision_for(corpus, candidate)}")
+    rec = log_decision(corpus, rec)
     logger.info("promotion gate: %s %s (current %s): %s", candidate,
                 "PROMOTED" if rec["promoted"] else "rejected", current, rec["reason"])
     return rec
+
+
+def log_decision(corpus: Corpus, rec: dict[str, Any]) -> dict[str, Any]:
+    """Append a version's decision to the promotion log (once: a re-run after a crash between
+    the version's record and its log entry adds the entry); returns it with its ``seq``."""
+    logged = [d for d in decisions(corpus) if d.get("candidate") == rec["candidate"]]
+    if logged:
+        return logged[0]
+    seq = len(storage.listdir(corpus.path("models", "sam", "promotions"), _FILE_RE)) + 1
+    while not storage.create_json(corpus.path("models", "sam", "promotions",
+                                              f"{seq:06d}-{rec['candidate']}.json"),
+                                  {**rec, "seq": seq}):
+        seq += 1
+    return {**rec, "seq": seq}
 
 
 def gate(corpus: Corpus, candidate: str, candidate_metrics: dict[str, Any],

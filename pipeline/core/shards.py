@@ -58,6 +58,18 @@ def write_tar(url: str, samples: Iterable[Sample]) -> int:
     return n
 
 
+def create_tar(url: str, samples: Iterable[Sample]) -> tuple[bool, int]:
+    """Write ``samples`` to one tar published at ``url`` only if nothing is there yet
+    (:class:`storage.Staged`). Returns (created, samples written)."""
+    n = 0
+    with storage.Staged(url) as staged:
+        with wds.TarWriter(staged.file) as sink:
+            for sample in samples:
+                sink.write(sample)
+                n += 1
+        return staged.create(), n
+
+
 class BytesTarWriter:
     """Sequential ustar writer for samples whose values are already bytes (image shards): the
     members ``webdataset.TarWriter`` writes, without its per-sample encoder pass and

@@ -38,12 +38,25 @@ _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADir
                   FileExistsError, ValueError, TypeError, KeyError)
 
 
+class UnreadableFile(ValueError):
+    """A published file that cannot be parsed (truncated, not JSON / parquet); names the file."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: unreadable ({reason})")
+        self.url = url
+        self.reason = reason
+
+
 def storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for ``url``: an S3 endpoint override from ``DATAENGINE_S3_ENDPOINT``."""
+    """fsspec options for ``url``: an S3 endpoint override from ``DATAENGINE_S3_ENDPOINT``, and
+    no listings cache (other processes write the same prefixes: a cached listing would hide
+    their claims and done records)."""
     if url.startswith(("s3://", "s3a://")):
+        opts: dict[str, Any] = {"use_listings_cache": False}
         endpoint = os.environ.get("DATAENGINE_S3_ENDPOINT")
         if endpoint:
-            return {"client_kwargs": {"endpoint_url": endpoint}}
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        return opts
     return {}
 
 
@@ -134,8 +147,12 @@ def read_bytes(url: str) -> bytes:
 
 
 def read_json(url: str) -> Any:
-    """Read a JSON file."""
-    return json.loads(read_bytes(url))
+    """Read a JSON file; :class:`UnreadableFile` (naming it) when it is not valid JSON."""
+    data = read_bytes(url)
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UnreadableFile(url, f"not valid JSON: {exc}") from exc
 
 
 def listdir(url: str, pattern: str | None = None) -> list[str]:
@@ -165,6 +182,24 @@ def _local_atomic_path(path: str) -> str:
     return os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:12]}")
 
 
+@contextlib.contextmanager
+def _staged_beside(path: str, publish: Callable[[str, str], None]) -> Iterator[BinaryIO]:
+    """A temporary file beside local ``path``, fsynced and handed to ``publish(tmp, path)``
+    (``os.replace``, or ``os.link`` to create only) when the block exits cleanly; never left
+    behind."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = _local_atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f  # type: ignore[misc]
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def create_bytes(url: str, data: bytes) -> bool:
     """Publish ``data`` at ``url`` only if nothing is there yet, atomically: of several writers
     racing for one name exactly one wins. Returns True when this call created the file.
@@ -175,22 +210,13 @@ def create_bytes(url: str, data: bytes) -> bool:
     """
     fs, path = get_fs(url)
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = _local_atomic_path(path)
         try:
-            with open(tmp, "wb") as f:
+            with _staged_beside(path, os.link) as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
             return True
         except FileExistsError:
             return False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-    if fs.protocol and {"s3", "s3a"} & set(fs.protocol if isinstance(fs.protocol, tuple)
-                                           else (fs.protocol,)):
+    if _is_s3(fs):
         try:
             retry(lambda: fs.pipe_file(path, data, mode="create"), what=url)
             return True
@@ -202,6 +228,99 @@ def create_bytes(url: str, data: bytes) -> bool:
         return False
     retry(lambda: fs.pipe_file(path, data), what=url)
     return True
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool({"s3", "s3a"} & set(protocols))
+
+
+def create_file(local_path: str, url: str) -> bool:
+    """Publish a finished local file at ``url`` only if nothing is there yet (the large-file
+    form of :func:`create_bytes`; the local file is left in place). True when this call
+    created it."""
+    fs, path = get_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = _local_atomic_path(path)
+        try:
+            try:
+                os.link(local_path, tmp)  # same filesystem: no copy
+            except OSError:
+                shutil.copyfile(local_path, tmp)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    if _is_s3(fs):
+        try:
+            retry(lambda: fs.put_file(local_path, path, mode="create"), what=url)
+            return True
+        except (FileExistsError, OSError) as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+    if retry(lambda: fs.exists(path), what=url):
+        return False
+    retry(lambda: fs.put_file(local_path, path), what=url)
+    return True
+
+
+class Staged:
+    """A file written to a local staging name first and published later, whole: either
+    only if absent (:meth:`create`) or replacing (:meth:`replace`). Nothing is published when
+    neither is called; the staging file is removed on :meth:`close` (or leaving a ``with``).
+
+    On local disk the staging file sits beside the target (``.<name>.tmp-*``, so publishing is
+    a link or rename, no copy); elsewhere it is in the temp dir.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        fs, path = get_fs(url)
+        if isinstance(fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.path = _local_atomic_path(path)
+        else:
+            fd, self.path = tempfile.mkstemp(prefix="dataengine-", suffix=".part")
+            os.close(fd)
+        self.file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in finish/close
+
+    def _finish_writing(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+    def create(self) -> bool:
+        """Publish only if nothing is at the URL yet; True when this call published it."""
+        self._finish_writing()
+        return create_file(self.path, self.url)
+
+    def replace(self) -> None:
+        """Publish, replacing whatever is at the URL."""
+        self._finish_writing()
+        fs, path = get_fs(self.url)
+        if isinstance(fs, LocalFileSystem):
+            os.replace(self.path, path)
+        else:
+            retry(lambda: fs.put_file(self.path, path), what=self.url)
+
+    def close(self) -> None:
+        """Drop the staging file (a no-op for what was published)."""
+        if not self.file.closed:
+            self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def __enter__(self) -> Staged:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
 
 
 def _precondition_failed(exc: BaseException) -> bool:
@@ -265,17 +384,8 @@ def open_atomic(url: str) -> Iterator[BinaryIO]:
     """
     fs, path = get_fs(url)
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = _local_atomic_path(path)
-        try:
-            with open(tmp, "wb") as f:
-                yield f  # type: ignore[misc]
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        with _staged_beside(path, os.replace) as f:
+            yield f
         return
     fd, tmp = tempfile.mkstemp(prefix="dataengine-", suffix=".part")
     try:
@@ -312,10 +422,16 @@ def check_writable(url: str) -> None:
 
 
 def read_table(url: str):  # -> pyarrow.Table
-    """Read a parquet file as a pyarrow Table."""
+    """Read a parquet file as a pyarrow Table; :class:`UnreadableFile` (naming it) when it is
+    not valid parquet (truncated, empty, another format)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(io.BytesIO(read_bytes(url)))
+    data = read_bytes(url)
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as exc:
+        raise UnreadableFile(url, f"not valid parquet: {exc}") from exc
 
 
 def write_table(url: str, table, *, overwrite: bool = True) -> None:
@@ -327,11 +443,25 @@ def write_table(url: str, table, *, overwrite: bool = True) -> None:
     write_bytes(url, buf.getvalue(), overwrite=overwrite)
 
 
-def read_tables(urls: list[str]):  # -> pyarrow.Table
-    """Concatenate parquet files (schemas unified); an empty table when there are none."""
+def read_tables(urls: list[str], *, skip_unreadable: bool = False):  # -> pyarrow.Table
+    """Concatenate parquet files (schemas unified); an empty table when there are none.
+
+    An unreadable file raises :class:`UnreadableFile` naming it; with ``skip_unreadable`` it is
+    left out and the number left out is logged.
+    """
     import pyarrow as pa
 
-    tables = [read_table(u) for u in urls]
+    tables, skipped = [], []
+    for u in urls:
+        try:
+            tables.append(read_table(u))
+        except UnreadableFile as exc:
+            if not skip_unreadable:
+                raise
+            skipped.append(exc)
+    if skipped:
+        logger.error("skipped %d unreadable parquet file(s): %s", len(skipped),
+                     "; ".join(str(e) for e in skipped[:5]))
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables, promote_options="permissive")

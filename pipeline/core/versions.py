@@ -2,19 +2,24 @@
 
 A version directory fills up as its run goes (``run.json`` first, then weights, configs and
 metrics) and is published by ``version.json``, written last and never overwritten: readers
-treat a directory without it as unfinished. A run that dies is resumed into the same version
-when its configuration fingerprint matches.
+treat a directory without it as unfinished. ``run.json`` is the version number's claim
+(:func:`claim_version`): created only if absent, so two trainings started at once get different
+versions. A run that dies is resumed into the same version when its configuration fingerprint
+matches and its owner is gone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from typing import Any
 
-from dataengine.pipeline.core import storage
-from dataengine.pipeline.core.layout import Corpus, parse_version
+from dataengine.pipeline.core import publish, storage
+from dataengine.pipeline.core.layout import Corpus, parse_version, version_name
+
+logger = logging.getLogger(__name__)
 
 #: Config fields that do not change what a run computes (left out of its fingerprint).
 VOLATILE_FIELDS = ("heartbeat", "scale.max_failures")
@@ -41,37 +46,68 @@ def fingerprint(config: dict[str, Any], **inputs: Any) -> str:
 
 
 
+def claim_version(corpus: Corpus, kind: str, **info: Any) -> tuple[str, str]:
+    """Take the next free version of ``kind`` by creating its ``run.json`` (``info``, owner,
+    start time) if absent; returns ``(version, version dir)``."""
+    n = parse_version(corpus.next_model_version(kind))
+    while True:
+        version = version_name(n)
+        vdir = corpus.model_dir(kind, version)
+        record = {"version": version, **info, "owner": publish.Owner.current().to_dict(),
+                  "started": utc_now()}
+        if storage.create_json(storage.join(vdir, "run.json"), record):
+            return version, vdir
+        n += 1  # another run took it first
+
+
+def _resumable(corpus: Corpus, kind: str, run_fingerprint: str) -> str | None:
+    """An unfinished version of the newest three started with ``run_fingerprint`` whose owner
+    is no longer running here (a crashed run), or None."""
+    dirs = storage.listdir(corpus.path("models", kind), r"v\d{4,}")
+    for u in sorted(dirs, key=lambda x: parse_version(x.rsplit("/", 1)[-1]), reverse=True)[:3]:
+        run = storage.join(u, "run.json")
+        if storage.exists(storage.join(u, "version.json")) or not storage.exists(run):
+            continue
+        rec = storage.read_json(run)
+        if rec.get("fingerprint") == run_fingerprint and \
+                publish.owner_alive(rec.get("owner") or {}) is not True:
+            return u.rsplit("/", 1)[-1]
+    return None
+
+
 def begin_version(corpus: Corpus, model_kind: str, run_fingerprint: str, run_prefix: str,
                   **info: Any) -> tuple[str, str, str, str]:
     """Pick the version a training run publishes and record its start once.
 
-    An unfinished version (no ``version.json``) started with the same fingerprint is resumed;
-    otherwise the next version is taken. ``run.json`` (fingerprint, run URL, ``info``) is written
-    once. Returns ``(version, version dir, run name, run URL)``.
+    An unfinished version started with the same fingerprint by a run that is gone is resumed;
+    otherwise the next version is claimed (:func:`claim_version`). Returns
+    ``(version, version dir, run name, run URL)``.
     """
-    version = corpus.next_model_version(model_kind)
-    dirs = storage.listdir(corpus.path("models", model_kind), r"v\d{4,}")
-    for u in sorted(dirs, key=lambda x: parse_version(x.rsplit("/", 1)[-1]), reverse=True)[:3]:
-        run = storage.join(u, "run.json")
-        if not storage.exists(storage.join(u, "version.json")) and storage.exists(run) and \
-                storage.read_json(run).get("fingerprint") == run_fingerprint:
-            version = u.rsplit("/", 1)[-1]
-            break
-    vdir = corpus.model_dir(model_kind, version)
+    version = _resumable(corpus, model_kind, run_fingerprint)
+    if version is not None:
+        vdir = corpus.model_dir(model_kind, version)
+        logger.info("resuming unfinished %s version %s", model_kind, version)
+    else:
+        n = parse_version(corpus.next_model_version(model_kind))
+        while True:
+            version = version_name(n)
+            vdir = corpus.model_dir(model_kind, version)
+            record = {"version": version, "fingerprint": run_fingerprint,
+                      "run": storage.join(corpus.runs, f"{run_prefix}-{version}"), **info,
+                      "owner": publish.Owner.current().to_dict(), "started": utc_now()}
+            if storage.create_json(storage.join(vdir, "run.json"), record):
+                break
+            n += 1
     run_name = f"{run_prefix}-{version}"
-    run_url = storage.join(corpus.runs, run_name)
-    if not storage.exists(storage.join(vdir, "run.json")):
-        storage.write_json(storage.join(vdir, "run.json"),
-                           {"version": version, "fingerprint": run_fingerprint, "run": run_url,
-                            **info, "started": utc_now()}, overwrite=False)
-    return version, vdir, run_name, run_url
+    return version, vdir, run_name, storage.join(corpus.runs, run_name)
 
 
 def publish_version(corpus: Corpus, kind: str, version: str, **info: Any) -> dict[str, Any]:
     """Write ``version.json`` (kind, version, created, ``info``): the version is published."""
     record = {"kind": kind, "version": version, **info, "created": utc_now()}
-    storage.write_json(storage.join(corpus.model_dir(kind, version), "version.json"), record,
-                       overwrite=False)
+    url = storage.join(corpus.model_dir(kind, version), "version.json")
+    if not storage.create_json(url, record):
+        raise FileExistsError(f"{url} is already published; versions are never rewritten")
     return record
 
 

@@ -30,6 +30,8 @@ NoC@90, beside the no-model reference).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -70,14 +72,20 @@ def train_keys(corpus: Corpus, only_with_ground_truth: bool = True) -> list[str]
 # ---- the loop ------------------------------------------------------------------------------
 
 def _publish_initial(corpus: Corpus, cfg: EngineConfig) -> str:
-    """Publish the starting model as a version (no training) and return its name."""
+    """Publish the starting model as a version (no training) and return its name; a re-run
+    after a crash resumes (or reuses) the version it started."""
     from dataengine.models.sam import build_sam
     from dataengine.pipeline.core.checkpoints import save_sam
 
     if cfg.init not in ("random", "checkpoint"):
         return cfg.init
-    version = corpus.next_model_version("sam")
-    vdir = corpus.model_dir("sam", version)
+    fp = versions.fingerprint({"init": cfg.init, "model": cfg.model, "seed": cfg.seed,
+                               "checkpoint": cfg.checkpoint})
+    for published in reversed(corpus.model_versions("sam")):
+        run = storage.join(corpus.model_dir("sam", published), "run.json")
+        if storage.exists(run) and storage.read_json(run).get("fingerprint") == fp:
+            return published
+    version, vdir, _, _ = versions.begin_version(corpus, "sam", fp, "init", init=cfg.init)
     weights = read_state_dict(cfg.checkpoint) if cfg.init == "checkpoint" else None
     model = build_sam(cfg.model, weights, seed=cfg.seed, device="cpu")
     save_sam(model, vdir, extra={"version": version, "parent": None})
@@ -88,8 +96,6 @@ def _publish_initial(corpus: Corpus, cfg: EngineConfig) -> str:
     versions.publish_version(corpus, "sam", version, parent=None, model=cfg.model, rounds=[],
                              masks=0, init=cfg.init)
     return version
-
-
 
 
 def evaluate_version(root: str, cfg: EngineConfig, version: str) -> dict[str, Any]:
@@ -116,8 +122,8 @@ def promote_if_better(root: str, config: EngineConfig | None = None,
     if candidate is None:
         raise ValueError("candidate: name the SAM version to gate")
     prior = promotion.decision_for(corpus, candidate)
-    if prior is not None:
-        return prior
+    if prior is not None:  # gated before (a crash may have left it out of the log: add it)
+        return promotion.log_decision(corpus, prior)
     current = promotion.current_version(corpus)
     cand = _gate_metrics(evaluate_version(root, cfg, candidate))
     cur = _gate_metrics(evaluate_version(root, cfg, current)) if current else None
@@ -296,14 +302,19 @@ class Engine:
 
         cfg = self.cfg
         started = self.log.find("annotate-start", idx)
-        number = started["round"] if started else rounds.next_round(self.corpus)
-        if not started:
-            self.log.add("annotate-start", idx, {"round": number, "keys": todo,
-                                                 "model_version": model})
         acfg = AnnotateConfig(**{**cfg.annotate, **extra, "stage": plan.stage, "model": model,
-                                 "keys": todo, "round": number,
+                                 "keys": todo, "round": started["round"] if started else None,
                                  "disc_radius": cfg.annotate.get("disc_radius", cfg.disc_radius),
                                  "paint_first": cfg.annotate.get("paint_first", cfg.paint_first)})
+        if started:
+            number = started["round"]
+        else:  # the round is claimed (round.json records the images it works on), then noted
+            number = rounds.claim_round(self.corpus, plan.stage, model, owner="annotate",
+                                        config=json.loads(json.dumps(
+                                            config_mod.to_dict(acfg), default=str)))
+            self.log.add("annotate-start", idx, {"round": number, "keys": todo,
+                                                 "model_version": model})
+            acfg = dataclasses.replace(acfg, round=number)
         metrics = run_round(self.root, acfg)
         if metrics.get("incomplete"):
             raise RuntimeError(f"round {number} incomplete: {metrics.get('failed_shards')}")

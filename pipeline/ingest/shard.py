@@ -1,39 +1,36 @@
 """The sharding stage: raw images -> ``ROOT/images/shard-NNNNNN.tar`` + index, splits, round 0.
 
-:func:`shard` runs in four steps:
+:func:`shard` runs in five steps; any number of runs may work on one root at once:
 
 1. **List** every source (:mod:`dataengine.pipeline.ingest.sources`); problems are quarantined.
 2. **Hash** every input (threads): key = first 16 hex digits of the sha256 of the original bytes.
-   Unreadable inputs are quarantined. Keys already in the corpus and exact duplicates within the
-   run are dropped and counted.
-3. **Plan**: the new keys, in input order, are cut into shards of ``samples_per_shard`` images or
-   ``max_shard_bytes`` input bytes, numbered after the shards the index covers. The plan is a
-   pure function of the inputs and the index, so a re-run after a crash recomputes the same plan
-   and skips every shard whose done record carries the plan's id. (Done records of another plan
-   that the index does not cover are adopted as existing, and the rest re-planned after them.)
-   Splits of new keys are recorded before any shard is written.
-4. **Write**: one Ray task per shard (:func:`dataengine.pipeline.core.distribute.map_tasks`;
-   in-process for
-   ``memory://`` roots or ``use_ray: false``) decodes, checks, converts and writes the tar
-   (published atomically), then its quarantine part, then round-0 masks, then its
-   ``.done.json`` (last). ``images/index.parquet`` is re-derived from all done records after the
-   shards.
+   Unreadable inputs are quarantined. Keys already done or claimed in the corpus and exact
+   duplicates within the run are dropped and counted.
+3. **Claim**: the new keys, in input order, are cut into shards of ``samples_per_shard`` images
+   or ``max_shard_bytes`` input bytes, and each shard number is claimed with its whole work order
+   (:mod:`dataengine.pipeline.ingest.shard_claims`); keys another run claims first are left to
+   it. Unfinished claims of runs that died (or expired) are taken over and finished.
+4. **Write**: one Ray task per claimed shard (:func:`dataengine.pipeline.core.distribute.map_tasks`;
+   in-process for ``memory://`` roots or ``use_ray: false``) writes it
+   (:func:`dataengine.pipeline.ingest.shard_writer.write_one_shard`: split part, quarantine part,
+   round-0 masks, the tar, then the done record, each created if absent).
+5. **Aggregate**: ``images/index.parquet`` (and round 0's manifest and metrics when masks were
+   imported) are re-derived from the done records until they are stable
+   (:func:`dataengine.pipeline.core.publish.publish_derived`).
 
 Imported masks (COCO, YOLO-seg) go to round 0 (stage ``imported``) through
 :class:`dataengine.pipeline.core.rounds.RoundWriter`, one tar per image shard that has any. Round 0
-grows when later shard runs import more masks, so its aggregates (``manifest.parquet``,
-``metrics.json``) are re-published after each shard run that added round-0 shards; the per-shard
-parts stay append-only.
+grows when later shard runs import more masks, so its aggregates are re-published after each
+shard run that added round-0 shards; the per-shard parts stay append-only.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,13 +38,18 @@ from typing import Any
 import pyarrow as pa
 
 from dataengine.pipeline.core import config as config_mod
-from dataengine.pipeline.core import index, quarantine, splits, storage
-from dataengine.pipeline.core.coco import annotation_mask
-from dataengine.pipeline.core.layout import Corpus, shard_name
-from dataengine.pipeline.core.masks import area, bbox, encode
+from dataengine.pipeline.core import index, publish, quarantine, rounds, splits, storage
+from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import RoundWriter
-from dataengine.pipeline.core.shards import BytesTarWriter
-from dataengine.pipeline.ingest.images import BadImage, ImageConfig, apply_to_mask, process_image
+from dataengine.pipeline.ingest.images import ImageConfig
+from dataengine.pipeline.ingest.shard_claims import (
+    ShardState,
+    claim_shards,
+    read_state,
+    stale_claims,
+    task_of,
+)
+from dataengine.pipeline.ingest.shard_writer import content_key, write_one_shard
 from dataengine.pipeline.ingest.sources import Item, kind_of, list_items, matches, normalize
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class ShardConfig:
     use_ray: bool = True
     task_cpus: float = 1.0
     read_threads: int = 16
+    claim_ttl_seconds: float = 3600.0  # after this, an unfinished claim may be finished by others
 
     def __post_init__(self) -> None:
         if isinstance(self.image, dict):
@@ -83,133 +86,17 @@ class ShardConfig:
             raise ValueError(f"task_cpus={self.task_cpus!r}: must be in (0, 64]")
         if not isinstance(self.read_threads, int) or self.read_threads < 1:
             raise ValueError(f"read_threads={self.read_threads!r}: must be >= 1")
+        if not float(self.claim_ttl_seconds) > 0:
+            raise ValueError(f"claim_ttl_seconds={self.claim_ttl_seconds!r}: must be > 0")
 
 
-def content_key(data: bytes) -> tuple[str, str]:
-    """(key, sha256 hex) of an image's original bytes."""
-    digest = hashlib.sha256(data).hexdigest()
-    return digest[:16], digest
 
 
-# --------------------------------------------------------------------------------------------
-# worker side: one shard
-
-def _imported_annotations(item: dict[str, Any], geometry, uri: str, key: str, shard: str,
-                          qrows: list[dict]) -> list[dict[str, Any]]:
-    frame = geometry.upright_size if item["upright"] else geometry.raw_size
-    out = []
-    for ann in item["annotations"] or []:
-        where = f"{uri}#annotation={ann['id']}"
-        try:
-            raw = annotation_mask(ann, frame[1], frame[0])
-            stored = apply_to_mask(raw, geometry, upright=item["upright"])
-        except (ValueError, KeyError, TypeError) as exc:
-            qrows.append(quarantine.record(item["source"], where, f"bad annotation: {exc}",
-                                           "annotation", key, shard))
-            continue
-        if not stored.any():
-            continue  # cropped away or too small after resize
-        rle = encode(stored)
-        # Ids are per image (1..n): the manifest's ann_id is int32, COCO crowd ids are not.
-        out.append({"id": len(out) + 1, "source_id": ann["id"], "segmentation": rle,
-                    "bbox": bbox(rle), "area": area(rle), "predicted_iou": 1.0,
-                    "stability_score": 1.0,
-                    "point_coords": [], "crop_box": [0, 0, geometry.size[0], geometry.size[1]],
-                    "stage": "imported", "round": 0, "model_version": "", "clicks": [],
-                    "annotator": item["annotator"], "seconds": 0.0,
-                    "category_id": ann["category_id"], "category": ann["category"],
-                    "iscrowd": ann.get("iscrowd", 0)})
-    return out
-
-
-def _publish_tar(url: str, samples: Iterable[dict[str, Any]]) -> None:
-    """Publish an image tar atomically (staged beside its final name on local disk)."""
-    with storage.open_atomic(url) as f, BytesTarWriter(f) as sink:
-        for sample in samples:
-            sink.write(sample)
-
-
-def write_one_shard(task: dict[str, Any], root: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Write image shard ``task["shard"]`` (a Ray task body; also runs in-process).
-
-    Publishes the tar, the shard's quarantine part, its round-0 masks, then the done record.
-    Returns the shard's stats.
-    """
-    t0 = time.time()
-    corpus = Corpus(root)
-    root = corpus.root
-    icfg = config_mod.from_dict(ImageConfig, cfg["image"])
-    name = task["shard"]
-    rows: list[dict[str, Any]] = []
-    qrows: list[dict[str, Any]] = []
-    records: list[dict[str, Any]] = []
-
-    def samples():
-        for it in task["items"]:
-            key, uri = it["key"], it["uri"]
-            known, local = it.get("known"), storage.plain_local(uri)
-            try:
-                st = os.stat(local) if known and local is not None else None
-                data = storage.read_bytes(uri)
-            except Exception as exc:  # noqa: BLE001 - any read failure is data
-                qrows.append(quarantine.record(it["source"], uri, f"unreadable: {exc}", "read",
-                                               key, name))
-                continue
-            if st is not None and [st.st_size, st.st_mtime_ns] == known[1:] and \
-                    len(data) == known[1]:
-                k, sha = known[0][:16], known[0]  # hashed by the driver, file unchanged since
-            else:
-                k, sha = content_key(data)
-            if k != key:
-                qrows.append(quarantine.record(it["source"], uri, "file changed while sharding",
-                                               "read", key, name))
-                continue
-            try:
-                img = process_image(data, icfg)
-            except BadImage as exc:
-                qrows.append(quarantine.record(it["source"], uri, str(exc), "decode", key, name))
-                continue
-            meta = {"key": key, "source": it["source"], "uri": uri, "sha256": sha,
-                    "width": img.width, "height": img.height, "orig_width": img.orig_width,
-                    "orig_height": img.orig_height, "orig_format": img.orig_format,
-                    "orig_mode": img.orig_mode, "passthrough": img.passthrough,
-                    "bytes": len(img.data), "split": it["split"], **it["meta"]}
-            if it["annotations"]:
-                anns = _imported_annotations(it, img.geometry, uri, key, name, qrows)
-                if anns:
-                    records.append({"image": {"image_id": key, "width": img.width,
-                                              "height": img.height, "file_name": uri},
-                                    "annotations": anns})
-            rows.append({"key": key, "shard": name, "width": img.width, "height": img.height,
-                         "bytes": len(img.data), "sha256": sha, "source": it["source"],
-                         "split": it["split"], "uri": uri, "orig_width": img.orig_width,
-                         "orig_height": img.orig_height, "format": img.ext})
-            yield {"__key__": key, img.ext: img.data,
-                   "json": json.dumps(meta, sort_keys=True).encode()}
-
-    _publish_tar(corpus.image_shard(name), samples())
-    quarantine.write(corpus, name, qrows)
-    masks = 0
-    if records:
-        writer = RoundWriter(corpus, 0, "imported")
-        if not writer.shard_done(name):
-            masks = writer.write_shard(name, records, {"source_shard": name})
-        else:
-            masks = sum(len(r["annotations"]) for r in records)
-    stats = {"shard": name, "plan": task["plan"], "ok": len(rows), "quarantined": len(qrows),
-             "masks": masks, "round0_images": len(records),
-             "bytes": sum(r["bytes"] for r in rows), "seconds": round(time.time() - t0, 3)}
-    done = {**stats, "keys": [it["key"] for it in task["items"]], "rows": rows,
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        storage.write_json(corpus.image_done(name), done, overwrite=False)
-    except FileExistsError:
-        logger.info("%s was already done", name)
-    return stats
+__all__ = ["ShardConfig", "content_key", "shard", "write_one_shard", "cut_shard", "write_index"]
 
 
 # --------------------------------------------------------------------------------------------
-# driver side
+# hashing
 
 def _hash_inputs(items: list[Item], threads: int, progress: Progress | None,
                  known: dict[str, list] | None = None
@@ -248,38 +135,113 @@ def _hash_inputs(items: list[Item], threads: int, progress: Progress | None,
     return out
 
 
-def _done_records(corpus: Corpus) -> dict[str, dict[str, Any]]:
-    names = corpus.image_shards()
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        recs = list(pool.map(lambda n: storage.read_json(corpus.image_done(n)), names))
-    return dict(zip(names, recs, strict=True))
 
+# --------------------------------------------------------------------------------------------
+# planning and claims
 
-def _indexed_shards(corpus: Corpus) -> set[str]:
-    if not storage.exists(corpus.index):
-        return set()
-    meta = storage.read_table(corpus.index).schema.metadata or {}
-    return set(json.loads(meta.get(b"shards", b"[]")))
-
-
-def plan_shards(candidates: list[tuple[Item, str, int]], start: int, cfg: ShardConfig
-                ) -> tuple[str, list[tuple[str, list[tuple[Item, str]]]]]:
-    """(plan id, [(shard name, [(item, key)])]): cut the new inputs into numbered shards."""
-    shards: list[tuple[str, list[tuple[Item, str]]]] = []
-    cur: list[tuple[Item, str]] = []
+def cut_shard(items: list[dict[str, Any]], cfg: ShardConfig
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the next shard's items, the rest): at most ``samples_per_shard`` items and, past the
+    first, at most ``max_shard_bytes`` input bytes."""
     size = 0
-    for item, key, nbytes in candidates:
-        if cur and (len(cur) >= cfg.samples_per_shard or size + nbytes > cfg.max_shard_bytes):
-            shards.append((shard_name(start + len(shards)), cur))
-            cur, size = [], 0
-        cur.append((item, key))
-        size += nbytes
-    if cur:
-        shards.append((shard_name(start + len(shards)), cur))
-    h = hashlib.sha256(f"{start}".encode())
-    for name, members in shards:
-        h.update(name.encode() + "".join(k for _, k in members).encode())
-    return h.hexdigest()[:16], shards
+    for i, it in enumerate(items):
+        if i and (i >= cfg.samples_per_shard or size + it["nbytes"] > cfg.max_shard_bytes):
+            return items[:i], items[i:]
+        size += it["nbytes"]
+    return items, []
+
+
+@dataclass
+class _Plan:
+    """What this run does: shards to finish (stale claims) and shards it claimed."""
+
+    finish: list[dict[str, Any]] = field(default_factory=list)
+    claimed: list[dict[str, Any]] = field(default_factory=list)
+    existing: int = 0
+    duplicate: int = 0
+
+    @property
+    def tasks(self) -> list[dict[str, Any]]:
+        return self.finish + self.claimed
+
+
+def _task_items(hashed, known: dict[str, list], taken: set[str], split_map: dict[str, str],
+                cfg: ShardConfig, qrows: list[dict[str, Any]]
+                ) -> tuple[list[dict[str, Any]], int, int]:
+    """(task items of the new keys in input order, existing, duplicate counts)."""
+    seen: set[str] = set()
+    out, existing, duplicate = [], 0, 0
+    for item, key, nbytes, err in hashed:
+        if key is None:
+            qrows.append(quarantine.record(item.source, item.uri, err, "read"))
+        elif key in seen:
+            duplicate += 1
+        elif key in taken:
+            existing += 1
+            seen.add(key)
+        else:
+            seen.add(key)
+            if key in split_map:
+                split, rule, new = split_map[key], "existing", False
+            else:
+                held = any(matches(item, h) for h in cfg.holdout_sources)
+                split, rule = splits.decide(key, held, float(cfg.holdout))
+                new = True
+            out.append({**item.to_dict(), "key": key, "nbytes": nbytes, "split": split,
+                        "split_rule": rule, "split_new": new, "known": known.get(item.uri)})
+    return out, existing, duplicate
+
+
+def _plan(corpus: Corpus, state: ShardState, hashed, known: dict[str, list], cfg: ShardConfig,
+          qrows: list[dict[str, Any]]) -> _Plan:
+    """Take over stale claims, then claim shards for this run's new keys."""
+    plan = _Plan(finish=[task_of(c) for c in stale_claims(state)])
+    if plan.finish:
+        logger.warning("finishing %d unfinished shard(s) of earlier runs: %s", len(plan.finish),
+                       ", ".join(t["shard"] for t in plan.finish))
+    items, plan.existing, plan.duplicate = _task_items(
+        hashed, known, state.taken_keys(), splits.load_map(corpus), cfg, qrows)
+    for claim in claim_shards(corpus, state, items, lambda its: cut_shard(its, cfg),
+                              plan=publish.Owner.current().run,
+                              image=config_mod.to_dict(cfg.image),
+                              ttl_seconds=float(cfg.claim_ttl_seconds)):
+        plan.claimed.append(task_of(claim))
+    mine = {it["key"] for t in plan.claimed for it in t["items"]}
+    plan.existing += sum(1 for it in items if it["key"] not in mine)  # claimed by another run
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# writing and aggregates
+
+def _run_tasks(tasks: list[dict[str, Any]], root: str, cfg: ShardConfig,
+               progress: Progress | None) -> list[dict[str, Any]]:
+    """Write every shard (Ray tasks, or in-process); a failure is a result with ``error``."""
+    cfg_dict = config_mod.to_dict(cfg)
+    results: list[dict[str, Any]] = []
+    if not tasks:
+        return results
+
+    n_done = 0
+
+    def on_result(_res: dict[str, Any]) -> None:
+        nonlocal n_done
+        n_done += 1
+        if progress:
+            progress("shards", n_done, len(tasks))
+
+    if cfg.use_ray and not root.startswith("memory://"):
+        from dataengine.pipeline.core.distribute import map_tasks
+        return map_tasks(write_one_shard, tasks, num_cpus=float(cfg.task_cpus), progress=on_result,
+                         root=root, cfg=cfg_dict)
+    for t in tasks:
+        try:
+            results.append(write_one_shard(t, root, cfg_dict))
+        except Exception as exc:  # noqa: BLE001 - failures are data
+            logger.error("shard %s failed: %s", t["shard"], exc)
+            results.append({"item": t["shard"], "error": f"{type(exc).__name__}: {exc}"})
+        on_result(results[-1])
+    return results
 
 
 def write_index(corpus: Corpus, done: dict[str, dict[str, Any]], split_map: dict[str, str]
@@ -290,14 +252,69 @@ def write_index(corpus: Corpus, done: dict[str, dict[str, Any]], split_map: dict
     return index.write_index(corpus, rows, list(done))
 
 
-def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
-          progress: Progress | None = None) -> dict[str, Any]:
-    """Shard raw images from ``sources`` into the corpus at ``root``; returns the summary.
+def _indexed_shards(corpus: Corpus) -> set[str] | None:
+    """The shards the published index was derived from (None: no readable index)."""
+    import json
 
-    Raises FileNotFoundError for a missing source and PermissionError for an unwritable root,
-    before any work starts. Per-input problems are quarantined and counted, never raised.
-    """
-    cfg = cfg or ShardConfig()
+    try:
+        meta = storage.read_table(corpus.index).schema.metadata or {}
+    except (FileNotFoundError, storage.UnreadableFile):
+        return None
+    return set(json.loads(meta.get(b"shards", b"[]")))
+
+
+def publish_index(corpus: Corpus, done: dict[str, dict[str, Any]] | None = None) -> int:
+    """Re-derive the index from the done records until no new done record appears; returns
+    its rows. ``done`` is a cache of records already read (filled in)."""
+    done = {} if done is None else done
+    rows = [0]
+
+    def listing() -> tuple[str, ...]:
+        return tuple(corpus.image_shards())
+
+    def publish_(names: tuple[str, ...]) -> None:
+        for n in names:
+            if n not in done:
+                done[n] = storage.read_json(corpus.image_done(n))
+        table = write_index(corpus, {n: done[n] for n in names}, splits.load_map(corpus))
+        rows[0] = table.num_rows
+
+    publish.publish_derived(listing, publish_)
+    return rows[0]
+
+
+def publish_round0(corpus: Corpus, sources: list[str]) -> None:
+    """Re-derive round 0's manifest and metrics from its shard parts until stable."""
+    writer = RoundWriter(corpus, 0, "imported",
+                         config={"sources": sorted({normalize(s) for s in sources})})
+    writer.begin()
+
+    def publish_(_parts: tuple[str, ...]) -> None:
+        stats = writer.shard_stats()
+        writer.finish({"images": sum(s["images"] for s in stats),
+                       "masks": sum(s["masks"] for s in stats), "shards": len(stats),
+                       "sources": sorted({normalize(s) for s in sources})}, republish=True)
+
+    publish.publish_derived(lambda: tuple(rounds.round_shards(corpus, 0)), publish_)
+
+
+def finish_stale_claims(corpus: Corpus) -> list[str]:
+    """Finish every stale image claim of the corpus in-process (what a re-run would do, without
+    sources; ``dataengine verify --repair``) and re-derive the aggregates; returns the shards."""
+    state = read_state(corpus)
+    tasks = [task_of(c) for c in stale_claims(state)]
+    results = [write_one_shard(t, corpus.root, {"image": t["image"]}) for t in tasks]
+    if tasks:
+        publish_index(corpus, dict(state.done))
+    if any(r.get("round0_images") for r in results):
+        publish_round0(corpus, sorted({it["source"] for t in tasks for it in t["items"]}))
+    return [t["shard"] for t in tasks]
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+def _check(sources: list[str], root: str, cfg: ShardConfig) -> Corpus:
     if not sources:
         raise ValueError("sources: give at least one SRC")
     for src in sources:
@@ -306,17 +323,47 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
         if "://" not in h and not storage.exists(normalize(h)):
             raise FileNotFoundError(f"holdout source {h!r} does not exist")
     corpus = Corpus(root)
-    root = corpus.root
-    storage.check_writable(root)
-    t0 = time.time()
-    timings: dict[str, float] = {}
-    mark = [time.perf_counter()]
+    storage.check_writable(corpus.root)
+    return corpus
 
-    def lap(phase: str) -> None:
+
+class _Laps:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.mark = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
         now = time.perf_counter()
-        timings[phase] = round(now - mark[0], 3)
-        mark[0] = now
+        self.timings[phase] = round(now - self.mark, 3)
+        self.mark = now
 
+
+def _summary(plan: _Plan, results: list[dict[str, Any]], n_inputs: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {"inputs": n_inputs, "ok": 0, "duplicate": plan.duplicate,
+                               "existing": plan.existing, "quarantined": 0,
+                               "shards_written": 0, "shards_skipped": 0,
+                               "shards_finished": len(plan.finish), "failed_shards": [],
+                               "masks": 0}
+    for task, res in zip(plan.tasks, results, strict=True):
+        if "error" in res:
+            summary["failed_shards"].append({"shard": task["shard"], "error": res["error"]})
+            continue
+        summary["shards_skipped" if res.get("status") == "skipped" else "shards_written"] += 1
+        for k in ("ok", "quarantined", "masks"):
+            summary[k] += res[k]
+    return summary
+
+
+def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
+          progress: Progress | None = None) -> dict[str, Any]:
+    """Shard raw images from ``sources`` into the corpus at ``root``; returns the summary.
+
+    Raises FileNotFoundError for a missing source and PermissionError for an unwritable root,
+    before any work starts. Per-input problems are quarantined and counted, never raised.
+    """
+    cfg = cfg or ShardConfig()
+    corpus = _check(sources, root, cfg)
+    t0, lap = time.time(), _Laps()
     problems: list[tuple[str, str]] = []
     items: list[Item] = []
     for src in sources:
@@ -326,114 +373,27 @@ def shard(sources: list[str], root: str, cfg: ShardConfig | None = None,
     known: dict[str, list] = {}
     hashed = _hash_inputs(items, cfg.read_threads, progress, known)
     lap("hash")
-
-    done = _done_records(corpus)
-    indexed = _indexed_shards(corpus) & set(done)
-    summary: dict[str, Any] = {"inputs": len(items), "ok": 0, "duplicate": 0, "existing": 0,
-                               "quarantined": 0, "shards_written": 0, "shards_skipped": 0,
-                               "failed_shards": [], "masks": 0}
-
-    def make_plan(base: set[str]):
-        seen = {k for n in base for k in done[n]["keys"]}
-        start = max((int(n.split("-")[1]) for n in base), default=-1) + 1
-        cands, bad = [], []
-        for item, key, nbytes, err in hashed:
-            if key is None:
-                bad.append(quarantine.record(item.source, item.uri, err, "read"))
-            elif key not in seen:
-                seen.add(key)
-                cands.append((item, key, nbytes))
-        return cands, start, bad
-
-    base = set(indexed)
-    cands, start, bad = make_plan(base)
-    plan_id, planned = plan_shards(cands, start, cfg)
-    orphans = set(done) - base
-    names = {n for n, _ in planned}
-    if any(n not in names or done[n].get("plan") != plan_id for n in orphans):
-        logger.warning("adopting %d done shards of an earlier unfinished run", len(orphans))
-        base = set(done)
-        cands, start, bad = make_plan(base)
-        plan_id, planned = plan_shards(cands, start, cfg)
-    base_keys = {k for n in base for k in done[n]["keys"]}
-    n_hashed = sum(1 for _, k, _, _ in hashed if k is not None)
-    summary["existing"] = sum(1 for _, k, _, _ in hashed if k is not None and k in base_keys)
-    summary["duplicate"] = n_hashed - summary["existing"] - len(cands)
-    qrows.extend(bad)
-
-    # Splits are recorded before any shard is written.
-    split_map = splits.load_map(corpus)
-    wanted = []
-    for item, key, _ in cands:
-        held = any(matches(item, h) for h in cfg.holdout_sources)
-        split, rule = splits.decide(key, held, float(cfg.holdout))
-        wanted.append((key, split, item.source, rule))
-    split_map = splits.record(corpus, plan_id, wanted, split_map)
-    lap("plan")
-
-    tasks = []
-    for name, members in planned:
-        if name in done and done[name].get("plan") == plan_id:
-            summary["shards_skipped"] += 1
-            summary["ok"] += done[name]["ok"]
-            summary["quarantined"] += done[name]["quarantined"]
-            summary["masks"] += done[name]["masks"]
-            continue
-        tasks.append({"shard": name, "plan": plan_id, "items": [
-            {**it.to_dict(), "key": key, "split": split_map[key], "known": known.get(it.uri)}
-            for it, key in members]})
-    if any(it["annotations"] for t in tasks for it in t["items"]):
+    state = read_state(corpus)
+    plan = _plan(corpus, state, hashed, known, cfg, qrows)
+    if any(it["annotations"] for t in plan.tasks for it in t["items"]):
         RoundWriter(corpus, 0, "imported", config={"sources": [normalize(s) for s in sources]}
                     ).begin()
-
-    cfg_dict = config_mod.to_dict(cfg)
-    results = []
-    if tasks:
-        n_done = 0
-
-        def on_result(_res: dict[str, Any]) -> None:
-            nonlocal n_done
-            n_done += 1
-            if progress:
-                progress("shards", n_done, len(tasks))
-
-        if cfg.use_ray and not root.startswith("memory://"):
-            from dataengine.pipeline.core.distribute import map_tasks
-            results = map_tasks(write_one_shard, tasks, num_cpus=float(cfg.task_cpus),
-                                progress=on_result, root=root, cfg=cfg_dict)
-        else:
-            for t in tasks:
-                try:
-                    results.append(write_one_shard(t, root, cfg_dict))
-                except Exception as exc:  # noqa: BLE001 - failures are data
-                    logger.error("shard %s failed: %s", t["shard"], exc)
-                    results.append({"item": t["shard"], "error": f"{type(exc).__name__}: {exc}"})
-                on_result(results[-1])
-    for task, res in zip(tasks, results, strict=True):
-        if "error" in res:
-            summary["failed_shards"].append({"shard": task["shard"], "error": res["error"]})
-            continue
-        summary["shards_written"] += 1
-        for k in ("ok", "quarantined", "masks"):
-            summary[k] += res[k]
+    publish.fault("shard-claims")
+    lap("plan")
+    results = _run_tasks(plan.tasks, corpus.root, cfg, progress)
     lap("write")
+    publish.fault("shards")
     quarantine.write(corpus, quarantine.content_name("plan", qrows), qrows)
+    summary = _summary(plan, results, len(items))
     summary["quarantined"] += len(qrows)
-
-    done = _done_records(corpus)
-    if summary["shards_written"] or not storage.exists(corpus.index) or \
-            set(done) != _indexed_shards(corpus):
-        index = write_index(corpus, done, split_map)
-        summary["index_rows"] = index.num_rows
-    if any(r.get("round0_images") for r in results if "error" not in r):
-        writer = RoundWriter(corpus, 0, "imported")
-        stats = writer.shard_stats()
-        writer.finish({"images": sum(s["images"] for s in stats),
-                       "masks": sum(s["masks"] for s in stats), "shards": len(stats),
-                       "sources": sorted({normalize(s) for s in sources})})
+    done = dict(state.done)
+    if summary["shards_written"] or _indexed_shards(corpus) != set(corpus.image_shards()):
+        summary["index_rows"] = publish_index(corpus, done)
+    if any(r.get("round0_images") for r in results if "error" not in r) or \
+            (rounds.round_shards(corpus, 0) and not rounds.is_complete(corpus, 0)):
+        publish_round0(corpus, sources)
     lap("index")
-    summary["plan"] = plan_id
-    summary["timings"] = timings
-    summary["seconds"] = round(time.time() - t0, 2)
+    summary.update(plan=publish.Owner.current().run, timings=lap.timings,
+                   seconds=round(time.time() - t0, 2))
     logger.info("shard summary: %s", {k: v for k, v in summary.items() if k != "failed_shards"})
     return summary

@@ -19,6 +19,7 @@ exist) as ``(source, reason)`` pairs instead of raising. The kind of a source is
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +41,7 @@ class Item:
     uri: str
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
-    annotations: list[dict[str, Any]] | None = None  # dataengine.pipeline.core.coco annotation dicts
+    annotations: list[dict[str, Any]] | None = None  # core.coco annotation dicts
     upright: bool = False  # annotations are relative to the EXIF-rotated image (YOLO)
     annotator: str = ""
 
@@ -144,7 +145,12 @@ def parse_yolo_labels(text: str, where: str, names: list[str], coco_ids: bool,
             cls = int(parts[0])
             if not 0 <= cls < len(names):
                 raise ValueError(f"class {cls} is outside 0..{len(names) - 1}")
+            if len(parts) - 1 > coco.MAX_POLYGON_COORDS:
+                raise ValueError(f"{len(parts) - 1} coordinates: at most "
+                                 f"{coco.MAX_POLYGON_COORDS}")
             coords = [float(v) for v in parts[1:]]
+            if not all(math.isfinite(v) for v in coords):
+                raise ValueError("a coordinate is NaN or infinite")
             if len(coords) == 4:
                 raise ValueError("a box (cx cy w h), not a polygon")
             if len(coords) < 6 or len(coords) % 2:

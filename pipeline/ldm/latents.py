@@ -17,9 +17,11 @@ Masks come from the newest complete round that has masks for the image (round 0 
 when ``train_on_imported``); curation-rejected masks are left out and images curation leaves out
 (rejected, leaking held-out near-copies, near-duplicates) are not
 encoded. ``<round>`` in the folder name is the newest complete round the run considered.
-A shard is done when ``done/shard-NNNNNN.json`` exists (written after the tar), so a re-run
+A shard is done when ``done/shard-NNNNNN.json`` exists (created after the tar), so a re-run
 encodes only missing shards; a corrupt image is recorded (done record + ``quarantine/``) and
-skipped. ``dataset.json`` summarises the folder after each run.
+skipped. The tar is created only if absent: of two runs encoding one shard the first tar wins,
+and a tar left without its done record (a crash between) gets its done record from the tar.
+``dataset.json`` summarises the folder after each run (re-derived until stable).
 
 The module also holds the image readers the VAE and LDM trainers share (:func:`image_stream`,
 :func:`image_batches`).
@@ -36,10 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dataengine.pipeline.core import quarantine, rounds, storage
+from dataengine.pipeline.core import publish, quarantine, rounds, storage
 from dataengine.pipeline.core.imagecodec import image_bytes
 from dataengine.pipeline.core.layout import Corpus
-from dataengine.pipeline.core.shards import iter_tar, npy_bytes, write_tar
+from dataengine.pipeline.core.shards import create_tar, iter_tar, npy_bytes
 from dataengine.pipeline.ldm.images import crop_box, decode_square, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -135,6 +137,8 @@ def encode_shard(task: dict[str, Any], vae, scale: float | None = None) -> dict[
     done_url = storage.join(out, "done", f"{name}.json")
     if storage.exists(done_url):
         return {"shard": name, "status": "skipped"}
+    if storage.exists(storage.join(out, f"{name}.tar")):
+        return _done_from_tar(out, name, done_url, t0)
     by_key: dict[str, list[dict]] = {}
     for m in task.get("masks") or []:
         by_key.setdefault(m["key"], []).append(m)
@@ -188,24 +192,34 @@ def encode_shard(task: dict[str, Any], vae, scale: float | None = None) -> dict[
         if len(pending) >= int(task["batch_size"]):
             flush()
     flush()
-    n = write_tar(storage.join(out, f"{name}.tar"), samples)
     if failures:
         quarantine.write(corpus, f"latents-{out.rstrip('/').rsplit('/', 1)[-1]}-{name}",
                          [quarantine.record(corpus.image_shard(name), f"{name}/{f['key']}",
                                             f["reason"], "latents", f["key"], name)
                           for f in failures])
+    created, n = create_tar(storage.join(out, f"{name}.tar"), samples)
+    if not created:  # another run published this shard first
+        return _done_from_tar(out, name, done_url, t0)
+    publish.fault("latents-tar")
     stats = {"shard": name, "status": "written", "samples": n, "failures": failures,
              "rejected_skipped": skipped, "with_layout": sum("layout.npy" in s for s in samples),
              "seconds": round(time.time() - t0, 3),
              "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        storage.write_json(done_url, stats, overwrite=False)
-    except FileExistsError:  # another attempt finished first; both wrote identical bytes
+    if not storage.create_json(done_url, stats):  # another attempt finished first
         stats["status"] = "skipped"
     return stats
 
 
-
+def _done_from_tar(out: str, name: str, done_url: str, t0: float) -> dict[str, Any]:
+    """The done record of a latent shard whose tar is published, derived from the tar."""
+    samples = list(iter_tar(storage.join(out, f"{name}.tar")))
+    stats = {"shard": name, "status": "written", "samples": len(samples), "failures": [],
+             "rejected_skipped": 0, "with_layout": sum("layout.npy" in s for s in samples),
+             "seconds": round(time.time() - t0, 3), "derived_from_tar": True,
+             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if not storage.create_json(done_url, stats):
+        stats["status"] = "skipped"
+    return stats
 
 
 
@@ -280,16 +294,27 @@ def compute_latents(root: str, config: LatentsConfig | None = None,
         "failures": [f for r in written for f in r["failures"]],
         "seconds": round(time.time() - t0, 2)}
     summary["images_per_s"] = summary["samples_written"] / max(summary["seconds"], 1e-9)
-    done = [storage.read_json(u) for u in storage.listdir(storage.join(out, "done"),
-                                                          r"shard-\d+\.json")]
-    storage.write_json(storage.join(out, "dataset.json"), {
-        "vae_version": vae_version, "round": number, "resolution": cfg.resolution,
-        "shards": sorted(d["shard"] for d in done), "samples": sum(d["samples"] for d in done),
-        "complete": len(done) == len(names)})
+    publish_dataset(out, {"vae_version": vae_version, "round": number,
+                          "resolution": cfg.resolution}, len(names))
     logger.info("latents %s: %d shards written, %d skipped, %d failed, %.1f img/s",
                 summary["dataset"], len(written), summary["shards_skipped"], len(failed),
                 summary["images_per_s"])
     return summary
+
+
+def publish_dataset(out: str, info: dict[str, Any], image_shards: int) -> None:
+    """Re-derive ``dataset.json`` (info, finished shards, samples) from the done records until
+    no new done record appears."""
+    def listing() -> tuple[str, ...]:
+        return tuple(storage.listdir(storage.join(out, "done"), r"shard-\d+\.json"))
+
+    def write(urls: tuple[str, ...]) -> None:
+        done = [storage.read_json(u) for u in urls]
+        storage.write_json(storage.join(out, "dataset.json"), {
+            **info, "shards": sorted(d["shard"] for d in done),
+            "samples": sum(d["samples"] for d in done), "complete": len(done) == image_shards})
+
+    publish.publish_derived(listing, write)
 
 
 def _run_pool(tasks: list[dict[str, Any]], root: str, vae_version: str, cfg: LatentsConfig,

@@ -5,6 +5,10 @@ The model is a published version (``vNNNN``: its diffusers ``pipeline/`` folder)
 (``classes``), a ``caption``, and a layout taken from an image's latent sample (``layout_from``:
 an image key); none of them = unconditional. Writes one PNG grid: a row without guidance and a
 row with classifier-free guidance ``guidance`` (DDIM, ``steps``), ``n`` samples each.
+
+With ``heldout`` the conditions are those of the first ``n`` held-out images of the version's
+latents dataset (each sample its own image's classes, caption and mask layout), and a third row
+shows those images (their VAE reconstructions) beside the samples.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class SampleConfig:
     classes: list[str] = field(default_factory=list)   # category names or ids
     caption: str = ""
     layout_from: str = ""              # image key whose latent sample gives the layout
+    heldout: bool = False              # condition on held-out images, shown beside the samples
     n: int = 4
     steps: int = 50
     guidance: float = 3.0
@@ -128,14 +133,31 @@ def find_layout(root: str, key: str) -> np.ndarray:
 @torch.no_grad()
 def sample(root: str, config: SampleConfig | None = None) -> dict[str, Any]:
     """Sample a grid for the configured conditions; returns ``{"grid": url, ...}``."""
-    from dataengine.models.ldm import prompt_for, tokenize
     from dataengine.pipeline.ldm.train_ldm import sample_grid
 
     cfg = config or SampleConfig()
     model, tok, vae, scale, what = load_model(root, cfg.model)
-    spec = model.spec
-    ids = class_ids(spec, cfg.classes)
-    prompt = prompt_for(spec, ids, cfg.caption)
+    if cfg.heldout:
+        batch, prompt = _heldout_conditions(root, what, model.spec, tok, scale, cfg.n)
+    else:
+        batch, prompt = _given_conditions(root, cfg, model.spec, tok)
+    png = sample_grid(model, vae, batch, scale, steps=cfg.steps, guidance=cfg.guidance,
+                      n=cfg.n, seed=cfg.seed)
+    out = cfg.out or storage.join(Corpus(root).runs, "samples",
+                                  f"{what}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.png")
+    storage.write_bytes(out, png)
+    logger.info("samples of %s (%r) -> %s", what, prompt, out)
+    return {"grid": out, "model": what, "prompt": prompt, "n": cfg.n,
+            "guidance": cfg.guidance, "steps": cfg.steps, "layout_from": cfg.layout_from,
+            "heldout": cfg.heldout}
+
+
+def _given_conditions(root: str, cfg: SampleConfig, spec: Any, tok: Any
+                      ) -> tuple[dict[str, torch.Tensor], str]:
+    """The same classes, caption and layout for every sample (no real images)."""
+    from dataengine.models.ldm import prompt_for, tokenize
+
+    prompt = prompt_for(spec, class_ids(spec, cfg.classes), cfg.caption)
     h = spec.latent_size
     layout = torch.zeros(cfg.n, h, h, dtype=torch.uint8)
     if cfg.layout_from:
@@ -146,11 +168,22 @@ def sample(root: str, config: SampleConfig | None = None) -> dict[str, Any]:
         layout[:] = lay
     batch = {"ids": tokenize(tok, [prompt] * cfg.n, spec.max_tokens), "layout": layout,
              "latents": torch.zeros(0, spec.latent_channels, h, h)}
-    png = sample_grid(model, vae, batch, scale, steps=cfg.steps, guidance=cfg.guidance,
-                      n=cfg.n, seed=cfg.seed)
-    out = cfg.out or storage.join(Corpus(root).runs, "samples",
-                                  f"{what}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.png")
-    storage.write_bytes(out, png)
-    logger.info("samples of %s (%r) -> %s", what, prompt, out)
-    return {"grid": out, "model": what, "prompt": prompt, "n": cfg.n,
-            "guidance": cfg.guidance, "steps": cfg.steps, "layout_from": cfg.layout_from}
+    return batch, prompt
+
+
+def _heldout_conditions(root: str, version: str, spec: Any, tok: Any, scale: float, n: int
+                        ) -> tuple[dict[str, torch.Tensor], str]:
+    """The conditions and latents of the first ``n`` held-out images of the latents dataset
+    ``version`` was trained on."""
+    from dataengine.pipeline.core import versions
+    from dataengine.pipeline.ldm.train_ldm import heldout_batch, latent_shards
+
+    corpus = Corpus(root)
+    name = versions.version_info(corpus, "ldm", version).get("latents")
+    if not name:
+        raise ValueError(f"LDM {version!r} records no latents dataset; give classes, caption "
+                         f"or layout_from instead of heldout")
+    batch, split = heldout_batch(latent_shards(corpus, name)[1], spec, tok, scale, n)
+    if batch is None:
+        raise FileNotFoundError(f"latents {name!r} hold no samples to condition on")
+    return batch, f"{split} images of {name}"

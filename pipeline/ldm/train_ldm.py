@@ -406,6 +406,16 @@ def _categories(corpus: Corpus) -> dict[str, str]:
     return out
 
 
+def latent_shards(corpus: Corpus, name: str) -> tuple[dict[str, Any], list[str]]:
+    """A latents dataset's ``dataset.json`` and the URLs of its finished shards."""
+    d = corpus.path("latents", name)
+    info = storage.read_json(storage.join(d, "dataset.json"))
+    shards = [storage.join(d, f"{s}.tar") for s in info["shards"]]
+    if not shards:
+        raise FileNotFoundError(f"{d}: no finished latent shards")
+    return info, shards
+
+
 def prepare_run(root: str, cfg: TrainLdmConfig) -> dict[str, Any]:
     """Everything the workers need: shards, spec, tokenizer (trained on the corpus captions,
     reused when the run already has one), VAE version and scale, curation rejections."""
@@ -416,11 +426,7 @@ def prepare_run(root: str, cfg: TrainLdmConfig) -> dict[str, Any]:
     corpus = Corpus(root)
     root = corpus.root
     name = pick_latents(corpus, cfg.latents)
-    d = corpus.path("latents", name)
-    info = storage.read_json(storage.join(d, "dataset.json"))
-    shards = [storage.join(d, f"{s}.tar") for s in info["shards"]]
-    if not shards:
-        raise FileNotFoundError(f"{d}: no finished latent shards")
+    info, shards = latent_shards(corpus, name)
     vae_info = storage.read_json(storage.join(corpus.model_dir("vae", info["vae_version"]),
                                               "version.json"))
     factor = int(vae_info.get("factor") or 4)
@@ -428,7 +434,7 @@ def prepare_run(root: str, cfg: TrainLdmConfig) -> dict[str, Any]:
                    latent_channels=int(vae_info.get("latent_channels") or 4),
                    latent_size=int(info["resolution"]) // factor, p_uncond=cfg.p_uncond,
                    categories=_categories(corpus), unet_overrides=dict(cfg.unet_overrides))
-    version = corpus.next_model_version("ldm")
+    version, _ = versions.claim_version(corpus, "ldm")
     run = cfg.run_name or f"ldm-{version}"
     run_url = storage.join(corpus.runs, run)
     tok_url = storage.join(run_url, "tokenizer.json")

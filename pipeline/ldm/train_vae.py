@@ -252,7 +252,7 @@ def train_vae(root: str, config: TrainVaeConfig | None = None) -> dict[str, Any]
     shards = [corpus.image_shard(n) for n in corpus.image_shards()]
     if not shards:
         raise FileNotFoundError(f"{corpus.root}: no image shards; run `dataengine shard` first")
-    version = corpus.next_model_version("vae")
+    version, _ = versions.claim_version(corpus, "vae")
     t0 = time.time()
     info: dict[str, Any] = {"config": _cfg_dict(cfg), "image_shards": len(shards)}
     if cfg.pretrained:

@@ -303,13 +303,16 @@ def create_app(root: str, config: ServerConfig | None = None) -> FastAPI:
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise ApiError(400, f"decisions[{i}] is not an object")
-            extra = set(item) - {"target_type", "target", "decision", "reason"}
+            extra = set(item) - {"target_type", "target", "decision", "reason", "decision_id"}
             if extra:
                 raise ApiError(400, f"decisions[{i}]: unknown field(s) {sorted(extra)}")
             try:
+                # an optional client decision_id makes a retried request count once
                 d = curation.Decision(target_type=item.get("target_type"),
                                       target=item.get("target"), decision=item.get("decision"),
-                                      who=request.state.user, reason=item.get("reason") or "")
+                                      who=request.state.user, reason=item.get("reason") or "",
+                                      **({"decision_id": item["decision_id"]}
+                                         if "decision_id" in item else {}))
             except (ValueError, TypeError) as exc:
                 raise ApiError(400, f"decisions[{i}]: {exc}") from None
             if d.target_type == "mask" and not view.has_mask(d.target):

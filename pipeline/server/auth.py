@@ -58,13 +58,13 @@ def validate_name(name: str) -> str:
 def create_token(corpus: Corpus, name: str) -> str:
     """Create a token for ``name``; returns the token text (the only time it is visible)."""
     validate_name(name)
-    token_id = secrets.token_hex(8)
-    secret = secrets.token_urlsafe(32)
-    record = {"token_id": token_id, "name": name, "sha256": _digest(secret),
-              "created": datetime.now(UTC).isoformat()}
-    storage.write_json(storage.join(tokens_dir(corpus), f"{token_id}.json"), record,
-                       overwrite=False)
-    return f"de_{token_id}_{secret}"
+    while True:  # the record is created only if its id is free (ids are random; never reused)
+        token_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        record = {"token_id": token_id, "name": name, "sha256": _digest(secret),
+                  "created": datetime.now(UTC).isoformat()}
+        if storage.create_json(storage.join(tokens_dir(corpus), f"{token_id}.json"), record):
+            return f"de_{token_id}_{secret}"
 
 
 def revoke_token(corpus: Corpus, token_id: str) -> None:
@@ -74,9 +74,8 @@ def revoke_token(corpus: Corpus, token_id: str) -> None:
     if not storage.exists(storage.join(tokens_dir(corpus), f"{token_id}.json")):
         raise ValueError(f"token id {token_id!r} does not exist")
     url = storage.join(tokens_dir(corpus), f"{token_id}.revoked.json")
-    if not storage.exists(url):
-        storage.write_json(url, {"token_id": token_id, "revoked": datetime.now(UTC).isoformat()},
-                           overwrite=False)
+    # created once; a second revoke (even a concurrent one) leaves the first record
+    storage.create_json(url, {"token_id": token_id, "revoked": datetime.now(UTC).isoformat()})
 
 
 def list_tokens(corpus: Corpus) -> list[dict[str, Any]]:

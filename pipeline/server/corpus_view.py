@@ -176,7 +176,7 @@ class CorpusView:
     def __init__(self, corpus: Corpus, refresh_seconds: float = 2.0) -> None:
         self.corpus = corpus
         self.refresh_seconds = refresh_seconds
-        self.curation = DecisionLog(corpus)
+        self.curation = DecisionLog(corpus, skip_unreadable=True)  # shown, never trained on
         self._lock = threading.RLock()
         self._checked = -1e9
         self._index: pa.Table | None = None
