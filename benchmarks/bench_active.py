@@ -13,11 +13,11 @@ runs the same engine protocol on each copy: ``rounds`` assisted-manual rounds of
 ``images_per_round`` images, each followed by retraining, held-out evaluation and the gate. The
 budget (images per round, rounds, training steps) and the seed are the same for all three.
 
-Prints, per way and round, the images, clicks spent (the simulated annotator's clicks on
-accepted masks, cumulative) and the held-out mIoU@1 and NoC@75 of the model retrained after the
-round; then, for ``uncertainty+diversity``, the clicks it had spent when its retrained model
-first reached random's final held-out mIoU@1 (the issue's target: >= 20% fewer than random
-spent), and ends with::
+Prints, per way and round, the images, clicks spent (every click of the simulated annotator,
+on the masks it accepted and on those it gave up on, cumulative) and the held-out mIoU@1 and
+NoC@75 of the model retrained after the round; then, for ``uncertainty+diversity``, the clicks
+it had spent when its retrained model first reached random's final held-out mIoU@1 (the
+issue's target: >= 20% fewer than random spent), and ends with::
 
     RESULT clicks_order=A clicks_random=B clicks_active=C miou1_random=D miou1_active=E
 
@@ -156,7 +156,7 @@ def run_way(out: Path, base: str, protocol: dict, way: str) -> list[dict]:
     idx = 0
     while (ann := log.find("annotate", idx)) is not None:
         m = ann["metrics"]
-        clicks += int(m.get("clicks") or 0)
+        clicks += int(m.get("clicks") or 0) + int(m.get("discarded_clicks") or 0)
         ev = (log.find("eval", idx) or {}).get("metrics") or {}
         rows.append({"way": way, "round_index": idx, "images": m.get("images"),
                      "masks": m.get("masks"), "clicks": clicks,
@@ -201,7 +201,8 @@ def report(results: dict[str, list[dict]]) -> None:
         return "-" if v is None else f"{v:.{nd}f}"
 
     print(f"{'selection':>22} {'round':>5} {'imgs':>4} {'masks':>5} {'clicks':>6} "
-          f"{'clk/mask':>8} {'mIoU@1':>7} {'NoC@75':>7}")
+          f"{'clk/mask':>8} {'mIoU@1':>7} {'NoC@75':>7}   (clicks: cumulative, given-up masks "
+          f"included; mIoU@1, NoC@75: held out, model retrained after the round)")
     for way, rows in results.items():
         for r in rows:
             print(f"{way:>22} {r['round_index'] + 1:>5} {r['images']:>4} {r['masks']:>5} "

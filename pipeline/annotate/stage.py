@@ -224,7 +224,7 @@ class ShardAnnotator:
         records, failures = [], []
         stats: dict[str, Any] = {"images": 0, "masks": 0, "prefilled": 0, "added": 0,
                                  "clicks": 0, "clicks50": 0, "seconds": 0.0, "discarded": 0,
-                                 "discarded_seconds": 0.0, "gt_images": 0,
+                                 "discarded_clicks": 0, "discarded_seconds": 0.0, "gt_images": 0,
                                  "gt": {"gt_objects": 0, "iou_sum": 0.0, "matched_masks": 0,
                                         "recall50": 0, "recall75": 0},
                                  "gt_prefilled": {"iou_sum": 0.0, "matched_masks": 0,
@@ -242,7 +242,8 @@ class ShardAnnotator:
                 continue
             records.append(rec)
             stats["images"] += 1
-            for k in ("masks", "prefilled", "added", "clicks", "clicks50", "discarded"):
+            for k in ("masks", "prefilled", "added", "clicks", "clicks50", "discarded",
+                      "discarded_clicks"):
                 stats[k] += info[k]
             for k in ("seconds", "discarded_seconds"):
                 stats[k] += info[k]
@@ -279,7 +280,7 @@ class ShardAnnotator:
         anns: list[dict[str, Any]] = []
         info: dict[str, Any] = {"masks": 0, "prefilled": 0, "added": 0, "clicks": 0,
                                 "clicks50": 0, "seconds": 0.0, "discarded": 0,
-                                "discarded_seconds": 0.0}
+                                "discarded_clicks": 0, "discarded_seconds": 0.0}
         full_box = [0.0, 0.0, float(w), float(h)]
         prefilled_masks: list[np.ndarray] = []
         added_masks: list[np.ndarray] = []
@@ -305,6 +306,7 @@ class ShardAnnotator:
                 for r in results:
                     if not r.accepted:
                         info["discarded"] += 1
+                        info["discarded_clicks"] += len(r.clicks)
                         info["discarded_seconds"] += r.seconds
                         continue
                     added_masks.append(r.mask)
@@ -365,7 +367,8 @@ def choose_round(corpus: Corpus, cfg: AnnotateConfig, model_version: str) -> int
 def aggregate(stats: list[dict[str, Any]], stage: str) -> dict[str, Any]:
     """Round metrics from the per-shard stats records."""
     tot: dict[str, Any] = {"images": 0, "masks": 0, "prefilled": 0, "added": 0, "clicks": 0,
-                           "clicks50": 0, "seconds": 0.0, "discarded": 0, "discarded_seconds": 0.0,
+                           "clicks50": 0, "seconds": 0.0, "discarded": 0, "discarded_clicks": 0,
+                           "discarded_seconds": 0.0,
                            "gt_images": 0, "wall_seconds": 0.0}
     gt = {"gt_objects": 0, "iou_sum": 0.0, "matched_masks": 0, "recall50": 0, "recall75": 0}
     gtp = {"iou_sum": 0.0, "matched_masks": 0, "recall50": 0}
@@ -398,7 +401,8 @@ def aggregate(stats: list[dict[str, Any]], stage: str) -> dict[str, Any]:
         "seconds_per_mask": round(tot["seconds"] / clicked, 3) if clicked else
         (0.0 if masks else None),
         "seconds_per_image": round(tot["seconds"] / n, 3) if n else 0.0,
-        "discarded": tot["discarded"], "discarded_seconds": round(tot["discarded_seconds"], 3),
+        "discarded": tot["discarded"], "discarded_clicks": tot["discarded_clicks"],
+        "discarded_seconds": round(tot["discarded_seconds"], 3),
         "compute_seconds": round(tot["wall_seconds"], 3),
     }
     if stage == "semi":
