@@ -10,17 +10,38 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast browser-deps clean
+ORT_WEB_VERSION ?= 1.30.0
+ORT_DIR := pipeline/server/static/vendor/ort
+ORT_FILES := ort.wasm.min.js ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
+
+.PHONY: install demo test test-fast browser-deps web-deps clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) on PATH"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# sam2 is an sdist whose build needs torch: build it against the pinned torch, without its
+	# optional CUDA op (not used: no hole filling)
+	$(PY) -m pip install -q setuptools wheel $$(grep -E '^torch==' requirements.lock)
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation \
+	  $$(grep -E '^sam2==' requirements.lock)
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed web-deps
+
+## onnxruntime-web for the annotate page's in-browser SAM decoder (from the npm registry; the
+## wasm file is 14 MB, so it is not in git). Without npm the server decodes every click itself.
+web-deps: $(ORT_DIR)/.version-$(ORT_WEB_VERSION)
+
+$(ORT_DIR)/.version-$(ORT_WEB_VERSION):
+	@if command -v npm >/dev/null; then \
+	  tmp=$$(mktemp -d) && (cd $$tmp && npm pack -q onnxruntime-web@$(ORT_WEB_VERSION) >/dev/null \
+	    && tar xzf onnxruntime-web-$(ORT_WEB_VERSION).tgz) \
+	  && mkdir -p $(ORT_DIR) && for f in $(ORT_FILES); do cp $$tmp/package/dist/$$f $(ORT_DIR)/; done \
+	  && rm -f $(ORT_DIR)/.version-* && touch $@; rm -rf $$tmp; \
+	else echo "npm not found: the annotate page decodes clicks on the server"; fi
 
 ## Runs the main job end to end on embedded defaults (local Ray, no Prefect server, local disk).
 demo: install

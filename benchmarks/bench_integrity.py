@@ -200,7 +200,7 @@ class Bench:
             self.procs.run("dashboard", ["dashboard", "--root", self.root, "--port",
                                          str(self.port), "--cache-dir", str(self.work / "cache"),
                                          "--torch-threads", "1", "--set", "refresh_seconds=1",
-                                         "--set", "precompute='off'"],
+                                         "--set", "precompute=off"],
                            self.logs / "dashboard.log", timeout=10 ** 6)
 
     def curation_writer(self) -> None:
@@ -243,13 +243,16 @@ class Bench:
                     number = None  # round done: open the next one
                     continue
                 lid = lease["lease"]["lease_id"]
-                for _ in range(2):
+                uids = set()
+                for k in range(2):
                     tag = round(1.0 + i / 1024, 6)
                     i += 1
                     r = httpx.post(f"{self.url}/api/annotate/{number}/accept", timeout=60,
                                    json={"lease_id": lid, "seconds": tag,
-                                         "points": [{"x": 30, "y": 20, "label": 1}]})
-                    if r.status_code == 200:
+                                         "points": [{"x": 30 + 60 * k, "y": 20, "label": 1}]})
+                    # the same mask accepted twice is saved once (the first uid comes back)
+                    if r.status_code == 200 and r.json()["uid"] not in uids:
+                        uids.add(r.json()["uid"])
                         self.masks.append(tag)
                 httpx.post(f"{self.url}/api/annotate/{number}/submit", json={"lease_id": lid},
                            timeout=60)
@@ -259,10 +262,17 @@ class Bench:
     def _open_people_round(self, httpx) -> int | None:
         r = httpx.post(f"{self.url}/api/annotate/rounds", timeout=60,
                        json={"stage": "manual", "model_version": "v0001", "n_images": 4})
-        if r.status_code != 200:
-            time.sleep(1)  # no image left yet, or the dashboard is down
+        if r.status_code != 202:
+            time.sleep(1)  # the dashboard is down
             return None
-        return r.json()["round"]
+        while True:  # opening runs as a background job of that dashboard process
+            j = httpx.get(f"{self.url}{r.json()['status_url']}", timeout=60).json()
+            if j["status"] == "done":
+                return j["result"]["round"]
+            if j["status"] == "failed":
+                time.sleep(1)  # no image left yet
+                return None
+            time.sleep(0.2)
 
     def index_keys(self) -> list[str]:
         try:

@@ -6,7 +6,9 @@ One registry of named configs (as ``segment_anything.build_sam``): the published
 depth 6, 4 heads, window 8, global attention at 2 layers, 128-d prompt/decoder) and
 ``tiny-test`` (128 px, for unit tests). Every config builds the real ``Sam`` /
 ``ImageEncoderViT`` / ``PromptEncoder`` / ``MaskDecoder`` classes, so Meta's ``SamPredictor``
-and ``SamAutomaticMaskGenerator`` work on every model unchanged.
+and ``SamAutomaticMaskGenerator`` work on every model unchanged. The same builder makes the SAM 2
+image models (``sam2_hiera_t`` / ``_s`` / ``_b+`` / ``_l``, ``sam2-tiny-test``) of
+:mod:`dataengine.models.sam2`, which keep ``Sam``'s interface (:data:`MODEL_NAMES` lists all).
 
 :func:`build_sam` takes a state dict or a local checkpoint (official ``.pth`` read with
 ``weights_only=True``, ``.safetensors``, or a saved model directory); versions on any fsspec URL
@@ -37,6 +39,14 @@ from segment_anything.modeling import (
 
 from dataengine.models.checkpoint import as_state_dict, load_state
 from dataengine.models.device import pick_device
+from dataengine.models.sam2 import (
+    SAM2_CONFIGS,
+    Sam2Config,
+    build_sam2,
+    get_sam2_config,
+    is_sam2_config,
+    load_sam2_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,18 +149,25 @@ SAM_CONFIGS: dict[str, SamConfig] = {
 }
 
 
-def get_config(config: str | SamConfig | dict[str, Any]) -> SamConfig:
-    """A registry name, a dict (e.g. a ``config.json``) or a config -> :class:`SamConfig`."""
+# every buildable name: SAM v1 configs and the SAM 2 image models (dataengine.models.sam2)
+MODEL_NAMES: tuple[str, ...] = (*SAM_CONFIGS, *SAM2_CONFIGS)
+
+
+def get_config(config: str | SamConfig | Sam2Config | dict[str, Any]) -> SamConfig | Sam2Config:
+    """A registry name, a dict (e.g. a ``config.json``) or a config -> :class:`SamConfig`, or
+    :class:`dataengine.models.sam2.Sam2Config` for the SAM 2 names and dicts."""
     if isinstance(config, SamConfig):
         return config
+    if is_sam2_config(config):
+        return get_sam2_config(config)
     if isinstance(config, dict):
         return SamConfig.from_dict(config)
     if config not in SAM_CONFIGS:
-        raise ValueError(f"SAM config {config!r} is unknown; allowed: {sorted(SAM_CONFIGS)}")
+        raise ValueError(f"SAM config {config!r} is unknown; allowed: {sorted(MODEL_NAMES)}")
     return SAM_CONFIGS[config]
 
 
-def config_of(model: Sam) -> SamConfig:
+def config_of(model: Sam) -> SamConfig | Sam2Config:
     """The :class:`SamConfig` a model was built from (attribute set by :func:`build_sam`)."""
     cfg = getattr(model, "sam_config", None)
     if cfg is None:
@@ -167,6 +184,9 @@ def build_sam(config: str | SamConfig | dict[str, Any] = "tiny",
     saved model directory (URLs: :func:`dataengine.pipeline.core.checkpoints.load_sam`).
     """
     cfg = get_config(config)
+    if isinstance(cfg, Sam2Config):
+        state = None if checkpoint is None else as_state_dict(checkpoint)
+        return build_sam2(cfg, state, seed=seed).to(pick_device(device))
     emb = cfg.embedding_size
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -207,13 +227,15 @@ def build_sam(config: str | SamConfig | dict[str, Any] = "tiny",
 
 
 # registry in segment_anything's style: sam_model_registry["vit_b"](checkpoint=...)
-sam_model_registry = {name: partial(build_sam, name) for name in SAM_CONFIGS}
+sam_model_registry = {name: partial(build_sam, name) for name in MODEL_NAMES}
 sam_model_registry["default"] = sam_model_registry["vit_h"]
 
 
 def load_weights(model: Sam, checkpoint: str | Path | Mapping[str, torch.Tensor]) -> Sam:
     """Load a state dict or a local checkpoint into ``model`` (strict, with a clear error)."""
     where = "a state dict" if isinstance(checkpoint, Mapping) else repr(str(checkpoint))
+    if isinstance(config_of(model), Sam2Config):
+        return load_sam2_weights(model, as_state_dict(checkpoint))
     return load_state(model, as_state_dict(checkpoint),
                       f"SAM checkpoint {where} does not fit config {config_of(model).name!r}")
 
@@ -279,6 +301,44 @@ def export_onnx_decoder(model: Sam, path: str, *, opset: int = 17,
                       input_names=list(dummy), output_names=output_names)
 
 
+def predict_masks_per_pixel(decoder: Any, image_embeddings: torch.Tensor,
+                            image_pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``MaskDecoder.predict_masks`` with its output upscaling written as per-pixel matrix
+    products (same result): both transposed convolutions have kernel 2 and stride 2, so each
+    embedding pixel maps to its own 4x4 block of the low-res mask through two matmuls, a
+    layer norm and GELUs, and only the final Bx(masks)xSxS logits are put in spatial order.
+    ONNX Runtime runs matmuls much faster than ``ConvTranspose`` (natively and in wasm).
+
+    Returns masks Bx(num mask tokens)x4Hx4W and IoU predictions Bx(num mask tokens).
+    """
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
+    tokens = torch.cat((output_tokens, sparse), dim=1)
+    src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0) + dense
+    pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
+    b, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos_src, tokens)         # src: B x hw x c
+    n = decoder.num_mask_tokens
+    conv1, norm, act1, conv2, act2 = decoder.output_upscaling
+    c1, c2 = conv1.out_channels, conv2.out_channels
+    # ConvTranspose weight Cin x Cout x 2 x 2 -> Cin x (2 x 2 x Cout): the 2x2 offsets first
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
+    x = (src @ w1).reshape(b, h * w * 4, c1) + conv1.bias
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).pow(2).mean(-1, keepdim=True)
+    x = act1((x - mu) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias)
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+    x = act2((x @ w2).reshape(b, h * w * 16, c2) + conv2.bias)  # pixel order (i, j, a, b, a2, b2)
+    mask_tokens = hs[:, 1:1 + n, :]
+    hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens[:, i, :])
+                            for i in range(n)], dim=1)          # B x n x c2
+    masks = hyper_in @ x.transpose(1, 2)                        # B x n x (h w 2 2 2 2)
+    masks = masks.reshape(b, n, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+    masks = masks.reshape(b, n, 4 * h, 4 * w)                   # row = 4i + 2a + a2
+    return masks, decoder.iou_prediction_head(hs[:, 0, :])
+
+
 class _LowResOnnxModel(torch.nn.Module):
     """Meta's ``SamOnnxModel`` without the upsampling to the original size."""
 
@@ -295,9 +355,9 @@ class _LowResOnnxModel(torch.nn.Module):
         m = self.inner
         sparse = m._embed_points(point_coords, point_labels)
         dense = m._embed_masks(mask_input, has_mask_input)
-        masks, scores = m.model.mask_decoder.predict_masks(
-            image_embeddings=image_embeddings, image_pe=m.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+        masks, scores = predict_masks_per_pixel(
+            m.model.mask_decoder, image_embeddings, m.model.prompt_encoder.get_dense_pe(),
+            sparse, dense)
         if m.use_stability_score:
             from segment_anything.utils.amg import calculate_stability_score
 

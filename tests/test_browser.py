@@ -43,7 +43,7 @@ def test_dashboard_filter_sample_reject(corpus_root, tmp_path):
         page.wait_for_selector(".tile img")
         metas = page.locator(".tile .meta").all_inner_texts()
         assert metas and all(" imported " in f" {m} " for m in metas)
-        page.wait_for_function("[...document.querySelectorAll('.tile img')].slice(0, 4)"
+        page.wait_for_function("() => [...document.querySelectorAll('.tile img')].slice(0, 4)"
                                ".every(i => i.complete && i.naturalWidth > 0)")
         page.screenshot(path=str(ARTIFACTS / "dashboard-browse.png"), full_page=True)
 
@@ -70,10 +70,17 @@ def test_dashboard_filter_sample_reject(corpus_root, tmp_path):
     assert log.mask_decision(mask_id)["who"] == "local"
 
 
-def test_annotate_click_negative_accept_submit(tmp_path, shared_data):
-    """The annotate page: click inside an object, see the mask, add a negative click, accept, submit; the
-    mask is in the round's shard with the clicks recorded."""
+@pytest.mark.parametrize("decoder", ["server", "browser"])
+def test_annotate_click_negative_accept_submit(tmp_path, shared_data, decoder):
+    """The annotate page: click inside an object, see the mask, add a negative click, accept,
+    submit; the mask is in the round's shard with the clicks recorded. With ``browser`` the
+    clicks are decoded in Chromium (onnxruntime-web) and the server recomputes the same mask on
+    accept."""
     require_chromium()
+    from dataengine.pipeline.server.routes.pages import browser_decoder_available
+
+    if decoder == "browser" and not browser_decoder_available():
+        pytest.skip("onnxruntime-web is not installed (make web-deps)")
     from dataengine.models.sam import build_sam
     from dataengine.pipeline.core import storage
     from dataengine.pipeline.core.checkpoints import save_sam
@@ -94,33 +101,41 @@ def test_annotate_click_negative_accept_submit(tmp_path, shared_data):
     cx, cy = obj["bbox_x"] + obj["bbox_w"] / 2, obj["bbox_y"] + obj["bbox_h"] / 2
     nx, ny = obj["bbox_x"] + 3, obj["bbox_y"] + 3
     app = create_app(corpus.root, ServerConfig(cache_dir=str(tmp_path / "cache"),
-                                               refresh_seconds=0, precompute="local"))
+                                               refresh_seconds=0, precompute="local",
+                                               browser_decoder=decoder == "browser"))
     from fastapi.testclient import TestClient
 
+    from dataengine.pipeline.server.people import open_round
+
+    n = open_round(corpus, stage="manual", model_version="v0001", keys=[key])
     api = TestClient(app, base_url="http://127.0.0.1:8080", client=("127.0.0.1", 1))
-    n = api.post("/api/annotate/rounds", json={"stage": "manual", "model_version": "v0001",
-                                               "keys": [key]}).json()["round"]
+    assert api.get("/api/annotate/rounds").status_code == 200
     W, H = index[0]["width"], index[0]["height"]
     with serve(app) as base, chromium_page() as page:
         page.goto(f"{base}/#/annotate")
         page.click(f"#start-{n}")
         page.wait_for_selector("#acv")
+        assert page.get_attribute("#acv", "data-decoder") == decoder
         box = page.locator("#acv").bounding_box()
         to_page = lambda x, y: (box["x"] + x * box["width"] / W,  # noqa: E731
                                 box["y"] + y * box["height"] / H)
         page.mouse.click(*to_page(cx, cy))
-        page.wait_for_function("document.querySelector('#acv').dataset.masks === '3'")
+        page.wait_for_function("() => document.querySelector('#acv').dataset.masks === '3'")
         assert int(page.get_attribute("#acv", "data-area")) > 0
         assert page.locator("#choices button").count() == 3      # multimask choices shown
         page.mouse.click(*to_page(nx, ny), button="right")
-        page.wait_for_function("document.querySelector('#acv').dataset.masks === '1'")
+        page.wait_for_function("() => document.querySelector('#acv').dataset.masks === '1'")
         page.wait_for_selector("text=2 points")
-        page.screenshot(path=str(ARTIFACTS / "annotate-mask.png"), full_page=True)
+        painted = int(page.get_attribute("#acv", "data-area"))
+        page.wait_for_function("() => document.querySelector('#acv').dataset.clicks === '2'")
+        lat = page.evaluate("window.__clickLatencies")
+        assert len(lat) == 2 and all(v > 0 for v in lat)
+        page.screenshot(path=str(ARTIFACTS / f"annotate-mask-{decoder}.png"), full_page=True)
         page.keyboard.press("a")                                    # accept = next object
         page.wait_for_selector("#nacc:text('1')")
         page.click("#b-submit")
         page.wait_for_selector("#round-done")
-        page.screenshot(path=str(ARTIFACTS / "annotate-submitted.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / f"annotate-submitted-{decoder}.png"), full_page=True)
         assert not page.errors, page.errors
 
     (rec,) = list(iter_round_shard(corpus, n, index[0]["shard"]))
@@ -130,3 +145,5 @@ def test_annotate_click_negative_accept_submit(tmp_path, shared_data):
     assert abs(ann["clicks"][0]["x"] - cx) <= 2 and abs(ann["clicks"][0]["y"] - cy) <= 2
     assert abs(ann["clicks"][1]["x"] - nx) <= 2 and abs(ann["clicks"][1]["y"] - ny) <= 2
     assert ann["seconds"] > 0 and ann["area"] > 0
+    # what the person saw is what was saved (the server recomputed the browser's mask)
+    assert abs(ann["area"] - painted) <= max(3, 0.01 * painted), (ann["area"], painted)

@@ -65,3 +65,41 @@ def test_round_trip_through_a_dict():
     assert from_dict(Outer, to_dict(cfg)) == cfg
     assert parse_overrides(["a.b.c=1", "a.d=x", "e="]) == {"a": {"b": {"c": 1}, "d": "x"},
                                                           "e": ""}
+
+
+@dataclass
+class Typed:
+    mode: str = "ray"
+    flag: bool = False
+    count: int = 1
+    rate: float = 0.5
+    maybe: int | None = None
+    names: list[str] = field(default_factory=list)
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_overrides_are_converted_by_the_field_type_not_by_yaml():
+    cfg = load_config(Typed, None, ["mode=off", "flag=off", "count=7", "rate=1e-3",
+                                    "maybe=null", "names=[on, 007, yes]", "inner.lr=2"])
+    assert cfg.mode == "off" and cfg.flag is False and cfg.count == 7 and cfg.rate == 1e-3
+    assert cfg.maybe is None and cfg.names == ["on", "007", "yes"]
+    assert cfg.inner.lr == 2.0 and isinstance(cfg.inner.lr, float)
+    assert load_config(Typed, None, ["mode=", "flag=yes", "maybe=3"]) == Typed(
+        mode="", flag=True, maybe=3)
+    assert load_config(Typed, None, ["mode='off'"]).mode == "off"   # quoted as in YAML
+    for item, word in (("count=seven", "count='seven': expected an integer"),
+                       ("flag=maybe", "flag='maybe': expected a boolean"),
+                       ("rate=fast", "rate='fast': expected a number"),
+                       ("names=[unclosed", "not valid YAML")):
+        with pytest.raises(ValueError, match=word):
+            load_config(Typed, None, [item])
+    # a YAML file's unquoted off is a boolean: a text field says how to write it
+    with pytest.raises(ValueError, match="quote it"):
+        from_dict(Typed, {"mode": False})
+
+
+def test_dashboard_precompute_off_stays_text():
+    from dataengine.pipeline.server.app import ServerConfig
+
+    cfg = load_config(ServerConfig, None, ["precompute=off", "decoder=torch"])
+    assert cfg.precompute == "off" and cfg.decoder == "torch"

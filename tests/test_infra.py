@@ -118,3 +118,104 @@ def test_lock_file_agrees_with_pyproject():
             continue
         key = name.replace("_", "-")
         assert lock.get(key) == version, f"{name}: lock {lock.get(key)} vs pyproject {version}"
+
+
+def _env_of(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_ray_dashboard_is_locked_down_in_both_cluster_files():
+    cfg = _cluster()
+    text = (REPO / "ray-cluster.yaml").read_text()
+    assert "0.0.0.0" not in text, "ray-cluster.yaml binds something to every interface"
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head          # reached through `ray dashboard` (ssh)
+    opts = cfg["docker"]["run_options"]
+    assert "--env RAY_AUTH_MODE=token" in opts          # every node: token authentication
+    path = next(o.split("=", 1)[1] for o in opts if o.startswith("--env RAY_AUTH_TOKEN_PATH="))
+    assert cfg["file_mounts"][path] == "~/.ray/auth_token"   # `ray get-auth-token --generate`
+    spec = _kuberay()["spec"]
+    containers = list(spec["headGroupSpec"]["template"]["spec"]["containers"])
+    for g in spec["workerGroupSpecs"]:
+        containers += g["template"]["spec"]["containers"]
+    for c in containers:
+        env = _env_of(c)
+        assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
+        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "dataengine-ray-auth" and ref["key"] == "auth_token"
+        assert "value" not in env["RAY_AUTH_TOKEN"], "a token written into the manifest"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_head_started_like_the_cluster_file_refuses_jobs_without_the_token(tmp_path):
+    """`ray start --head` with the head's own dashboard flags and the cluster's auth variables:
+    the job API (remote code execution) answers 401 without the token, and listens on loopback
+    only."""
+    import contextlib
+    import os
+    import shlex
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    cmd = next(c for c in _cluster()["head_start_ray_commands"] if "ray start" in c)
+    flags = [f for f in shlex.split(cmd) if f.startswith("--dashboard-host")]
+    port = free_port()
+    dash = free_port()
+    token = "t" * 32
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    tmp = f"/tmp/ray-auth-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    start = [ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+             "--include-dashboard=true", "--num-cpus=1", f"--temp-dir={tmp}",
+             "--node-ip-address=127.0.0.1", *flags]
+    # --block keeps this head's processes under one process group of ours: stopped by its id
+    # at the end (never `ray stop`, which would end every Ray on the machine)
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dash}/api/jobs/"
+        deadline = time.time() + 90
+        while True:
+            try:
+                r = httpx.get(url, timeout=5)
+                if r.status_code != 503:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert head.poll() is None, "ray start exited"
+            assert time.time() < deadline, "the dashboard did not come up"
+            time.sleep(1)
+        assert r.status_code == 401, (r.status_code, r.text[:200])
+        ok = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert ok.status_code == 200, ok.text[:200]
+        # loopback only: another address of this host is refused
+        other = socket.gethostbyname(socket.gethostname())
+        if not other.startswith("127."):
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"http://{other}:{dash}/api/jobs/", timeout=5)
+    finally:
+        import signal
+
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        time.sleep(2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # children that outlived their parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

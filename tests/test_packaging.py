@@ -24,7 +24,9 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline.ldm": {"models", "pipeline.core"},
     "pipeline.curate": {"models", "pipeline.core", "pipeline.sam"},
     "pipeline.detector": {"models", "pipeline.core", "pipeline.sam"},
-    "pipeline.annotate": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector"},
+    "pipeline.formats": {"models", "pipeline.core"},
+    "pipeline.annotate": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
+                          "pipeline.formats"},
     "pipeline.engine": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
                         "pipeline.annotate", "pipeline.curate"},
     "pipeline.server": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
@@ -33,7 +35,7 @@ ALLOWED: dict[str, set[str]] = {
               "pipeline.detector", "pipeline.annotate", "pipeline.engine"},
     "pipeline.cli": {"models", "pipeline.core", "pipeline.ingest", "pipeline.sam",
                      "pipeline.ldm", "pipeline.detector", "pipeline.annotate", "pipeline.engine",
-                     "pipeline.server", "pipeline.curate", "flows"},
+                     "pipeline.server", "pipeline.curate", "pipeline.formats", "flows"},
 }
 #: Third-party packages only some units may import.
 RESTRICTED = {"prefect": {"flows", "pipeline.cli"}}

@@ -135,7 +135,7 @@ def test_server_onnx_decoder_matches_torch_predictor(tmp_path):
     pred = SamPredictor(model)
     pred.set_image(img)
     dec = OnnxDecoder(model, "v0001", str(tmp_path / "onnx"))
-    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2
+    assert len(list((tmp_path / "onnx").rglob("*.onnx"))) == 2  # in the private cache
     pts, lbl = np.array([[60.0, 40.0]]), np.array([1])
     with torch.inference_mode():
         masks, scores, low = pred.predict(pts, lbl, multimask_output=True, return_logits=True)

@@ -44,10 +44,23 @@ def train_keys(c: Corpus) -> list[str]:
     return [r["key"] for r in t if r["split"] == "train"]
 
 
-def open_round(api, **kw) -> int:
-    r = api.post("/api/annotate/rounds", json={"stage": "manual", "model_version": "v0001", **kw})
-    assert r.status_code == 200, r.text
-    return r.json()["round"]
+def wait_job(api, job: dict, headers=None) -> dict:
+    """Poll a background job until it ends; its final status."""
+    deadline = time.time() + 60
+    while True:
+        j = api.get(f"/api/jobs/{job['job']}", headers=headers).json()
+        if j["status"] in ("done", "failed") or time.time() > deadline:
+            return j
+        time.sleep(0.05)
+
+
+def open_round(api, headers=None, **kw) -> int:
+    r = api.post("/api/annotate/rounds", headers=headers,
+                 json={"stage": "manual", "model_version": "v0001", **kw})
+    assert r.status_code == 202, r.text
+    j = wait_job(api, r.json(), headers)
+    assert j["status"] == "done", j
+    return j["result"]["round"]
 
 
 P1 = {"x": 300, "y": 240, "label": 1}
@@ -124,15 +137,13 @@ def test_accepted_masks_survive_a_server_restart(corpus, tmp_path):
 
 
 def test_leases_never_double_assign_and_expire(corpus, tmp_path):
-    alice = auth.create_token(corpus, "alice")
+    alice = auth.create_token(corpus, "alice", role="admin")
     bob = auth.create_token(corpus, "bob")
     api = make_client(corpus, tmp_path, host="0.0.0.0", peer=("10.0.0.5", 1234),
-                      lease_seconds=1.0)
+                      lease_seconds=4.0)
     A = {"Authorization": f"Bearer {alice}"}
     B = {"Authorization": f"Bearer {bob}"}
-    r = api.post("/api/annotate/rounds", headers=A,
-                 json={"stage": "manual", "model_version": "v0001", "keys": train_keys(corpus)[:2]})
-    n = r.json()["round"]
+    n = open_round(api, headers=A, keys=train_keys(corpus)[:2])
     la = api.post(f"/api/annotate/{n}/lease", headers=A, json={}).json()["lease"]
     lb = api.post(f"/api/annotate/{n}/lease", headers=B, json={}).json()["lease"]
     assert la["key"] != lb["key"]
@@ -150,7 +161,7 @@ def test_leases_never_double_assign_and_expire(corpus, tmp_path):
     assert api.post(f"/api/annotate/{n}/lease", json={},
                     headers={"Authorization": "Bearer de_0123456789abcdef_" + "x" * 43}
                     ).status_code == 401
-    time.sleep(1.3)                                  # both leases expire
+    time.sleep(4.3)                                  # both leases expire
     lc = api.post(f"/api/annotate/{n}/lease", headers=C, json={}).json()["lease"]
     assert lc["key"] == la["key"]
     r = api.post(f"/api/annotate/{n}/accept", headers=A,
@@ -179,7 +190,11 @@ def test_bad_input(corpus, tmp_path):
         ({"stage": "manual", "model_version": "v0001", "n_images": 1, "owner": "x"}, "unknown"),
     ]:
         r = api.post("/api/annotate/rounds", json=body)
-        assert r.status_code == 400 and word in r.json()["error"], (body, r.text)
+        if r.status_code == 202:  # checked by the job
+            j = wait_job(api, r.json())
+            assert j["status"] == "failed" and word in j["error"], (body, j)
+        else:
+            assert r.status_code == 400 and word in r.json()["error"], (body, r.text)
     n = open_round(api, keys=keys[:1])
     other = open_round(api, keys=keys[1:2])
     lease = api.post(f"/api/annotate/{n}/lease", json={}).json()
@@ -198,6 +213,7 @@ def test_bad_input(corpus, tmp_path):
         ({"box": [0, 0, w + 10, 10]}, 400, "box"),
         ({"box": [0, 0, 1]}, 400, "box"),
         ({"points": [P1], "object": -1}, 400, "object"),
+        ({"points": [P1], "object": 200}, 400, "object"),
     ]
     for extra, status, word in cases:
         r = api.post(url, json={"lease_id": lid, **extra})

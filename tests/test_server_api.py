@@ -179,7 +179,7 @@ def test_decisions_are_recorded_and_validated(api, corpus_root):
                          "who": "mallory"}]}, 400, "unknown field"),
         ({"decisions": []}, 400, "at least one"),
         ({"nothing": 1}, 400, "decisions"),
-        ([1, 2], 400, "decisions"),
+        ([1, 2], 400, "JSON object"),
     ]
     for body, status, word in bad:
         r = api.post("/api/decisions", json=body)
@@ -259,10 +259,10 @@ def test_tokens_off_loopback(corpus_root, tmp_path):
 
     corpus = Corpus(corpus_root)
     token = auth.create_token(corpus, "alice")
-    other = auth.create_token(corpus, "bob")
+    other = auth.create_token(corpus, "bob", role="curator")
     remote = client(corpus_root, tmp_path, host="0.0.0.0", peer=("10.1.2.3", 4444))
     assert remote.get("/api/overview").status_code == 401          # missing
-    assert remote.get("/").status_code == 401
+    assert remote.get("/").status_code == 200                      # the page itself is public
     assert remote.get("/api/overview", headers={"Authorization": "Bearer nope"}).status_code == 401
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     assert remote.get("/api/overview",
@@ -272,10 +272,16 @@ def test_tokens_off_loopback(corpus_root, tmp_path):
     # loopback peers need a token too when the server is bound off loopback
     local_peer = client(corpus_root, tmp_path, host="0.0.0.0", peer=LOOP)
     assert local_peer.get("/api/overview").status_code == 401
-    # the ?token= link sets a cookie and drops the token from the URL
-    r = remote.get(f"/?token={token}", follow_redirects=False)
-    assert r.status_code == 303 and r.headers["location"] == "/"
+    # the /login?token= link parks the token for /api/login and drops it from the URL; the
+    # person confirms who they sign in as, then the session cookie is set
+    assert remote.get(f"/?token={token}").status_code == 400      # only /login takes it
+    r = remote.get(f"/login?token={token}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login"
     assert "httponly" in r.headers["set-cookie"].lower()
+    assert "path=/api/login" in r.headers["set-cookie"].lower()
+    assert remote.get("/api/whoami").status_code == 401            # not signed in yet
+    assert remote.get("/api/login").json()["pending"] == {"name": "alice", "role": "annotator"}
+    assert remote.post("/api/login", json={}).json()["user"] == "alice"
     assert remote.get("/api/whoami").json()["user"] == "alice"   # cookie kept by the client
     # decisions carry the token's identity, never a client-chosen one
     item = remote.get("/api/browse", params={"per_page": 1}).json()["items"][0]

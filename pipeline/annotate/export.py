@@ -3,8 +3,10 @@
 - :func:`export_coco`: masks of some rounds (default: every complete round after round 0) as one
   COCO instances JSON with RLE segmentations, ``score`` = predicted IoU and the provenance under
   ``attributes`` (stage, round, model version, clicks, annotator, seconds, mask id); images carry
-  ``dataengine_key``. Optionally writes the images next to it (``images_dir``), which is what
-  CVAT / Label Studio need to open the task with the masks as pre-annotations.
+  ``dataengine_key`` and are named by :func:`export_names` (the source file's name with the real
+  extension of the stored image). Optionally writes the images under those names
+  (``images_dir``), which is what CVAT / Label Studio need to open the task with the masks as
+  pre-annotations.
 - :func:`export_sa1b`: one tar per image shard with ``<key>.jpg`` + ``<key>.json`` (SA-1B's
   per-image schema with our provenance), like SA-1B's own tars.
 - :func:`import_coco`: a COCO JSON (people's corrections, or any tool's output) becomes a new
@@ -73,6 +75,52 @@ def _image_bytes(corpus: Corpus, shards: set[str], keys: set[str]) -> dict[str, 
     return out
 
 
+def _stored_files(corpus: Corpus, merged: dict[str, dict[str, Any]]
+                  ) -> dict[str, tuple[str | None, str | None]]:
+    """key -> (source URI, stored extension): from the image index, else (keys it lacks) from
+    the image shards' sample metadata."""
+    import json
+
+    from dataengine.pipeline.core.index import load_index
+
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for row in load_index(corpus).select(["key", "uri", "format"]).to_pylist():
+        if row["key"] in merged:
+            out[row["key"]] = (row["uri"], row["format"])
+    missing = {k for k in merged if not (out.get(k) or (None, None))[1]}
+    for shard in sorted({merged[k]["shard"] for k in missing}):
+        for s in iter_tar(corpus.image_shard(shard)):
+            if s["__key__"] in missing:
+                meta = json.loads(s["json"]) if "json" in s else {}
+                ext = next((e for e in IMAGE_EXTS if e in s), None)
+                out[s["__key__"]] = (meta.get("uri") or meta.get("file_name"), ext)
+    return out
+
+
+def export_names(corpus: Corpus, merged: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """key -> the file name an export gives the image: the source file's name, with the real
+    extension of the stored image (the source's own spelling when it is the same format, e.g.
+    ``.jpeg``); ``KEY.ext`` without a source name; ``stem-KEY.ext`` when two images would share
+    a name."""
+    same = {"jpg": {"jpg", "jpeg"}, "jpeg": {"jpg", "jpeg"}}
+    files = _stored_files(corpus, merged)
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for key in merged:
+        uri, ext = files.get(key, (None, None))
+        ext = ext or "jpg"
+        base = PurePosixPath(str(uri).split("#")[-1].split("?")[0]).name if uri else ""
+        stem, _, src_ext = base.rpartition(".") if "." in base else (base, "", "")
+        if src_ext.lower() in same.get(ext, {ext}):
+            ext = src_ext
+        name = f"{stem}.{ext}" if stem else f"{key}.{ext}"
+        if name.lower() in taken:
+            name = f"{stem or key}-{key}.{ext}"
+        taken.add(name.lower())
+        out[key] = name
+    return out
+
+
 def export_coco(root: str, out_path: str, *, rounds: list[int] | None = None,
                 include_imported: bool = False, images_dir: str | None = None) -> dict[str, Any]:
     """Write rounds as one COCO instances JSON at ``out_path``; returns a summary."""
@@ -85,15 +133,14 @@ def export_coco(root: str, out_path: str, *, rounds: list[int] | None = None,
     names = {cid: name for cid, name in zip(COCO80_IDS, COCO80)}
     cats: dict[int, dict[str, Any]] = {}
     images, anns = [], []
-    exts = {}
+    files = export_names(corpus, merged)
     if images_dir:
         blobs = _image_bytes(corpus, {r["shard"] for r in merged.values()}, set(merged))
-        for key, (ext, data) in blobs.items():
-            storage.write_bytes(storage.join(images_dir, f"{key}.{ext}"), data)
-            exts[key] = ext
+        for key, (_ext, data) in blobs.items():
+            storage.write_bytes(storage.join(images_dir, files[key]), data)
     for img_id, (key, rec) in enumerate(merged.items(), start=1):
         info = rec["image"]
-        images.append({"id": img_id, "file_name": f"{key}.{exts.get(key, 'jpg')}",
+        images.append({"id": img_id, "file_name": files[key],
                        "width": int(info["width"]), "height": int(info["height"]),
                        "dataengine_key": key, "dataengine_shard": rec["shard"]})
         for ann in rec["annotations"]:

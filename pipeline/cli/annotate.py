@@ -1,4 +1,5 @@
-"""``dataengine annotate`` (one round), ``dataengine export`` and ``dataengine import-coco``."""
+"""``dataengine annotate`` (one round), ``dataengine export``, ``dataengine import`` and
+``dataengine import-coco``."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def annotate_command(
         "annotator).")),
     model: Optional[str] = typer.Option(None, "--model", help=(
         "SAM to use: a version vNNNN under ROOT/models/sam, a saved model directory/URL, a "
-        ".pth/.safetensors checkpoint (with --set model_config=vit_b), or a registry config "
-        "name (tiny, tiny-test, vit_b ...) with random weights.")),
+        ".pth/.pt/.safetensors checkpoint on any URL (with --set model_config=vit_b; official "
+        "SAM 2 / 2.1 .pt files are recognised), or a registry config name (tiny, tiny-test, "
+        "vit_b, sam2_hiera_t, sam2_hiera_b+ ...) with random weights.")),
     round_number: Optional[int] = typer.Option(None, "--round", help=(
         "Round number (default: resume the last unfinished round of this stage and model, "
         "else the next one).")),
@@ -74,8 +76,11 @@ def annotate_command(
 def export_command(
     root: str = typer.Option(..., "--root", help=ROOT_HELP),
     out: str = typer.Option(..., "--out", help=(
-        "Output: a .json file for --format coco, a directory for --format sa1b (any URL).")),
-    fmt: str = typer.Option("coco", "--format", help="coco (one COCO JSON) or sa1b (tars)."),
+        "Output: a .json file for --format coco, a directory for the other formats (any URL).")),
+    fmt: str = typer.Option("coco", "--format", help=(
+        "coco (one COCO JSON), sa1b (tars), labelstudio (tasks.json: brush RLE or polygons), "
+        "cvat (CVAT for images 1.1 XML, RLE masks), cvat-coco (CVAT's COCO 1.0 layout), yolo "
+        "(YOLO-seg polygons), fiftyone (a COCO directory FiftyOne imports).")),
     rounds: list[int] = typer.Option([], "--round", help=(
         "Round(s) to export (repeatable; default: every complete round after round 0).")),
     include_imported: bool = typer.Option(False, "--include-imported",
@@ -83,13 +88,30 @@ def export_command(
     images_dir: Optional[str] = typer.Option(None, "--images-dir", help=(
         "COCO only: also write the images here (for CVAT / Label Studio tasks, where the "
         "model's masks are pre-annotations).")),
+    no_images: bool = typer.Option(False, "--no-images", help=(
+        "Tool formats: write only the annotations, not the images.")),
+    polygons: bool = typer.Option(False, "--polygons", help=(
+        "labelstudio: polygon regions instead of brush masks (RLE).")),
+    predictions: bool = typer.Option(False, "--predictions", help=(
+        "labelstudio: masks as predictions carrying their model version (pre-annotation), "
+        "not as annotations.")),
+    image_prefix: str = typer.Option("/data/local-files/?d=images/", "--image-prefix", help=(
+        "labelstudio: prefix of each task's image URL (default: Label Studio local files).")),
 ) -> None:
-    """Export a round or the whole corpus as COCO JSON or SA-1B-style tars."""
-    from dataengine.pipeline.annotate.export import export_coco, export_sa1b
+    """Export rounds as COCO JSON, SA-1B-style tars, or an annotation tool's format.
 
-    if fmt not in ("coco", "sa1b"):
-        raise ValueError(f"--format {fmt!r} is not one of coco, sa1b")
-    if fmt == "coco":
+    Every export names each image by its source file name with its real extension."""
+    from dataengine.pipeline.annotate.export import export_coco, export_sa1b
+    from dataengine.pipeline.annotate.interchange import EXPORT_FORMATS, export_format
+
+    if fmt not in ("coco", "sa1b", *EXPORT_FORMATS):
+        raise ValueError(f"--format {fmt!r} is not one of {('coco', 'sa1b', *EXPORT_FORMATS)}")
+    if fmt in EXPORT_FORMATS:
+        summary = export_format(root, out, fmt, rounds=rounds or None,
+                                include_imported=include_imported, with_images=not no_images,
+                                labelstudio_kind="polygon" if polygons else "brush",
+                                predictions=predictions, image_prefix=image_prefix)
+    elif fmt == "coco":
         summary = export_coco(root, out, rounds=rounds or None,
                               include_imported=include_imported, images_dir=images_dir)
     else:
@@ -118,7 +140,30 @@ def import_coco_command(
     console.print_json(json.dumps(summary))
 
 
+def import_command(
+    path: str = typer.Argument(..., metavar="PATH", help=(
+        "What `dataengine export --format X` wrote (the directory, or its tasks.json / "
+        "annotations.xml / labels JSON), after people corrected it in the tool.")),
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    fmt: str = typer.Option(..., "--format", help=(
+        "labelstudio, cvat (XML), cvat-coco, yolo or fiftyone.")),
+    stage: str = typer.Option("manual", "--stage", help=(
+        "Stage recorded on the imported masks: imported, manual, semi or auto.")),
+    round_number: Optional[int] = typer.Option(None, "--round",
+                                               help="Round number (default: the next one)."),
+    model_version: str = typer.Option("", "--model-version", help=(
+        "Model version recorded when the file carries none.")),
+    annotator: str = typer.Option("human", "--annotator", help="Annotator name to record."),
+) -> None:
+    """Import an annotation tool's export back into the corpus as a round."""
+    from dataengine.pipeline.annotate.interchange import import_format
+
+    summary = import_format(root, path, fmt, stage=stage, round_number=round_number,
+                            model_version=model_version, annotator=annotator)
+    console.print_json(json.dumps(summary))
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``annotate``, ``export`` and ``import-coco`` to the CLI."""
+    """Add ``annotate``, ``export``, ``import`` and ``import-coco`` to the CLI."""
     add_commands(app, {"annotate": annotate_command, "export": export_command,
-                       "import-coco": import_coco_command})
+                       "import": import_command, "import-coco": import_coco_command})

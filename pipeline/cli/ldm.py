@@ -1,8 +1,10 @@
-"""``dataengine train-vae``, ``latents``, ``train-ldm`` and ``sample``: the latent diffusion stages.
+"""``dataengine train-vae``, ``latents``, ``train-ldm``, ``sample`` and ``eval-ldm``: the latent
+diffusion stages.
 
 Each command is a thin wrapper over its stage function (:mod:`~dataengine.pipeline.ldm.train_vae`,
 :mod:`~dataengine.pipeline.ldm.latents`, :mod:`~dataengine.pipeline.ldm.train_ldm`,
-:mod:`~dataengine.pipeline.ldm.sample`) and its config dataclass.
+:mod:`~dataengine.pipeline.ldm.sample`, :mod:`~dataengine.pipeline.ldm.evaluate`) and its config
+dataclass.
 """
 
 from __future__ import annotations
@@ -100,7 +102,40 @@ def sample_cmd(
     print_fields(sample(root, cfg))
 
 
+def eval_ldm_cmd(
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    model: str = typer.Option(None, "--model", help="LDM version vNNNN, a run name under "
+                              "ROOT/runs, or a checkpoint folder (default: newest version)."),
+    inception_weights: str = typer.Option(None, "--inception-weights", help=(
+        "Local FID Inception-v3 weights (torch-fidelity's "
+        "weights-inception-2015-12-05-6726825d.pth): adds FID, KID, precision/recall.")),
+    clip_model: str = typer.Option(None, "--clip-model", help=(
+        "Local Hugging Face CLIP folder: adds the CLIP score of samples vs their prompts.")),
+    steps: str = typer.Option(None, "--steps", help=(
+        "DDIM step counts, comma-separated; several give the steps-vs-quality sweep "
+        "(e.g. 10,25,50,100).")),
+    n: int = typer.Option(None, "--n", help="Held-out images (and samples per step count)."),
+    config: str = typer.Option(None, "--config", help=CONFIG_HELP),
+    overrides: list[str] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Evaluate an LDM version on held-out images: denoising loss, VAE PSNR, and per DDIM step
+    count the samples' FID, KID, precision/recall (with --inception-weights), CLIP score (with
+    --clip-model) and convergence to a long-run sample."""
+    from dataengine.pipeline.cli.common import console
+    from dataengine.pipeline.ldm.evaluate import EvalLdmConfig, evaluate_ldm, sweep_table
+
+    cfg = stage_config(EvalLdmConfig, config, overrides, "eval_ldm", model=model,
+                       inception_weights=inception_weights, clip_model=clip_model, steps=steps,
+                       n=n)
+    result = evaluate_ldm(root, cfg)
+    console.print(sweep_table(result))
+    if not cfg.inception_weights:
+        console.print(f"[yellow]no FID/KID/precision/recall: {result['fid']}[/yellow]")
+    console.print(f"result: {result['out']}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``train-vae``, ``latents``, ``train-ldm`` and ``sample`` to ``app``."""
+    """Add ``train-vae``, ``latents``, ``train-ldm``, ``sample`` and ``eval-ldm`` to ``app``."""
     add_commands(app, {"train-vae": train_vae_cmd, "latents": latents_cmd,
-                       "train-ldm": train_ldm_cmd, "sample": sample_cmd})
+                       "train-ldm": train_ldm_cmd, "sample": sample_cmd,
+                       "eval-ldm": eval_ldm_cmd})

@@ -1,9 +1,9 @@
 """``dataengine dashboard``, ``token ...``, ``people open`` and ``curation export``.
 
 ``dashboard`` serves the curation dashboard and the browser annotation tool for one corpus
-(uvicorn, 127.0.0.1:8080 by default). Bound to a non-loopback address it refuses to start until
-at least one personal token exists (``dataengine token create NAME``), because every request off
-loopback must carry one.
+(uvicorn, 127.0.0.1:8080 by default). Bound to a non-loopback address (or with
+``--require-token``) it refuses to start until at least one personal token exists
+(``dataengine token create NAME --role ROLE``), because every request must then carry one.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ def dashboard_cmd(
                                   "thumbnails and shard offsets (default: under /tmp)."),
     torch_threads: int = typer.Option(None, "--torch-threads", help="Torch threads for the "
                                       "SAM decoder (default: torch's)."),
+    require_token: bool = typer.Option(None, "--require-token/--no-require-token",
+                                       help="Every request needs a token, loopback included "
+                                       "(default: on off loopback or behind a trusted proxy). "
+                                       "Use it when a port-forward or proxy reaches the server."),
     config: str = typer.Option(None, "--config", help=CONFIG_HELP),
     overrides: list[str] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
@@ -45,32 +49,40 @@ def dashboard_cmd(
     from dataengine.pipeline.server.app import ServerConfig, create_app
 
     cfg = stage_config(ServerConfig, config, overrides, "dashboard", host=host, port=port,
-                       cache_dir=cache_dir, torch_threads=torch_threads)
+                       cache_dir=cache_dir, torch_threads=torch_threads,
+                       require_token=require_token)
     corpus = Corpus(root)
-    if not auth.is_loopback(cfg.host) and not auth.any_active_token(corpus):
-        raise PermissionError(f"refusing to bind {cfg.host}: off loopback every request needs a "
-                              f"token, and {corpus.root} has none. Create one with "
-                              f"`dataengine token create NAME --root {corpus.root}`.")
+    if cfg.tokens_required and not auth.any_active_token(corpus):
+        raise PermissionError(f"refusing to serve {cfg.host}: every request needs a token, and "
+                              f"{corpus.root} has none. Create one with `dataengine token create "
+                              f"NAME --role admin --root {corpus.root}`.")
     t0 = time.perf_counter()
     app_ = create_app(corpus.root, cfg)
     typer.echo(f"dataengine dashboard for {corpus.root} ready in {time.perf_counter() - t0:.2f}s "
-               f"on http://{cfg.host}:{cfg.port}/ (cache {app_.state.cache_dir})")
-    uvicorn.run(app_, host=cfg.host, port=cfg.port, log_level="warning")
+               f"on http://{cfg.host}:{cfg.port}/ (tokens "
+               f"{'required' if cfg.tokens_required else 'optional on loopback'}; cache "
+               f"{app_.state.cache_dir})")
+    # forwarded headers are read by the app, from trusted_proxies only
+    uvicorn.run(app_, host=cfg.host, port=cfg.port, log_level="warning", proxy_headers=False,
+                server_header=False, timeout_keep_alive=5)
 
 
 def token_create(
     name: str = typer.Argument(..., help="The person's name (their annotator id)."),
     root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    role: str = typer.Option("annotator", "--role", help="annotator (annotate) | curator "
+                             "(also approve, reject, export) | admin (also open rounds, manage "
+                             "tokens)."),
 ) -> None:
-    """Create a token for NAME and print it once (only its hash is stored)."""
+    """Create a token for NAME with ROLE and print it once (only its hash is stored)."""
     from dataengine.pipeline.core.layout import Corpus
     from dataengine.pipeline.server import auth
 
-    token = auth.create_token(Corpus(root), name)
+    token = auth.create_token(Corpus(root), name, role)
     typer.echo(token)
-    typer.echo(f"token for {name!r} created; it is shown only now. Open "
-               f"http://HOST:PORT/?token=<token> or send 'Authorization: Bearer <token>'.",
-               err=True)
+    typer.echo(f"{role} token for {name!r} created; it is shown only now. Sign in once at "
+               f"http://HOST:PORT/login?token=<token> (the token leaves the URL at once), or "
+               f"send 'Authorization: Bearer <token>'.", err=True)
 
 
 def token_list(root: str = typer.Option(..., "--root", help=ROOT_HELP)) -> None:
@@ -78,9 +90,10 @@ def token_list(root: str = typer.Option(..., "--root", help=ROOT_HELP)) -> None:
     from dataengine.pipeline.core.layout import Corpus
     from dataengine.pipeline.server import auth
 
-    table = Table("token id", "name", "created", "revoked")
+    table = Table("token id", "name", "role", "created", "revoked")
     for t in auth.list_tokens(Corpus(root)):
-        table.add_row(t["token_id"], t["name"], t["created"], "yes" if t["revoked"] else "")
+        table.add_row(t["token_id"], t["name"], t["role"], t["created"],
+                      "yes" if t["revoked"] else "")
     console.print(table)
 
 
@@ -120,9 +133,7 @@ def people_open(
     number = people.open_round(corpus, stage=stage, model_version=model, n_images=images,
                                keys=keys, prefill=prefill)
     r = people.PeopleRound(corpus, number)
-    shard_keys: dict[str, list[str]] = {}
-    for k in r.order:
-        shard_keys.setdefault(r.images[k].shard, []).append(k)
+    shard_keys = {s: list(keys) for s, keys in r.shards.items()}
     results = run_precompute(corpus, model, shard_keys, mode=precompute)
     computed = sum(x.get("computed", 0) for x in results)
     failed = [x for x in results if "error" in x]

@@ -102,13 +102,13 @@ class DetectorProposer:
 
     def __init__(self, sam: Any, detector: Any, config: DetectorProposerConfig | None = None,
                  detector_version: str = "") -> None:
-        from segment_anything import SamPredictor
+        from dataengine.pipeline.sam.predictor import make_predictor
 
         self.config = config or DetectorProposerConfig()
         self.sam = sam
         self.detector = detector
         self.detector_version = detector_version
-        self.predictor = SamPredictor(sam)
+        self.predictor = make_predictor(sam)
         self.stats: dict[str, int] = {}
 
     @classmethod

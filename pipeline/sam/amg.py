@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dataengine.pipeline.core import masks as mask_utils
-from dataengine.pipeline.sam.predictor import set_image
+from dataengine.pipeline.sam.predictor import make_predictor, set_image
 from dataengine.pipeline.sam.prompts import paint_clicks
 
 logger = logging.getLogger(__name__)
@@ -88,12 +88,11 @@ class MaskGenerator:
     """Automatic masks for one image at a time with a SAM model (see the module docstring)."""
 
     def __init__(self, model: Any, config: AmgConfig | None = None) -> None:
-        from segment_anything import SamPredictor
         from segment_anything.utils.amg import build_all_layer_point_grids
 
         self.config = config or AmgConfig()
         self.model = model
-        self.predictor = SamPredictor(model)
+        self.predictor = make_predictor(model)
         c = self.config
         self.point_grids = build_all_layer_point_grids(c.points_per_side, c.crop_n_layers,
                                                        c.crop_n_points_downscale_factor)

@@ -309,10 +309,10 @@ class SamSegmenter:
     def __init__(self, model: Any, *, embeddings: Any = None, multimask_first: bool = True,
                  disc_radius: float = 0.0, feed_back_mask: bool = True,
                  paint_first: bool = True) -> None:
-        from segment_anything import SamPredictor
+        from dataengine.pipeline.sam.predictor import make_predictor
 
         self.model = model
-        self.predictor = SamPredictor(model)
+        self.predictor = make_predictor(model)
         self.embeddings = embeddings
         self.multimask_first = multimask_first
         self.disc_radius = disc_radius
@@ -338,7 +338,8 @@ class SamSegmenter:
         mask_input = state if (self.feed_back_mask and state is not None) else None
         if self.disc_radius > 0 and (self.paint_first or len(clicks) > 1):
             mask_input = click_disc_logits(mask_input, clicks, p.original_size,
-                                           self.model.image_encoder.img_size, self.disc_radius)
+                                           self.model.image_encoder.img_size, self.disc_radius,
+                                           transform=getattr(self.model, "transform", None))
         multimask = self.multimask_first and len(clicks) == 1 and mask_input is None
         with torch.inference_mode(), autocast(p.device):
             masks, scores, low_res = p.predict(point_coords=coords, point_labels=labels,

@@ -52,24 +52,21 @@ class Embedding:
 @torch.inference_mode()
 def compute_embeddings(model: Any, images: list[np.ndarray], batch_size: int = 4
                        ) -> list[Embedding]:
-    """Encode HxWx3 uint8 images with ``model.image_encoder`` (SAM's resize + normalise + pad),
-    in batches; float16 ``CxSxS`` results."""
-    from segment_anything.utils.transforms import ResizeLongestSide
-
+    """Encode HxWx3 uint8 images with ``model.image_encoder`` (the model's input frame:
+    :func:`dataengine.pipeline.sam.predictor.encoder_input`), in batches; float16 ``CxSxS``
+    results."""
     from dataengine.models.device import autocast, model_device
+    from dataengine.pipeline.sam.predictor import encoder_input
 
     device = model_device(model)
-    size = model.image_encoder.img_size
-    transform = ResizeLongestSide(size)
     out: list[Embedding] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         tensors, in_sizes = [], []
         for img in chunk:
-            resized = transform.apply_image(img)
-            t = torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous()
-            in_sizes.append(tuple(int(v) for v in t.shape[-2:]))
-            tensors.append(model.preprocess(t[None].float())[0])
+            t, in_size = encoder_input(model, img)
+            in_sizes.append(in_size)
+            tensors.append(t)
         with autocast(device):
             feats = model.image_encoder(torch.stack(tensors))
         feats = feats.float().cpu().numpy().astype(np.float16)

@@ -129,8 +129,12 @@ class PretrainSamConfig:
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr}: must be > 0")
         from dataengine.models.sam import get_config
+        from dataengine.models.sam2 import Sam2Config
 
-        get_config(self.model)
+        if isinstance(get_config(self.model), Sam2Config):
+            raise ValueError(f"model={self.model!r}: pretrain-sam pre-trains SAM v1 encoders; "
+                             f"a SAM 2 model starts from an official checkpoint or random "
+                             f"weights (train-sam)")
 
     @property
     def steps(self) -> int:

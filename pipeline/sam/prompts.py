@@ -41,18 +41,23 @@ def paint_clicks(mask_input: torch.Tensor | None, coords: torch.Tensor, labels: 
 
 def click_disc_logits(low_res: np.ndarray | None, clicks: Sequence[Any],
                       original_size: tuple[int, int], input_size: int, radius: float = 10.0,
-                      value: float = 10.0) -> np.ndarray:
+                      value: float = 10.0, transform: Any = None) -> np.ndarray:
     """SAM mask prompt with each click painted as a +/- ``value`` disc of ``radius`` px (model
-    input frame) into the ``1xSxS`` low-res logits (S = input_size / 4); zeros when None."""
+    input frame) into the ``1xSxS`` low-res logits (S = input_size / 4); zeros when None.
+    ``transform`` is the model's own input-frame transform (SAM 2's square resize); None = SAM
+    v1's longest-side resize."""
     s = input_size // 4
     out = np.zeros((1, s, s), dtype=np.float32) if low_res is None else \
         np.array(low_res, dtype=np.float32).reshape(1, s, s).copy()
     h, w = original_size
-    scale = input_size / max(h, w) / 4.0  # image px -> low-res px
+    if transform is None:
+        sx = sy = input_size / max(h, w) / 4.0  # image px -> low-res px
+    else:
+        sx, sy = (float(v) / 4.0 for v in transform.apply_coords(np.ones((1, 2)), (h, w))[0])
     r = radius / 4.0
     yy, xx = np.mgrid[0:s, 0:s]
     for c in clicks:
-        cx, cy = (c.x + 0.5) * scale, (c.y + 0.5) * scale
+        cx, cy = (c.x + 0.5) * sx, (c.y + 0.5) * sy
         disc = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= max(r, 0.5) ** 2
         out[0][disc] = value if c.positive else -value
     return out

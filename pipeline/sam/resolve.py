@@ -13,11 +13,13 @@ def resolve_model(corpus: Corpus, spec: str, *, model_config: str = "tiny", seed
                   device: str | None = None) -> tuple[Any, str]:
     """``(model, model_version)`` for ``spec``: ``vNNNN`` (a published version of ``corpus``),
     a registry config name (random weights from ``seed``), a saved model folder or URL, or a
-    bare checkpoint file (built as ``model_config``)."""
+    checkpoint file on any URL (read weights-only; an official SAM 2 / 2.1 ``.pt`` is built
+    with its own config, else as ``model_config``)."""
     import re
 
-    from dataengine.models.sam import SAM_CONFIGS, build_sam
-    from dataengine.pipeline.core.checkpoints import load_sam
+    from dataengine.models.sam import MODEL_NAMES, build_sam
+    from dataengine.models.sam2 import config_for_state, is_official_state, is_sam2_config
+    from dataengine.pipeline.core.checkpoints import load_sam, read_state_dict
 
     if re.fullmatch(r"v\d{4,}", spec):
         url = corpus.model_dir("sam", spec)
@@ -25,13 +27,16 @@ def resolve_model(corpus: Corpus, spec: str, *, model_config: str = "tiny", seed
                 storage.join(url, "config.json")):
             raise FileNotFoundError(f"model {spec!r}: {url} is not a published SAM version")
         return load_sam(url, device), spec
-    if spec in SAM_CONFIGS:
+    if spec in MODEL_NAMES:
         return build_sam(spec, seed=seed, device=device), f"{spec}-random-s{seed}"
     if storage.exists(storage.join(spec, "config.json")):
         name = spec.rstrip("/").rsplit("/", 1)[-1]
         return load_sam(spec, device), name
-    if storage.exists(spec):
+    if storage.exists(spec):  # a checkpoint file on any URL, read weights-only
         name = spec.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        return build_sam(model_config, spec, device=device), f"{model_config}-{name}"
+        state = read_state_dict(spec)
+        if is_official_state(state) and not is_sam2_config(model_config):
+            model_config = config_for_state(state)  # an official SAM 2 / 2.1 .pt
+        return build_sam(model_config, state, device=device), f"{model_config}-{name}"
     raise FileNotFoundError(f"model {spec!r} is not a version under {corpus.path('models/sam')}, "
-                            f"a registry config ({sorted(SAM_CONFIGS)}) or a checkpoint path")
+                            f"a registry config ({sorted(MODEL_NAMES)}) or a checkpoint path")

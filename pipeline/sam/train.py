@@ -116,6 +116,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
 
     from dataengine.models.sam import build_sam, load_weights
+    from dataengine.models.sam2 import SquareResize
     from dataengine.pipeline.core import trainer
     from dataengine.pipeline.sam.loss import SamLossModule, lr_factor, train_step
     from dataengine.pipeline.sam.training_data import (
@@ -155,7 +156,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                    pixel_mean=tuple(float(v) for v in sam.pixel_mean.flatten()),
                    pixel_std=tuple(float(v) for v in sam.pixel_std.flatten()),
                    masks_per_image=cfg.masks_per_image, min_area=cfg.min_mask_area,
-                   seed=cfg.seed * 31 + ctx.rank + start)
+                   seed=cfg.seed * 31 + ctx.rank + start,
+                   square=isinstance(getattr(sam, "transform", None), SquareResize))
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + ctx.rank * 104729 + start)
     random.seed(cfg.seed + ctx.rank)
     window: list[dict[str, float]] = []

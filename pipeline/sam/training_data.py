@@ -253,8 +253,9 @@ def resize_longest(image: np.ndarray, size: int) -> np.ndarray:
 
 def make_batch(samples: list[Sample], image_size: int, pixel_mean: tuple[float, ...],
                pixel_std: tuple[float, ...], masks_per_image: int, *,
-               min_area: int = 0, rng: random.Random | None = None):
-    """Samples -> :class:`dataengine.pipeline.sam.loss.Batch` in the padded ``image_size`` frame.
+               min_area: int = 0, rng: random.Random | None = None, square: bool = False):
+    """Samples -> :class:`dataengine.pipeline.sam.loss.Batch` in the padded ``image_size`` frame
+    (``square``: SAM 2's frame, images and masks resized to ``image_size`` x ``image_size``).
 
     Up to ``masks_per_image`` masks per image (random choice); masks smaller than ``min_area``
     px in the model frame are dropped.
@@ -274,7 +275,12 @@ def make_batch(samples: list[Sample], image_size: int, pixel_mean: tuple[float, 
     mean = torch.tensor(pixel_mean).view(3, 1, 1)
     std = torch.tensor(pixel_std).view(3, 1, 1)
     for i, smp in enumerate(samples):
-        img = resize_longest(smp.image, s)
+        if square:
+            from dataengine.models.sam2 import SquareResize
+
+            img = SquareResize(s).apply_image(smp.image)
+        else:
+            img = resize_longest(smp.image, s)
         h, w = img.shape[:2]
         sizes[i] = torch.tensor([h, w])
         t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()

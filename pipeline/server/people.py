@@ -4,21 +4,26 @@ A people round is an ordinary round (``annotations/round-NNNN/``, written throug
 :class:`dataengine.pipeline.core.rounds.RoundWriter`, ``annotator`` = the person's id) plus its
 working state under ``annotations/round-NNNN/people/``::
 
-    queue.json                      written once when the round is opened: keys (in image-shard
-                                    order) with shard and size, stage, model version, pre-fill
-    events/<key>/<time>-<id>.json   append-only: lease, accept, remove, skip, submit
-    prefill/<key>.json              the model's pre-filled masks of a semi round (written once)
+    queue.json                    written once when the round is opened: keys (in image-shard
+                                  order) with shard and size, stage, model version, pre-fill
+    events/<key>/<NNNNNN>.json    per image, an append-only numbered log: lease, renew, release,
+                                  accept, remove, skip, submit (:mod:`.people_log`)
+    prefill/<key>.json            the model's pre-filled masks of a semi round (written once)
 
 Every accepted mask is an ``accept`` event published at once, so nothing is lost when a
-browser closes or the server restarts: the state of an image is the replay of its events.
-A person holds at most one lease per round; an image is leased to at most one person; a lease
-expires ``lease_seconds`` after it was taken or last used, and the image returns to the queue.
+browser closes or a server restarts: the state of an image is the replay of its log. Servers on
+one root share the logs through the storage, not through process memory: an event number is
+created if absent, so an image is leased to at most one person, and every accept lands in the
+log that writes the shard. A person holds at most one lease per round (as far as the server they
+talk to has seen); a lease expires ``lease_seconds`` after it was taken or last used, and the
+image returns to the queue.
+
 When every queued image of an image shard is submitted or skipped, the shard is written with
 :meth:`RoundWriter.write_shard` (submitted images, their masks in accept order); when every
-shard is written, the round is finished with its metrics.
-
-One server process owns a people round's leases (they live in its memory and are rebuilt from
-the events on restart).
+shard is written, the round is finished with its metrics. The records are a function of the logs
+alone, so two servers that both write a shard write the same thing. On start-up (and whenever a
+lease finds no free image), every fully done shard not yet written is written: replay heals a
+shard whose write failed.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,57 +41,35 @@ from dataengine.pipeline.core import storage
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import (
     RoundWriter,
+    claim_round,
     is_complete,
     load_manifest,
-    next_round,
+)
+from dataengine.pipeline.server.people_log import (
+    Conflict,
+    EventLog,
+    ImageState,
+    Lease,
 )
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["Conflict", "ImageState", "Lease", "PeopleIndex", "PeopleRound", "open_round",
+           "people_rounds"]
+
 PEOPLE_STAGES = ("manual", "semi")
-EVENT_TYPES = ("lease", "accept", "remove", "skip", "submit", "release")
 UID_RE = re.compile(r"[0-9a-f]{32}|p\d{1,5}")
 LEASE_RE = re.compile(r"[0-9a-f]{32}")
-EVENT_FILE_RE = r"\d{17}-[0-9a-f]{8}\.json"
-
-
-class Conflict(Exception):
-    """A write that the queue state forbids (expired or foreign lease, finished image)."""
+IDEMPOTENCY_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 def people_dir(corpus: Corpus, number: int) -> str:
+    """``annotations/round-NNNN/people``."""
     return storage.join(corpus.round_dir(number), "people")
 
 
 def _now() -> float:
     return time.time()
-
-
-def _event_name(ts: float) -> str:
-    return f"{int(ts * 1e6):017d}-{uuid.uuid4().hex[:8]}.json"
-
-
-@dataclass
-class Lease:
-    lease_id: str
-    annotator: str
-    key: str
-    expires: float
-
-
-@dataclass
-class ImageState:
-    """Replay of one image's events."""
-
-    key: str
-    shard: str
-    width: int
-    height: int
-    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> annotation
-    removed_prefill: set[str] = field(default_factory=set)
-    status: str = "todo"          # todo | submitted | skipped
-    by: str = ""                  # who submitted / skipped
-    skip_reason: str = ""
 
 
 def open_round(corpus: Corpus, *, stage: str, model_version: str, n_images: int | None = None,
@@ -112,6 +94,29 @@ def open_round(corpus: Corpus, *, stage: str, model_version: str, n_images: int 
     if prefill != "none" and stage != "semi":
         raise ValueError(f"prefill {prefill!r} only applies to semi rounds")
     index = storage.read_table(corpus.index).to_pylist()
+    chosen = _choose_images(corpus, index, n_images, keys)
+    order = {s: i for i, s in enumerate(sorted({r["shard"] for r in index}))}
+    pos = {r["key"]: i for i, r in enumerate(index)}
+    chosen.sort(key=lambda r: (order[r["shard"]], pos[r["key"]]))
+    config = {"people": True, "prefill": prefill, "images": len(chosen)}
+    if number is None:  # the first free number, taken without a race (round.json created)
+        number = claim_round(corpus, stage, model_version, owner="people", config=config)
+    else:
+        RoundWriter(corpus, number, stage, model_version=model_version, config=config,
+                    owner="people").begin()
+    storage.write_json(storage.join(people_dir(corpus, number), "queue.json"), {
+        "round": number, "stage": stage, "model_version": model_version, "prefill": prefill,
+        "opened_by": opened_by, "created": datetime.now(UTC).isoformat(),
+        "keys": [[r["key"], r["shard"], int(r["width"]), int(r["height"])] for r in chosen],
+    }, overwrite=False)
+    logger.info("opened people round %d (%s, %s): %d images", number, stage, model_version,
+                len(chosen))
+    return number
+
+
+def _choose_images(corpus: Corpus, index: list[dict[str, Any]], n_images: int | None,
+                   keys: list[str] | None) -> list[dict[str, Any]]:
+    """Index rows of the images a new round queues (see :func:`open_round`)."""
     by_key = {r["key"]: r for r in index}
     if keys is not None:
         bad = [k for k in keys if k not in by_key]
@@ -138,31 +143,47 @@ def open_round(corpus: Corpus, *, stage: str, model_version: str, n_images: int 
                   and r["key"] not in taken][:n_images]
         if not chosen:
             raise ValueError("no train-split image is left to annotate")
-    order = {s: i for i, s in enumerate(sorted({r["shard"] for r in index}))}
-    pos = {r["key"]: i for i, r in enumerate(index)}
-    chosen.sort(key=lambda r: (order[r["shard"]], pos[r["key"]]))
-    number = next_round(corpus) if number is None else number
-    writer = RoundWriter(corpus, number, stage, model_version=model_version,
-                         config={"people": True, "prefill": prefill, "images": len(chosen)})
-    writer.begin()
-    storage.write_json(storage.join(people_dir(corpus, number), "queue.json"), {
-        "round": number, "stage": stage, "model_version": model_version, "prefill": prefill,
-        "opened_by": opened_by, "created": datetime.now(UTC).isoformat(),
-        "keys": [[r["key"], r["shard"], int(r["width"]), int(r["height"])] for r in chosen],
-    }, overwrite=False)
-    logger.info("opened people round %d (%s, %s): %d images", number, stage, model_version,
-                len(chosen))
-    return number
+    return chosen
 
 
 def people_rounds(corpus: Corpus) -> list[int]:
-    """Rounds that were opened for people."""
+    """Rounds that were opened for people (one listing and a check per round)."""
     return [n for n in corpus.rounds()
             if storage.exists(storage.join(people_dir(corpus, n), "queue.json"))]
 
 
+class PeopleIndex:
+    """The people rounds of a corpus, listed incrementally: at most one listing of
+    ``annotations/`` every ``ttl`` seconds, and a round number is checked for a queue only the
+    first time it is seen (a round's kind never changes)."""
+
+    def __init__(self, corpus: Corpus, ttl: float = 2.0) -> None:
+        self.corpus = corpus
+        self.ttl = ttl
+        self._kind: dict[int, bool] = {}
+        self._listed = -1e18
+        self._lock = threading.Lock()
+
+    def rounds(self) -> list[int]:
+        """People round numbers, ascending."""
+        with self._lock:
+            if time.monotonic() - self._listed >= self.ttl:
+                for n in self.corpus.rounds():
+                    if n not in self._kind:
+                        self._kind[n] = storage.exists(
+                            storage.join(people_dir(self.corpus, n), "queue.json"))
+                self._listed = time.monotonic()
+            return sorted(n for n, people in self._kind.items() if people)
+
+    def add(self, number: int) -> None:
+        """Record a round this process just opened."""
+        with self._lock:
+            self._kind[number] = True
+
+
 class PeopleRound:
-    """Queue, leases and saved work of one people round (thread-safe)."""
+    """Queue, leases and saved work of one people round (thread-safe; shared with other
+    servers through the event logs)."""
 
     def __init__(self, corpus: Corpus, number: int, lease_seconds: float = 600.0,
                  prefill_fn: Callable[[PeopleRound, str], list[dict[str, Any]]] | None = None
@@ -180,121 +201,128 @@ class PeopleRound:
         self.prefill_mode: str = self.queue.get("prefill", "none")
         self.prefill_fn = prefill_fn
         self._lock = threading.RLock()
+        self._write_lock = threading.Lock()
         self.images: dict[str, ImageState] = {}
         self.order: list[str] = []
+        self.shards: dict[str, list[str]] = {}
         for key, shard, w, h in self.queue["keys"]:
             self.images[key] = ImageState(key, shard, int(w), int(h))
             self.order.append(key)
-        self.leases: dict[str, Lease] = {}        # key -> lease
+            self.shards.setdefault(shard, []).append(key)
+        self._by_lease: dict[str, str] = {}       # lease id -> key
         self._prefill: dict[str, list[dict[str, Any]]] = {}
-        self.written_shards: set[str] = set()
-        self._replay()
+        self.log = EventLog(storage.join(self.dir, "events"), number, lease_seconds,
+                            on_event=self._index_lease)
+        self.log.replay_all(self.images)
+        writer = self._writer()
+        self.written_shards = {s for s in self.shards if writer.shard_done(s)}
+        self.complete = is_complete(corpus, number)
+        self.heal()
 
-    # persistence --------------------------------------------------------------------------
-    def _replay(self) -> None:
-        writer = RoundWriter(self.corpus, self.number, self.stage, self.model_version)
-        self.written_shards = {s for s in {st.shard for st in self.images.values()}
-                               if writer.shard_done(s)}
-        now = _now()
-        # one recursive listing for the whole round (not one per image: S3 lists are slow)
-        events_url = storage.join(self.dir, "events")
-        fs, path = storage.get_fs(events_url)
-        try:
-            found = storage.retry(lambda: fs.find(path), what=events_url)
-        except FileNotFoundError:
-            found = []
-        by_key: dict[str, list[str]] = {}
-        for f in found:
-            parts = f.rstrip("/").split("/")
-            if len(parts) >= 2 and re.fullmatch(EVENT_FILE_RE, parts[-1]):
-                by_key.setdefault(parts[-2], []).append(storage.join(events_url, parts[-2],
-                                                                     parts[-1]))
-        for key in self.order:
-            for url in sorted(by_key.get(key, [])):
-                ev = storage.read_json(url)
-                self._apply(ev)
-                lease = self.leases.get(key)
-                if lease and lease.expires <= now:
-                    self.leases.pop(key, None)
-        self.complete = is_complete(self.corpus, self.number)
+    def _index_lease(self, st: ImageState, ev: dict[str, Any]) -> None:
+        if ev["type"] == "lease":
+            self._by_lease[ev["lease_id"]] = st.key
 
-    def _apply(self, ev: dict[str, Any]) -> None:
-        st = self.images[ev["key"]]
-        t = ev["type"]
-        if t == "lease":
-            self.leases[st.key] = Lease(ev["lease_id"], ev["annotator"], st.key,
-                                        ev["ts"] + self.lease_seconds)
-        elif t == "accept":
-            st.accepted[ev["uid"]] = ev["annotation"]
-            lease = self.leases.get(st.key)
-            if lease and lease.lease_id == ev.get("lease_id"):
-                lease.expires = max(lease.expires, ev["ts"] + self.lease_seconds)
-        elif t == "remove":
-            if ev["uid"].startswith("p"):
-                st.removed_prefill.add(ev["uid"])
-            else:
-                st.accepted.pop(ev["uid"], None)
-        elif t in ("skip", "submit"):
-            st.status = "skipped" if t == "skip" else "submitted"
-            st.by = ev["annotator"]
-            st.skip_reason = ev.get("reason", "")
-            self.leases.pop(st.key, None)
-        elif t == "release":
-            lease = self.leases.get(st.key)
-            if lease and lease.lease_id == ev.get("lease_id"):
-                self.leases.pop(st.key, None)
-
-    def _record(self, ev: dict[str, Any]) -> dict[str, Any]:
-        ev = {"round": self.number, "ts": _now(), **ev}
-        storage.write_json(storage.join(self.dir, "events", ev["key"], _event_name(ev["ts"])),
-                           ev, overwrite=False)
-        self._apply(ev)
-        return ev
+    def _writer(self) -> RoundWriter:
+        return RoundWriter(self.corpus, self.number, self.stage, self.model_version,
+                           owner="people")
 
     # leases -------------------------------------------------------------------------------
-    def _active(self, key: str) -> Lease | None:
-        lease = self.leases.get(key)
-        if lease and lease.expires <= _now():
-            self.leases.pop(key, None)
-            return None
-        return lease
-
     def lease(self, annotator: str) -> Lease | None:
-        """The image this person works on: their active lease, else the next free image."""
+        """The image this person works on: their live lease, else the next free image."""
         with self._lock:
+            now = _now()
+            for key in self.order:  # their lease as this server knows it, confirmed by a read
+                st = self.images[key]
+                lease = st.live_lease(now)
+                if lease and lease.annotator == annotator:
+                    self.log.sync(st)
+                    if st.live_lease(now) is lease:
+                        return lease
             for key in self.order:
-                lease = self._active(key)
-                if lease and lease.annotator == annotator and self.images[key].status == "todo":
-                    return lease
-            for key in self.order:
-                if self.images[key].status != "todo" or self._active(key):
+                st = self.images[key]
+                if st.final or st.live_lease(now):
                     continue
-                ev = self._record({"type": "lease", "key": key, "annotator": annotator,
-                                   "lease_id": uuid.uuid4().hex})
-                return self.leases[ev["key"]]
+                out = self.log.commit(st, lambda s: self._take(s, annotator))
+                if isinstance(out, dict):  # our lease event was appended
+                    return st.lease
+                if out is not None:
+                    return out
+        self.heal()
+        return None
+
+    def _take(self, st: ImageState, annotator: str) -> dict[str, Any] | Lease | None:
+        now = _now()
+        if st.final:
             return None
+        lease = st.live_lease(now)
+        if lease is not None:
+            return lease if lease.annotator == annotator else None
+        return {"type": "lease", "annotator": annotator, "lease_id": uuid.uuid4().hex,
+                "expires": now + self.lease_seconds}
 
-    def check(self, lease_id: str, annotator: str) -> ImageState:
-        """The image of a live lease held by ``annotator``; Conflict otherwise."""
-        if not LEASE_RE.fullmatch(lease_id or ""):
+    def check(self, lease_id: str, annotator: str, key: str | None = None) -> ImageState:
+        """The image of a live lease held by ``annotator``; Conflict otherwise. ``key`` (the
+        leased image) lets a server that has not seen the lease read it."""
+        if not isinstance(lease_id, str) or not LEASE_RE.fullmatch(lease_id):
             raise ValueError(f"lease_id {lease_id!r} is malformed")
-        with self._lock:
-            for key, lease in list(self.leases.items()):
-                if lease.lease_id != lease_id:
-                    continue
-                if lease.annotator != annotator:
-                    raise Conflict(f"lease {lease_id} belongs to another annotator")
-                if self._active(key) is None:
-                    raise Conflict(f"lease {lease_id} has expired; take a new image")
-                return self.images[key]
-        raise Conflict(f"lease {lease_id} is unknown or has expired")
+        k = self._by_lease.get(lease_id)
+        if k is None and isinstance(key, str) and key in self.images:
+            self.log.sync(self.images[key])
+            k = self._by_lease.get(lease_id)
+        if k is None:
+            raise Conflict(f"lease {lease_id} is unknown or has expired")
+        return self._held(self.images[k], lease_id, annotator)
 
-    def renew(self, lease_id: str, annotator: str) -> Lease:
-        with self._lock:
-            st = self.check(lease_id, annotator)
-            lease = self.leases[st.key]
-            lease.expires = _now() + self.lease_seconds
-            return lease
+    def _held(self, st: ImageState, lease_id: str, annotator: str) -> ImageState:
+        lease = st.lease
+        if lease is None or lease.lease_id != lease_id:
+            raise Conflict(f"lease {lease_id} has expired or ended; take a new image")
+        if lease.annotator != annotator:
+            raise Conflict(f"lease {lease_id} belongs to another annotator")
+        if st.live_lease(_now()) is None:
+            raise Conflict(f"lease {lease_id} has expired; take a new image")
+        return st
+
+    def lease_alive(self, lease_id: str) -> bool:
+        """Whether a lease is still in force (as this server knows)."""
+        k = self._by_lease.get(lease_id)
+        if k is None:
+            return False
+        lease = self.images[k].live_lease(_now())
+        return lease is not None and lease.lease_id == lease_id
+
+    def renew(self, lease_id: str, annotator: str, key: str | None = None) -> Lease:
+        """Extend a live lease by ``lease_seconds`` (written only past a quarter of it)."""
+        st = self.check(lease_id, annotator, key)
+
+        def decide(s: ImageState) -> Any:
+            self._held(s, lease_id, annotator)
+            now = _now()
+            if s.lease.expires - now > 0.75 * self.lease_seconds:
+                return s.lease
+            return {"type": "renew", "annotator": annotator, "lease_id": lease_id,
+                    "expires": now + self.lease_seconds}
+
+        self.log.commit(st, decide)
+        return st.lease
+
+    def touch(self, img: ImageState, lease_id: str, annotator: str) -> None:
+        """Activity under a lease keeps it: renewed once a quarter of it has passed (no write
+        before that)."""
+        lease = img.lease
+        if lease is not None and lease.expires - _now() < 0.75 * self.lease_seconds:
+            self.renew(lease_id, annotator, img.key)
+
+    def release(self, lease_id: str, annotator: str, key: str | None = None) -> None:
+        """Give the image back to the queue."""
+        st = self.check(lease_id, annotator, key)
+
+        def decide(s: ImageState) -> Any:
+            self._held(s, lease_id, annotator)
+            return {"type": "release", "annotator": annotator, "lease_id": lease_id}
+
+        self.log.commit(st, decide)
 
     # work ---------------------------------------------------------------------------------
     def prefill(self, key: str) -> list[dict[str, Any]]:
@@ -347,44 +375,65 @@ class PeopleRound:
                 "accepted": [{"uid": u, **a} for u, a in st.accepted.items()],
                 "prefilled": prefilled}
 
-    def accept(self, lease_id: str, annotator: str, annotation: dict[str, Any]) -> str:
-        """Save one accepted mask at once; returns its uid."""
-        with self._lock:
-            st = self.check(lease_id, annotator)
-            uid = uuid.uuid4().hex
-            self._record({"type": "accept", "key": st.key, "annotator": annotator,
-                          "lease_id": lease_id, "uid": uid, "annotation": annotation})
-            self.leases[st.key].expires = _now() + self.lease_seconds
-            return uid
+    def accept(self, lease_id: str, annotator: str, annotation: dict[str, Any],
+               idempotency_key: str | None = None, key: str | None = None) -> str:
+        """Save one accepted mask at once; returns its uid. A repeated accept (the same
+        ``idempotency_key``, or the same mask by the same person on the image) returns the
+        first one's uid and writes nothing."""
+        if idempotency_key is not None and not IDEMPOTENCY_RE.fullmatch(idempotency_key):
+            raise ValueError(f"idempotency_key {idempotency_key!r} must be 8-64 letters, "
+                             "digits, _ or -")
+        st = self.check(lease_id, annotator, key)
+        counts = annotation["segmentation"]["counts"]
 
-    def remove(self, lease_id: str, annotator: str, uid: str) -> None:
+        def decide(s: ImageState) -> Any:
+            self._held(s, lease_id, annotator)
+            if idempotency_key and idempotency_key in s.idempotency:
+                uid = s.idempotency[idempotency_key]
+                if uid in s.accepted:
+                    return uid
+            for uid, a in s.accepted.items():
+                if a.get("annotator") == annotator and a["segmentation"]["counts"] == counts:
+                    return uid
+            ev = {"type": "accept", "annotator": annotator, "lease_id": lease_id,
+                  "uid": uuid.uuid4().hex, "annotation": annotation,
+                  "expires": _now() + self.lease_seconds}
+            if idempotency_key:
+                ev["idempotency_key"] = idempotency_key
+            return ev
+
+        out = self.log.commit(st, decide)
+        return out["uid"] if isinstance(out, dict) else out
+
+    def remove(self, lease_id: str, annotator: str, uid: str, key: str | None = None) -> None:
         """Remove an accepted or pre-filled mask of the leased image."""
-        if not UID_RE.fullmatch(uid or ""):
+        if not isinstance(uid, str) or not UID_RE.fullmatch(uid):
             raise ValueError(f"mask uid {uid!r} is malformed")
-        with self._lock:
-            st = self.check(lease_id, annotator)
-            known = set(st.accepted) | {a["uid"] for a in self.prefill(st.key)}
-            if uid not in known or uid in st.removed_prefill:
-                raise KeyError(f"mask {uid} is not on image {st.key}")
-            self._record({"type": "remove", "key": st.key, "annotator": annotator,
-                          "lease_id": lease_id, "uid": uid})
+        st = self.check(lease_id, annotator, key)
+        pre = {a["uid"] for a in self.prefill(st.key)}
+
+        def decide(s: ImageState) -> Any:
+            self._held(s, lease_id, annotator)
+            if uid not in (set(s.accepted) | pre) or uid in s.removed_prefill:
+                raise KeyError(f"mask {uid} is not on image {s.key}")
+            return {"type": "remove", "annotator": annotator, "lease_id": lease_id, "uid": uid}
+
+        self.log.commit(st, decide)
 
     def finish_image(self, lease_id: str, annotator: str, *, skip: bool,
-                     reason: str = "") -> dict[str, Any]:
+                     reason: str = "", key: str | None = None) -> dict[str, Any]:
         """Submit (or skip) the leased image; writes its shard when the shard is complete."""
-        with self._lock:
-            st = self.check(lease_id, annotator)
-            self._record({"type": "skip" if skip else "submit", "key": st.key,
-                          "annotator": annotator, "lease_id": lease_id, "reason": reason[:500]})
-            written = self._maybe_write(st.shard)
-            return {"key": st.key, "status": st.status, "shard_written": written,
-                    "round_complete": self.complete}
+        st = self.check(lease_id, annotator, key)
 
-    def release(self, lease_id: str, annotator: str) -> None:
-        with self._lock:
-            st = self.check(lease_id, annotator)
-            self._record({"type": "release", "key": st.key, "annotator": annotator,
-                          "lease_id": lease_id})
+        def decide(s: ImageState) -> Any:
+            self._held(s, lease_id, annotator)
+            return {"type": "skip" if skip else "submit", "annotator": annotator,
+                    "lease_id": lease_id, "reason": reason[:500]}
+
+        self.log.commit(st, decide)
+        written = self._maybe_write(st.shard)
+        return {"key": st.key, "status": st.status, "shard_written": written,
+                "round_complete": self.complete}
 
     # output -------------------------------------------------------------------------------
     def _records(self, shard: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -422,18 +471,58 @@ class PeopleRound:
         return records, stats
 
     def _maybe_write(self, shard: str) -> bool:
-        if shard in self.written_shards:
-            return False
-        if any(st.status == "todo" for st in self.images.values() if st.shard == shard):
-            return False
-        records, stats = self._records(shard)
-        writer = RoundWriter(self.corpus, self.number, self.stage, self.model_version)
-        if not writer.shard_done(shard):
-            writer.write_shard(shard, records, stats)
-        self.written_shards.add(shard)
-        if all(st.status != "todo" for st in self.images.values()) and not self.complete:
-            self._finish(writer)
-        return True
+        """Write ``shard`` when all its images are done (read on first); True when written now.
+        A failed write is logged and healed later (:meth:`heal`)."""
+        with self._write_lock:
+            if shard in self.written_shards:
+                return False
+            for key in self.shards[shard]:
+                st = self.images[key]
+                if not st.final:
+                    self.log.sync(st)
+                    if not st.final:
+                        return False
+            writer = self._writer()
+            try:
+                if not writer.shard_done(shard):
+                    records, stats = self._records(shard)
+                    try:
+                        writer.write_shard(shard, records, stats)
+                    except FileExistsError:  # another server published the same records
+                        pass
+                self.written_shards.add(shard)
+                self._finish_if_done(writer)
+            except Exception as exc:  # noqa: BLE001 - the events are safe; replay heals
+                logger.error("round %d: writing %s failed (%s); it is retried when the round "
+                             "is next loaded or leased", self.number, shard, exc)
+                return False
+            return True
+
+    def heal(self) -> list[str]:
+        """Write every fully done shard that is not written yet, and finish the round when all
+        are; returns the shards written."""
+        written = [s for s in self.shards
+                   if s not in self.written_shards
+                   and all(self.images[k].final for k in self.shards[s])
+                   and self._maybe_write(s)]
+        with self._write_lock:
+            if not self.complete and len(self.written_shards) == len(self.shards):
+                try:
+                    self._finish_if_done(self._writer())
+                except Exception as exc:  # noqa: BLE001 - retried at the next heal
+                    logger.error("round %d: finishing failed: %s", self.number, exc)
+        return written
+
+    def _finish_if_done(self, writer: RoundWriter) -> None:
+        if self.complete:
+            return
+        for s in self.shards:
+            if s not in self.written_shards and writer.shard_done(s):
+                self.written_shards.add(s)  # written by another server
+        if len(self.written_shards) == len(self.shards):
+            self.complete = is_complete(self.corpus, self.number)
+            if not self.complete:
+                self._finish(writer)
 
     def _finish(self, writer: RoundWriter) -> None:
         stats = writer.shard_stats()
@@ -453,6 +542,7 @@ class PeopleRound:
     # progress -----------------------------------------------------------------------------
     def progress(self) -> dict[str, Any]:
         with self._lock:
+            now = _now()
             counts = {"todo": 0, "submitted": 0, "skipped": 0}
             per: dict[str, dict[str, float]] = {}
             masks = 0
@@ -468,7 +558,7 @@ class PeopleRound:
                 if st.status == "submitted" and st.by:
                     per.setdefault(st.by, {"images": 0, "masks": 0, "clicks": 0,
                                            "seconds": 0.0})["images"] += 1
-            leased = sum(1 for k in list(self.leases) if self._active(k))
+            leased = sum(1 for st in self.images.values() if st.live_lease(now))
             return {"round": self.number, "stage": self.stage,
                     "model_version": self.model_version, "queued": len(self.order),
                     "done": counts["submitted"], "skipped": counts["skipped"],

@@ -2,7 +2,9 @@
 
 Image bytes come from the image shard named in the index (one ranged read through
 :class:`~dataengine.pipeline.server.tar_index.TarIndex`); rendered JPEGs are kept in a small
-in-memory LRU and under ``cache_dir`` on local disk, so a restart keeps the disk cache.
+in-memory LRU and in the private disk cache
+(:class:`~dataengine.pipeline.server.private_cache.PrivateCache`: a per-user 0700 folder whose
+entries are checked against their SHA-256 before use), so a restart keeps the disk cache.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from PIL import Image
 from dataengine.pipeline.core import masks as masklib
 from dataengine.pipeline.core.imagecodec import IMAGE_EXTS
 from dataengine.pipeline.core.layout import Corpus
+from dataengine.pipeline.server.private_cache import PrivateCache
 from dataengine.pipeline.server.tar_index import TarIndex
 
 logger = logging.getLogger(__name__)
@@ -67,10 +69,11 @@ class LRU:
 class Renderer:
     """Reads images out of shards and renders thumbnails / overlays with caching."""
 
-    def __init__(self, corpus: Corpus, cache_dir: str | None, max_memory: int = 64 << 20) -> None:
+    def __init__(self, corpus: Corpus, cache: PrivateCache | None,
+                 max_memory: int = 64 << 20) -> None:
         self.corpus = corpus
-        self.cache_dir = cache_dir
-        self.tars = TarIndex(cache_dir)
+        self.cache = cache
+        self.tars = TarIndex(cache)
         self.mem = LRU(max_memory)
 
     # raw images ---------------------------------------------------------------------------
@@ -96,18 +99,11 @@ class Renderer:
         v = self.mem.get(name)
         if v is not None:
             return v
-        path = os.path.join(self.cache_dir, "render", name) if self.cache_dir else None
-        if path and os.path.exists(path):
-            with open(path, "rb") as f:
-                v = f.read()
-        else:
+        v = self.cache.get(f"render/{name}") if self.cache else None
+        if v is None:
             v = render()
-            if path:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-                with open(tmp, "wb") as f:
-                    f.write(v)
-                os.replace(tmp, path)
+            if self.cache:
+                self.cache.put(f"render/{name}", v)
         self.mem.put(name, v)
         return v
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from dataengine.models.checkpoint import weights_digest
 from dataengine.pipeline.core.layout import Corpus
-from dataengine.pipeline.sam.predictor import set_features
+from dataengine.pipeline.sam.predictor import make_predictor, onnx_exportable, set_features
+from dataengine.pipeline.server.private_cache import PrivateCache
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +39,19 @@ class OnnxDecoder:
     single-mask token once there are several clicks). Both stop at the low-res logits; only the
     masks sent back are upsampled to the image (:func:`dataengine.models.sam.upscale_logits`)."""
 
-    GRAPH_VERSION = "lowres1"  # part of the cache file name: a changed export never reuses old files
+    # part of the cache entry name: a changed export never reuses old files
+    GRAPH_VERSION = "lowres2"
 
-    def __init__(self, model: Any, version: str, cache_dir: str, threads: int = 0) -> None:
+    def __init__(self, model: Any, version: str, cache: PrivateCache | str,
+                 threads: int = 0) -> None:
         import os
 
         import onnxruntime as ort
 
-        from dataengine.models.sam import export_onnx_decoder
-
-        os.makedirs(cache_dir, exist_ok=True)
+        cache = PrivateCache(cache) if isinstance(cache, str) else cache
+        self.cache = cache
         self.sessions = {}
+        self.entries: dict[str, str] = {}
         so = ort.SessionOptions()
         # a vit_b click is ~60 ms of one core (mostly the output upscaling convolutions):
         # use up to 4 cores, but no spin-waiting threads, which would steal the core the HTTP
@@ -56,14 +59,16 @@ class OnnxDecoder:
         so.intra_op_num_threads = threads if threads > 0 else min(4, os.cpu_count() or 1)
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        digest = weights_digest(model.prompt_encoder, model.mask_decoder)[:24]  # same weights -> same graphs, whatever the corpus
+        # same weights -> same graphs, whatever the corpus
+        digest = weights_digest(model.prompt_encoder, model.mask_decoder)[:24]
         for name, single in (("multi", False), ("single", True)):
-            path = os.path.join(cache_dir, f"{digest}-{name}-{self.GRAPH_VERSION}.onnx")
-            if not os.path.exists(path):
-                tmp = f"{path}.tmp-{os.getpid()}"
-                export_onnx_decoder(model, tmp, return_single_mask=single, upscale=False)
-                os.replace(tmp, path)
-            self.sessions[name] = ort.InferenceSession(path, so,
+            entry = f"onnx/{digest}-{name}-{self.GRAPH_VERSION}.onnx"
+            data = cache.get(entry)  # verified against its SHA-256 before it is used
+            if data is None:
+                data = _export_graph(model, cache, single)
+                cache.put(entry, data)
+            self.entries[name] = entry
+            self.sessions[name] = ort.InferenceSession(data, so,
                                                        providers=["CPUExecutionProvider"])
         from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -72,11 +77,19 @@ class OnnxDecoder:
         self.low_res = 4 * model.prompt_encoder.image_embedding_size[0]
         self.threshold = float(model.mask_threshold)
 
+    def graph(self, kind: str) -> bytes:
+        """The ONNX graph ``multi`` or ``single`` as stored in the cache (checked again)."""
+        data = self.cache.get(self.entries[kind])
+        if data is None:
+            raise FileNotFoundError(f"decoder graph {self.entries[kind]} left the cache")
+        return data
+
     def predict(self, feats: Any, original_size: tuple[int, int], points: np.ndarray | None,
                 labels: np.ndarray | None, box: np.ndarray | None,
-                mask_input: np.ndarray | None, multimask: bool
-                ) -> list[tuple[np.ndarray, float, np.ndarray]]:
-        """``[(logits HxW, score, low-res 1xSxS)]``: three for ``multimask``, else one."""
+                mask_input: np.ndarray | None, multimask: bool, lowres_only: bool = False
+                ) -> list[tuple[np.ndarray | None, float, np.ndarray]]:
+        """``[(logits HxW, score, low-res 1xSxS)]``: three for ``multimask``, else one
+        (logits None with ``lowres_only``)."""
         from dataengine.models.sam import upscale_logits
 
         coords = np.zeros((0, 2), np.float32) if points is None else points.astype(np.float32)
@@ -107,8 +120,26 @@ class OnnxDecoder:
             idx = [0]
         input_size = self.transform.get_preprocess_shape(original_size[0], original_size[1],
                                                          self.img_size)
-        return [(upscale_logits(low[0, i], input_size, original_size, self.img_size),
+        return [(None if lowres_only else
+                 upscale_logits(low[0, i], input_size, original_size, self.img_size),
                  float(scores[0, i]), low[0, i][None]) for i in idx]
+
+
+def _export_graph(model: Any, cache: PrivateCache, single: bool) -> bytes:
+    """Export one decoder graph into a private temporary folder and return its bytes."""
+    import shutil
+    import tempfile
+
+    from dataengine.models.sam import export_onnx_decoder
+
+    d = tempfile.mkdtemp(dir=cache.root, prefix="export-")
+    try:
+        path = f"{d}/graph.onnx"
+        export_onnx_decoder(model, path, return_single_mask=single, upscale=False)
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 
@@ -124,13 +155,13 @@ class SamService:
 
     def __init__(self, corpus: Corpus, device: str | None = None, max_models: int = 2,
                  max_embeddings: int = 24, threads: int = 0, tars: Any = None,
-                 decoder: str = "auto", cache_dir: str | None = None) -> None:
+                 decoder: str = "auto", cache: PrivateCache | None = None) -> None:
         if decoder not in DECODERS:
             raise ValueError(f"decoder {decoder!r}: allowed {DECODERS}")
         self.corpus = corpus
         self.threads = threads
         self.decoder = decoder
-        self.cache_dir = cache_dir
+        self.cache = cache
         self._onnx: dict[str, OnnxDecoder | None] = {}
         self._onnx_lock = threading.Lock()
         self.device = device or None
@@ -227,7 +258,6 @@ class SamService:
 
     def _encode(self, version: str, key: str, image_fn: Callable[[], np.ndarray]) -> Embedding:
         import torch
-        from segment_anything import SamPredictor
 
         from dataengine.models.device import autocast
 
@@ -235,7 +265,7 @@ class SamService:
         image = image_fn()
         with self._encode_lock:  # one encoder pass at a time: the CPU has few cores
             t0 = time.perf_counter()
-            p = SamPredictor(model)
+            p = make_predictor(model)
             with torch.inference_mode(), autocast(p.device):
                 p.set_image(image)
             ms = (time.perf_counter() - t0) * 1000
@@ -247,15 +277,15 @@ class SamService:
     def _onnx_decoder(self, version: str, model: Any) -> OnnxDecoder | None:
         if self.decoder == "torch" or self.device not in (None, "cpu"):
             return None
+        if not onnx_exportable(model):  # SAM 2: its torch decoder (make_predictor)
+            return None
         with self._onnx_lock:  # not self._lock: an export takes seconds
             if version in self._onnx:
                 return self._onnx[version]
             try:
-                import os
-                import tempfile
-
-                cache = os.path.join(tempfile.gettempdir(), "dataengine-onnx")
-                dec: OnnxDecoder | None = OnnxDecoder(model, version, cache, self.threads)
+                if self.cache is None:
+                    raise ImportError("no private cache for the decoder graphs")
+                dec: OnnxDecoder | None = OnnxDecoder(model, version, self.cache, self.threads)
             except ImportError as exc:
                 if self.decoder == "onnx":
                     raise
@@ -268,6 +298,20 @@ class SamService:
                 dec = None
             self._onnx[version] = dec
             return dec
+
+    def browser_decoder(self, version: str) -> OnnxDecoder | None:
+        """The ONNX decoder of ``version``, whose graphs a browser can run; None when the server
+        uses the torch decoder (configured, on a GPU, or ONNX Runtime unavailable)."""
+        return self._onnx_decoder(version, self.model(version))
+
+    def embedding_payload(self, version: str, key: str, image_fn: Callable[[], np.ndarray],
+                          shard: str | None = None) -> tuple[bytes, dict[str, Any]]:
+        """The image embedding as little-endian float16 bytes (1xCxSxS) and its sizes, for a
+        decoder running in the browser."""
+        feats, input_size, original_size = self.embedding(version, key, image_fn, shard)
+        arr = np.ascontiguousarray(feats.numpy(), dtype="<f2")
+        return arr.tobytes(), {"shape": list(arr.shape), "input_size": list(input_size),
+                               "original_size": list(original_size)}
 
     def prefetch(self, version: str,
                  items: list[tuple[str, Callable[[], np.ndarray], str | None]]) -> None:
@@ -307,11 +351,12 @@ class SamService:
     def predict(self, version: str, key: str, image_fn: Callable[[], np.ndarray],
                 points: np.ndarray | None, labels: np.ndarray | None,
                 box: np.ndarray | None, mask_input: np.ndarray | None,
-                multimask: bool, shard: str | None = None) -> list[dict[str, Any]]:
+                multimask: bool, shard: str | None = None, lowres_only: bool = False
+                ) -> list[dict[str, Any]]:
         """Masks for one prompt: a list (3 with ``multimask``) of ``{"mask": HxW bool,
-        "score": predicted IoU, "stability": float, "low_res": 1x256x256 float32 logits}``."""
+        "score": predicted IoU, "stability": float, "low_res": 1x256x256 float32 logits}``
+        (with ``lowres_only`` and the ONNX decoder, ``mask`` is None and ``stability`` 0)."""
         import torch
-        from segment_anything import SamPredictor
         from segment_anything.utils.amg import calculate_stability_score
 
         from dataengine.models.device import autocast
@@ -320,11 +365,12 @@ class SamService:
         model = self.model(version)
         onnx = self._onnx_decoder(version, model)
         if onnx is not None:
-            out = onnx.predict(feats, original_size, points, labels, box, mask_input, multimask)
-            return [{"mask": lg > onnx.threshold, "score": sc,
-                     "stability": _stability(lg, onnx.threshold),
+            out = onnx.predict(feats, original_size, points, labels, box, mask_input, multimask,
+                               lowres_only)
+            return [{"mask": None if lg is None else lg > onnx.threshold, "score": sc,
+                     "stability": 0.0 if lg is None else _stability(lg, onnx.threshold),
                      "low_res": low.astype(np.float32)} for lg, sc, low in out]
-        p = SamPredictor(model)
+        p = make_predictor(model)
         set_features(p, feats, original_size, input_size)
         with torch.inference_mode(), autocast(p.device):
             logits, scores, low_res = p.predict(point_coords=points, point_labels=labels, box=box,

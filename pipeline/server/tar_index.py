@@ -1,8 +1,9 @@
 """Random access to single samples inside WebDataset tars without reading the whole shard.
 
 The first access to a tar scans its member headers once (seeking over the payloads) and keeps a
-``member name -> (offset, size)`` table in memory and in the on-disk cache; later reads are one
-ranged read of the payload. Works on any fsspec URL (local, ``s3://``, ``memory://``).
+``member name -> (offset, size)`` table in memory and in the private on-disk cache
+(:class:`~dataengine.pipeline.server.private_cache.PrivateCache`); later reads are one ranged read
+of the payload. Works on any fsspec URL (local, ``s3://``, ``memory://``).
 """
 
 from __future__ import annotations
@@ -10,30 +11,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tarfile
 import threading
 from collections import OrderedDict
 
 from dataengine.pipeline.core import storage
+from dataengine.pipeline.server.private_cache import PrivateCache
 
 logger = logging.getLogger(__name__)
 
 
 class TarIndex:
-    """Member offsets of tars, cached in memory (LRU) and under ``cache_dir`` when given."""
+    """Member offsets of tars, cached in memory (LRU) and in ``cache`` when given (a
+    :class:`PrivateCache` or the folder of one)."""
 
-    def __init__(self, cache_dir: str | None = None, max_tars: int = 256) -> None:
-        self.cache_dir = cache_dir
+    def __init__(self, cache: PrivateCache | str | None = None, max_tars: int = 256) -> None:
+        self.cache = PrivateCache(cache) if isinstance(cache, str) else cache
         self.max_tars = max_tars
         self._lock = threading.Lock()
         self._mem: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
 
-    def _disk_path(self, url: str) -> str | None:
-        if not self.cache_dir:
-            return None
-        h = hashlib.sha256(url.encode()).hexdigest()[:24]
-        return os.path.join(self.cache_dir, "tarindex", f"{h}.json")
+    @staticmethod
+    def _entry(url: str) -> str:
+        return f"tarindex/{hashlib.sha256(url.encode()).hexdigest()[:24]}.json"
 
     def members(self, url: str) -> dict[str, tuple[int, int]]:
         """``{member name: (data offset, size)}`` of the tar at ``url``."""
@@ -60,25 +60,17 @@ class TarIndex:
         return out
 
     def _load_disk(self, url: str) -> dict[str, tuple[int, int]] | None:
-        path = self._disk_path(url)
-        if not path or not os.path.exists(path):
+        data = self.cache.get(self._entry(url)) if self.cache else None
+        if data is None:
             return None
         try:
-            with open(path) as f:
-                data = json.load(f)
-            return {k: (int(v[0]), int(v[1])) for k, v in data.items()}
-        except (OSError, ValueError):
+            return {k: (int(v[0]), int(v[1])) for k, v in json.loads(data).items()}
+        except (ValueError, TypeError, IndexError, AttributeError):
             return None
 
     def _save_disk(self, url: str, table: dict[str, tuple[int, int]]) -> None:
-        path = self._disk_path(url)
-        if not path:
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "w") as f:
-            json.dump(table, f)
-        os.replace(tmp, path)
+        if self.cache:
+            self.cache.put(self._entry(url), json.dumps(table).encode())
 
     def sample_members(self, url: str, key: str) -> dict[str, tuple[int, int]]:
         """``{extension: (offset, size)}`` of the sample ``key`` in the tar (empty if absent)."""

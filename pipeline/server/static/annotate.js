@@ -1,4 +1,6 @@
 // dataengine annotate page: SAM-assisted click-to-mask. Plain JS.
+// Clicks are decoded in the browser (decoder.js, onnxruntime-web) when the server offers it,
+// else by the server (POST predict). Accepts send the prompts; the server recomputes the mask.
 // Left click = positive point, right click or shift+click = negative point, drag = box.
 // Keys: a/Enter accept (next object) · z undo · c/Esc clear · 1-3 pick a mask choice ·
 //       s submit image · k skip image · r remove last accepted mask ·
@@ -6,6 +8,22 @@
 "use strict";
 
 const A = {timer: null, state: null};
+window.__clickLatencies = [];  // ms from the click event to the painted mask (benchmarks read it)
+
+function idempotencyKey() {
+  const b = new Uint8Array(16);
+  crypto.getRandomValues(b);
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+async function waitJob(job) {
+  for (;;) {
+    const j = await api(job.status_url);
+    if (j.status === "done") return j.result;
+    if (j.status === "failed") throw new Error(j.error);
+    await new Promise((r) => setTimeout(r, 300));
+  }
+}
 
 window.annotateLeave = (page) => {
   if (page !== "annotate" && A.timer) { clearInterval(A.timer); A.timer = null; }
@@ -37,7 +55,9 @@ async function annotateHome() {
     ev.preventDefault();
     const f = new FormData(ev.target);
     try {
-      const res = await api("/api/annotate/rounds", {body: {stage: f.get("stage"), model_version: f.get("model_version"), n_images: parseInt(f.get("n_images"), 10), prefill: f.get("prefill") || "none"}});
+      const job = await api("/api/annotate/rounds", {body: {stage: f.get("stage"), model_version: f.get("model_version"), n_images: parseInt(f.get("n_images"), 10), prefill: f.get("prefill") || "none"}});
+      toast("opening the round…");
+      const res = await waitJob(job);
       toast(`opened round ${res.round}`);
       location.hash = `#/annotate/${res.round}`;
     } catch (e) { toast(e.message, true); }
@@ -56,7 +76,16 @@ async function annotateRound(round) {
   img.src = L.image_url;
   await img.decode();
   const W = im.width, H = im.height;
+  let dec = null;
+  if (L.decoder_url && window.BrowserDecoder) {
+    try {
+      dec = await BrowserDecoder.load(round, L.model_version);
+      await dec.setImage(round, L.lease.lease_id, im.key);
+      window.__decoder = dec;
+    } catch (e) { dec = null; toast(`decoding on the server: ${e.message}`, true); }
+  }
   const S = A.state = {
+    dec,
     round, leaseId: L.lease.lease_id, key: im.key, W, H, img,
     object: 0, points: [], box: null, preds: null, choice: 0, replaces: null,
     accepted: im.accepted.map((a) => ({uid: a.uid, box: rleDecodeBox(a.segmentation.counts, H, W), clicks: a.clicks.length})),
@@ -64,9 +93,9 @@ async function annotateRound(round) {
     tStart: performance.now(), busy: false, lastMs: null,
   };
   const col = (i) => colorOf("acc" + i);
-  main().innerHTML = `<h2>Round ${round} · ${esc(L.stage)} · ${esc(L.model_version)} <span class="muted">image ${esc(im.key)} (${W}×${H}) · ${L.progress.done}/${L.progress.queued} submitted</span></h2>
+  main().innerHTML = `<h2>Round ${round} · ${esc(L.stage)} · ${esc(L.model_version)} <span class="muted">image ${esc(im.key)} (${W}×${H}) · ${L.progress.done}/${L.progress.queued} submitted · decoder in the ${dec ? "browser" : "server"}</span></h2>
   <div class="annot">
-    <div class="canvas-wrap"><canvas id="acv" width="${W}" height="${H}"></canvas></div>
+    <div class="canvas-wrap"><canvas id="acv" width="${W}" height="${H}" data-decoder="${dec ? "browser" : "server"}"></canvas></div>
     <div class="panel">
       <p><b>Object ${"<span id=obj></span>"}</b> · <span id="nprompts">0 prompts</span> · <span id="lat" class="muted"></span></p>
       <div class="choices" id="choices"></div>
@@ -106,20 +135,48 @@ async function annotateRound(round) {
       $("#prelist").innerHTML = S.prefilled.map((p) => `<div><span class="swatch" style="background:rgb(255,200,0)"></span> ${esc(p.uid)} · area ${p.box.area} · IoU ${fmt(p.score, 2)} <span class="muted">kept</span> <button data-remove="${p.uid}">remove</button> <button data-correct="${p.uid}">correct</button></div>`).join("");
     }
   };
-  const prompt = async () => {
+  const body = (extra) => ({lease_id: S.leaseId, key: S.key, ...extra});
+  const shown = (t0, reqId) => {
+    cv.dataset.masks = String(S.preds.length);
+    cv.dataset.area = String(S.preds[S.choice].box.area);
+    draw(); refreshPanel();
+    // painted: after the next frame
+    if (t0 !== undefined) requestAnimationFrame(() => setTimeout(() => {
+      if (S.reqId === reqId) { S.lastMs = performance.now() - t0; window.__clickLatencies.push(S.lastMs); cv.dataset.clicks = String(window.__clickLatencies.length); refreshPanel(); }
+    }, 0));
+  };
+  const prompt = async (t0) => {
     if (!S.points.length && !S.box) { S.preds = null; draw(); refreshPanel(); return; }
     const reqId = (S.reqId || 0) + 1; S.reqId = reqId;
-    const t0 = performance.now();
+    if (S.dec) {
+      try {
+        const preds = await S.dec.decode(S.object, S.points.slice(), S.box && S.box.slice());
+        if (S.reqId !== reqId) return;  // a newer prompt is on its way
+        S.choice = preds.reduce((b, p, i) => (p.score > preds[b].score ? i : b), 0);
+        // only the shown mask now; the other choices when picked
+        S.preds = preds.map((p, i) => ({score: p.score, low: p.low, box: i === S.choice ? S.dec.mask(p.low) : null}));
+        shown(t0, reqId);
+      } catch (e) { toast(e.message, true); }
+      return;
+    }
+    if (S.inflight) { S.pending = t0 ?? performance.now(); return; }  // one request at a time
+    S.inflight = true;
     try {
-      const r = await api(`/api/annotate/${round}/predict`, {body: {lease_id: S.leaseId, object: S.object, points: S.points, box: S.box}});
-      if (S.reqId !== reqId) return;  // a newer prompt is on its way
-      S.preds = r.masks.map((m) => ({...m, box: rleDecodeBox(m.rle, r.height, r.width)}));
-      S.choice = r.best;
-      S.lastMs = performance.now() - t0;
-      cv.dataset.masks = String(S.preds.length);
-      cv.dataset.area = String(S.preds[S.choice].box.area);
+      const r = await api(`/api/annotate/${round}/predict`, {body: body({object: S.object, points: S.points, box: S.box})});
+      if (S.reqId === reqId) {
+        S.preds = r.masks.map((m) => ({...m, box: rleDecodeBox(m.rle, r.height, r.width)}));
+        S.choice = r.best;
+        shown(t0, reqId);
+      }
     } catch (e) { toast(e.message, true); }
-    draw(); refreshPanel();
+    S.inflight = false;
+    if (S.pending !== undefined) { const t = S.pending; S.pending = undefined; prompt(t); }
+  };
+  const pick = (i) => {
+    S.choice = i;
+    const p = S.preds[i];
+    if (!p.box) p.box = S.dec.mask(p.low);
+    cv.dataset.area = String(p.box.area); draw(); refreshPanel();
   };
   const clear = () => { S.points = []; S.box = null; S.preds = null; S.replaces = null; draw(); refreshPanel(); };
   const undo = () => { if (S.points.length) S.points.pop(); else S.box = null; prompt(); };
@@ -127,16 +184,19 @@ async function annotateRound(round) {
     if (!S.preds) { toast("click on an object first", true); return; }
     const seconds = (performance.now() - S.tStart) / 1000;
     try {
-      const r = await api(`/api/annotate/${round}/accept`, {body: {lease_id: S.leaseId, object: S.object, points: S.points, box: S.box, choice: S.choice, seconds: Math.min(3600, seconds), replaces: S.replaces}});
+      S.acceptKey = S.acceptKey || idempotencyKey();  // a retried accept is the same accept
+      const r = await api(`/api/annotate/${round}/accept`, {body: body({object: S.object, points: S.points, box: S.box, choice: S.choice, seconds: Math.min(3600, seconds), replaces: S.replaces, idempotency_key: S.acceptKey})});
+      S.acceptKey = null;
       S.accepted.push({uid: r.uid, box: rleDecodeBox(r.rle, H, W), clicks: r.clicks});
-      S.object += 1; S.tStart = performance.now();
+      S.object = (S.object + 1) % (L.max_objects || 200); S.tStart = performance.now();
+      if (S.dec) S.dec.objects.delete(S.object);  // ids are reused: start that one afresh
       toast(`accepted mask ${S.accepted.length} (${r.clicks} clicks, ${seconds.toFixed(1)} s)`);
       clear();
     } catch (e) { toast(e.message, true); }
   };
   const removeMask = async (uid) => {
     try {
-      await api(`/api/annotate/${round}/remove`, {body: {lease_id: S.leaseId, uid}});
+      await api(`/api/annotate/${round}/remove`, {body: body({uid})});
       S.accepted = S.accepted.filter((a) => a.uid !== uid);
       S.prefilled = S.prefilled.filter((p) => p.uid !== uid);
       draw(); refreshPanel();
@@ -147,7 +207,7 @@ async function annotateRound(round) {
     const reason = skip ? (window.prompt("Why skip this image?", "") ?? null) : "";
     if (reason === null) return;
     try {
-      const r = await api(`/api/annotate/${round}/${skip ? "skip" : "submit"}`, {body: {lease_id: S.leaseId, reason}});
+      const r = await api(`/api/annotate/${round}/${skip ? "skip" : "submit"}`, {body: body({reason})});
       toast(`${skip ? "skipped" : "submitted"} ${r.key}${r.shard_written ? " · shard written" : ""}${r.round_complete ? " · round complete" : ""}`);
       annotateRound(round);
     } catch (e) { toast(e.message, true); }
@@ -173,11 +233,11 @@ async function annotateRound(round) {
     const d = drag; drag = null;
     if (d.moved && d.rect) { S.box = d.rect.map((v) => Math.round(v)); S.box[2] = Math.min(W, Math.max(S.box[2], S.box[0] + 1)); S.box[3] = Math.min(H, Math.max(S.box[3], S.box[1] + 1)); }
     else S.points.push({x: Math.round(d.x), y: Math.round(d.y), label: d.button === 2 || d.shift ? 0 : 1});
-    prompt();
+    prompt(ev.timeStamp);
   });
   $(".annot").addEventListener("click", (ev) => {
     const c = ev.target.closest("button[data-choice]");
-    if (c) { S.choice = +c.dataset.choice; cv.dataset.area = String(S.preds[S.choice].box.area); draw(); refreshPanel(); return; }
+    if (c) { pick(+c.dataset.choice); return; }
     const rm = ev.target.closest("button[data-remove]");
     if (rm) { removeMask(rm.dataset.remove); return; }
     const co = ev.target.closest("button[data-correct]");
@@ -206,9 +266,9 @@ async function annotateRound(round) {
     else if (k === "r" && S.accepted.length) removeMask(S.accepted[S.accepted.length - 1].uid);
     else if (k === "x" && S.hoverPre) { removeMask(S.hoverPre.uid); S.hoverPre = null; }
     else if (k === "e" && S.hoverPre) { correctPre(S.hoverPre); S.hoverPre = null; }
-    else if (["1", "2", "3"].includes(k) && S.preds && S.preds.length > +k - 1) { S.choice = +k - 1; draw(); refreshPanel(); }
+    else if (["1", "2", "3"].includes(k) && S.preds && S.preds.length > +k - 1) pick(+k - 1);
   };
   if (A.timer) clearInterval(A.timer);
-  A.timer = setInterval(() => api(`/api/annotate/${round}/renew`, {body: {lease_id: S.leaseId}}).catch((e) => toast(e.message, true)), 60000);
+  A.timer = setInterval(() => api(`/api/annotate/${round}/renew`, {body: body({})}).catch((e) => toast(e.message, true)), 60000);
   draw(); refreshPanel();
 }

@@ -16,6 +16,7 @@ async function api(path, opts = {}) {
   }
   const r = await fetch(path, init);
   const data = r.headers.get("content-type")?.includes("json") ? await r.json() : null;
+  if (r.status === 401 && location.pathname !== "/login") { location.href = "/login"; }
   if (!r.ok) throw new Error((data && data.error) || `${r.status} ${r.statusText}`);
   return data;
 }
@@ -327,6 +328,9 @@ async function pageModels() {
 
 window.addEventListener("hashchange", route);
 window.addEventListener("DOMContentLoaded", async () => {
-  try { const w = await api("/api/whoami"); $("#who").textContent = `signed in as ${w.user}`; } catch (e) { $("#who").textContent = e.message; }
+  try {
+    const w = window.ME = await api("/api/whoami");
+    $("#who").textContent = `signed in as ${w.user} (${w.role})`;
+  } catch (e) { $("#who").textContent = e.message; }
   route();
 });
