@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline.engine": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
                         "pipeline.annotate", "pipeline.curate"},
     "pipeline.server": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
-                        "pipeline.annotate"},
+                        "pipeline.annotate", "pipeline.curate"},
     "flows": {"models", "pipeline.core", "pipeline.ingest", "pipeline.sam", "pipeline.ldm",
               "pipeline.detector", "pipeline.annotate", "pipeline.engine"},
     "pipeline.cli": {"models", "pipeline.core", "pipeline.ingest", "pipeline.sam",

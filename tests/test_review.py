@@ -72,6 +72,9 @@ def test_review_sample_and_queue_are_deterministic():
     assert q == [("a", "image"), ("b", "image"), ("H1", "honeypot"), ("c", "image"),
                  ("d", "image"), ("H2", "honeypot"), ("e", "image")]
     assert review.interleave(["a"], ["H"], every=0) == [("a", "image")]
+    assert review.interleave(["a", "b"], ["H1", "H2"], every=3) == [("a", "image"),
+                                                                    ("b", "image")]
+    assert [review.honeypots_for(n, 3) for n in (0, 1, 2, 3, 5)] == [0, 0, 0, 1, 2]
     with pytest.raises(ValueError, match="honeypot_every"):
         review.ReviewConfig(honeypot_every=1)
 

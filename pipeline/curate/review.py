@@ -127,16 +127,22 @@ def choose_honeypots(corpus: Corpus, n: int, seed: int = 0,
     return sorted(pool, key=lambda k: _unit(seed, k))[:n]
 
 
+def honeypots_for(n_images: int, every: int) -> int:
+    """How many honeypots a queue of ``n_images`` holds: one after every ``every - 1`` images,
+    never after the last (a round ends with its own images)."""
+    return max(0, (n_images - 1) // (every - 1)) if every >= 2 else 0
+
+
 def interleave(keys: list[str], honeypots: list[str], every: int) -> list[tuple[str, str]]:
-    """``keys`` with a honeypot placed after every ``every - 1`` of them (while honeypots
-    last): ``(key, "image" | "honeypot")`` in queue order."""
+    """``keys`` with a honeypot placed after every ``every - 1`` of them, never after the last
+    (while honeypots last): ``(key, "image" | "honeypot")`` in queue order."""
     if every < 2 or not honeypots:
         return [(k, "image") for k in keys]
     out: list[tuple[str, str]] = []
     pots = iter(honeypots)
     for i, k in enumerate(keys, start=1):
         out.append((k, "image"))
-        if i % (every - 1) == 0:
+        if i % (every - 1) == 0 and i < len(keys):
             pot = next(pots, None)
             if pot is not None:
                 out.append((pot, "honeypot"))
