@@ -275,7 +275,9 @@ def test_server_session_answers_clicks_with_a_sam2_version(tmp_path):
     url = corpus.model_dir("sam", "v0001")
     save_sam(build_sam("sam2-tiny-test", seed=2), url)
     storage.write_json(storage.join(url, "version.json"), {"version": "v0001"})
-    svc = SamService(corpus, decoder="auto", cache_dir=str(tmp_path / "onnx"))
+    from dataengine.pipeline.server.private_cache import PrivateCache
+
+    svc = SamService(corpus, decoder="auto", cache=PrivateCache(str(tmp_path / "onnx")))
     img = _image()
     out = svc.predict("v0001", "k", lambda: img, np.array([[30, 40]]), np.array([1]), None, None,
                       True)
