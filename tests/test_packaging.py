@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline.ingest": {"models", "pipeline.core"},
     "pipeline.sam": {"models", "pipeline.core"},
     "pipeline.ldm": {"models", "pipeline.core"},
-    "pipeline.curate": {"models", "pipeline.core", "pipeline.sam"},
+    "pipeline.curate": {"pipeline.core", "pipeline.sam"},
     "pipeline.detector": {"models", "pipeline.core", "pipeline.sam"},
     "pipeline.formats": {"models", "pipeline.core"},
     "pipeline.annotate": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
@@ -38,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
                      "pipeline.server", "pipeline.curate", "pipeline.formats", "flows"},
 }
 #: Third-party packages only some units may import.
-RESTRICTED = {"prefect": {"flows", "pipeline.cli"}}
+RESTRICTED = {"prefect": {"flows", "pipeline.cli"}, "faiss": {"pipeline.curate"}}
 
 
 def unit_of(module: str) -> str:
