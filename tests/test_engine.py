@@ -92,6 +92,16 @@ def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, m
     r1, r2 = (log.find("annotate", i)["keys"] for i in (0, 1))
     assert r1 == keys[:3] and r2 == keys[3:6]
     assert not set(r1 + r2) & set(info["holdout"])
+    # selection=order records its picks too: every candidate, in order, and why
+    import pyarrow.parquet as pq
+
+    for i, picked in enumerate((r1, r2)):
+        sel = log.find("select", i)
+        assert sel["selection"] == "order" and sel["keys"] == picked
+        rows = pq.read_table(sel["scores"]).to_pylist()
+        assert [r["key"] for r in rows] == keys[3 * i:]
+        assert [r["key"] for r in rows if r["picked"]] == picked
+        assert all(r["why"] == "next in shard / key order" for r in rows if r["picked"])
     # retrained after each round, each version recorded with its rounds and parent
     versions = corpus.model_versions("sam")
     assert versions == ["v0001", "v0002", "v0003"]

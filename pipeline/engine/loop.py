@@ -10,7 +10,7 @@ annotated. The loop:
 1. ``init``: when no SAM version is promoted yet, publish the starting model (``init``: random
    weights of ``model``, an official ``checkpoint``, or an existing ``vNNNN``) as a version,
    evaluate it on the held-out split, gate it (the first version is promoted);
-2. per round: ``select`` (every way but ``order``: each candidate's scores and why the picked
+2. per round: ``select`` (each candidate's scores, when the way scores, and why the picked
    ones were picked, ``ROOT/engine/<name>/selection/rNNN.parquet``), ``annotate``
    (:func:`dataengine.pipeline.annotate.stage.run_round` with the current version), ``train``
    (:func:`dataengine.pipeline.sam.train.train_sam`, starting from the current version, on every
@@ -222,8 +222,8 @@ class Engine:
         used = self.annotated_keys(idx)
         candidates = [k for k in keys if k not in used]
         n = plan.images_per_round or self.cfg.images_per_round
-        if not candidates or self.cfg.selection == "order":
-            return candidates[:n]
+        if not candidates:
+            return []
         return self.step("select", idx, lambda: self.select(idx, n, candidates, used))["keys"]
 
     def annotated_keys(self, before: int) -> set[str]:
@@ -236,8 +236,8 @@ class Engine:
 
     def select(self, idx: int, n: int, candidates: list[str], used: set[str]
                ) -> dict[str, Any]:
-        """Score the candidates with the promoted SAM and pick round ``idx``'s images; every
-        candidate's scores and why go to ``selection/rNNN.parquet``."""
+        """Pick round ``idx``'s images (the uncertainty ways score the candidates with the
+        promoted SAM); every candidate's scores and why go to ``selection/rNNN.parquet``."""
         import pyarrow as pa
 
         from dataengine.pipeline.curate.embed import read_images
@@ -246,14 +246,16 @@ class Engine:
 
         cfg = self.cfg
         version = promotion.current_version(self.corpus)
-        if version is None:
-            raise ValueError(f"selection={cfg.selection!r} needs a promoted SAM version")
-        model, _ = resolve_model(self.corpus, version)
         opts = cfg.selection_options
-        picked, rows = select(
-            cfg.selection, n, candidates, seed=cfg.seed, round_index=idx, cfg=opts,
-            score=lambda ks: score_images(model, read_images(self.corpus, ks), opts),
-            annotated=sorted(used))
+
+        def score(keys: list[str]) -> dict[str, Any]:   # only the uncertainty ways score
+            if version is None:
+                raise ValueError(f"selection={cfg.selection!r} needs a promoted SAM version")
+            model, _ = resolve_model(self.corpus, version)
+            return score_images(model, read_images(self.corpus, keys), opts)
+
+        picked, rows = select(cfg.selection, n, candidates, seed=cfg.seed, round_index=idx,
+                              cfg=opts, score=score, annotated=sorted(used))
         url = storage.join(self.log.dir, "selection", f"r{idx:03d}.parquet")
         storage.write_table(url, pa.Table.from_pylist([r.row() for r in rows]))
         picks = sorted((r.row() for r in rows if r.picked), key=lambda r: r["pick_order"])
