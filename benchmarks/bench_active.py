@@ -217,7 +217,10 @@ def report(results: dict[str, list[dict]]) -> None:
                   f"{f(r['noc75'], 2):>7}")
     last = {w: rows[-1] for w, rows in results.items() if rows}
     rand, act = last.get("random"), last.get("uncertainty+diversity")
-    if rand and act and rand["miou1"] is not None:
+    if rand and act and not rand["miou1"]:
+        print("target: cannot be judged: random's final held-out mIoU@1 is "
+              f"{f(rand['miou1'])} (start from a trained model: --init)")
+    elif rand and act:
         reach = next((r for r in results["uncertainty+diversity"]
                       if r["miou1"] is not None and r["miou1"] >= rand["miou1"]), None)
         if reach is None:
