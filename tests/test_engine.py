@@ -92,6 +92,16 @@ def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, m
     r1, r2 = (log.find("annotate", i)["keys"] for i in (0, 1))
     assert r1 == keys[:3] and r2 == keys[3:6]
     assert not set(r1 + r2) & set(info["holdout"])
+    # selection=order records its picks too: every candidate, in order, and why
+    import pyarrow.parquet as pq
+
+    for i, picked in enumerate((r1, r2)):
+        sel = log.find("select", i)
+        assert sel["selection"] == "order" and sel["keys"] == picked
+        rows = pq.read_table(sel["scores"]).to_pylist()
+        assert [r["key"] for r in rows] == keys[3 * i:]
+        assert [r["key"] for r in rows if r["picked"]] == picked
+        assert all(r["why"] == "next in shard / key order" for r in rows if r["picked"])
     # retrained after each round, each version recorded with its rounds and parent
     versions = corpus.model_versions("sam")
     assert versions == ["v0001", "v0002", "v0003"]
@@ -118,3 +128,67 @@ def test_engine_resumes_without_redoing_finished_rounds(ray_cluster, tmp_path, m
     again = run_engine(root, _cfg(**promote_all))
     assert len(StepLog(corpus, "engine").records) == len(log.records)
     assert again["rounds"] == report["rounds"]
+
+
+def _selection_run(root: str, selection: str, seed: int = 0) -> tuple[StepLog, list]:
+    cfg = _cfg(selection=selection, seed=seed, retrain=False, images_per_round=2,
+               selection_options={"points_per_side": 3, "pool_factor": 2.0})
+    run_engine(root, cfg)
+    return StepLog(Corpus(root), "engine"), cfg
+
+
+@pytest.mark.timeout(600)
+def test_selection_is_deterministic_and_its_records_match_what_was_annotated(tmp_path):
+    import pyarrow.parquet as pq
+
+    from dataengine.pipeline.core.rounds import iter_round_shard
+
+    runs = []
+    for name in ("a", "b"):
+        root = str(tmp_path / name)
+        build_corpus(root, shards=3, per_shard=4, seed=5)
+        log, _ = _selection_run(root, "uncertainty+diversity")
+        runs.append((root, log))
+    (root, log), (_, log_b) = runs
+    corpus = Corpus(root)
+    keys = train_keys(corpus)
+    sel = [log.find("select", i) for i in (0, 1)]
+    assert [s["keys"] for s in sel] == [log_b.find("select", i)["keys"] for i in (0, 1)]
+    assert sel[0]["keys"] != keys[:2] or sel[1]["keys"] != keys[2:4]   # not just the order
+    seen: set[str] = set()
+    for i, s in enumerate(sel):
+        ann = log.find("annotate", i)
+        assert ann["keys"] == s["keys"] and len(s["keys"]) == 2
+        annotated = {rec["image"]["image_id"] for shard in corpus.image_shards()
+                     if storage.exists(corpus.round_shard(ann["round"], shard))
+                     for rec in iter_round_shard(corpus, ann["round"], shard)}
+        assert annotated == set(s["keys"])
+        rows = pq.read_table(s["scores"]).to_pylist()
+        # every candidate (training images not annotated before) has its scores and rank
+        assert [r["key"] for r in rows] == [k for k in keys if k not in seen]
+        assert all(r["uncertainty"] is not None and r["rank"] for r in rows)
+        picked = sorted((r for r in rows if r["picked"]), key=lambda r: r["pick_order"])
+        assert [r["key"] for r in picked] == s["keys"] and all(r["why"] for r in picked)
+        assert [p["key"] for p in s["picks"]] == s["keys"]
+        # picks come from the most uncertain shortlist (pool_factor 2 x 2 images)
+        assert all(r["rank"] <= 4 for r in picked)
+        seen.update(s["keys"])
+    assert "farthest" in sel[1]["picks"][0]["why"]   # round 2 keeps away from round 1's images
+    # a resumed run selects nothing again
+    n = len(log.records)
+    _selection_run(root, "uncertainty+diversity")
+    assert len(StepLog(corpus, "engine").records) == n
+
+
+def test_random_selection_depends_on_the_seed_only(tmp_path):
+    from dataengine.pipeline.curate.selection import select
+
+    cands = [f"{i:016x}" for i in range(40)]
+    a = select("random", 5, cands, seed=1, round_index=0)[0]
+    assert a == select("random", 5, cands, seed=1, round_index=0)[0]
+    assert a != select("random", 5, cands, seed=2, round_index=0)[0]
+    assert select("order", 5, cands)[0] == cands[:5]
+    with pytest.raises(ValueError, match="scoring function"):
+        select("uncertainty", 5, cands)
+    with pytest.raises(ValueError, match="selection"):
+        _cfg(selection="entropy")

@@ -22,22 +22,23 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline.ingest": {"models", "pipeline.core"},
     "pipeline.sam": {"models", "pipeline.core"},
     "pipeline.ldm": {"models", "pipeline.core"},
+    "pipeline.curate": {"pipeline.core", "pipeline.sam"},
     "pipeline.detector": {"models", "pipeline.core", "pipeline.sam"},
     "pipeline.formats": {"models", "pipeline.core"},
     "pipeline.annotate": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
                           "pipeline.formats"},
     "pipeline.engine": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
-                        "pipeline.annotate"},
+                        "pipeline.annotate", "pipeline.curate"},
     "pipeline.server": {"models", "pipeline.core", "pipeline.sam", "pipeline.detector",
-                        "pipeline.annotate"},
+                        "pipeline.annotate", "pipeline.curate"},
     "flows": {"models", "pipeline.core", "pipeline.ingest", "pipeline.sam", "pipeline.ldm",
               "pipeline.detector", "pipeline.annotate", "pipeline.engine"},
     "pipeline.cli": {"models", "pipeline.core", "pipeline.ingest", "pipeline.sam",
                      "pipeline.ldm", "pipeline.detector", "pipeline.annotate", "pipeline.engine",
-                     "pipeline.server", "pipeline.formats", "flows"},
+                     "pipeline.server", "pipeline.curate", "pipeline.formats", "flows"},
 }
 #: Third-party packages only some units may import.
-RESTRICTED = {"prefect": {"flows", "pipeline.cli"}}
+RESTRICTED = {"prefect": {"flows", "pipeline.cli"}, "faiss": {"pipeline.curate"}}
 
 
 def unit_of(module: str) -> str:

@@ -57,6 +57,7 @@ from dataengine.pipeline.detector.proposer import DetectorProposerConfig
 from dataengine.pipeline.sam.amg import AmgConfig, MaskGenerator
 from dataengine.pipeline.sam.clicker import SamSegmenter, clicks_to_iou
 from dataengine.pipeline.sam.embeddings import EmbeddingCache
+from dataengine.pipeline.sam.resolve import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -118,38 +119,6 @@ class AnnotateConfig:
             raise ValueError(f"max_images_per_shard={self.max_images_per_shard} must be >= 0")
         if self.retries < 0:
             raise ValueError(f"retries={self.retries} must be >= 0")
-
-
-# ---- model resolution ----------------------------------------------------------------------
-
-def resolve_model(corpus: Corpus, spec: str, *, model_config: str = "tiny", seed: int = 0,
-                  device: str | None = None) -> tuple[Any, str]:
-    """``(model, model_version)`` for a model spec (see :class:`AnnotateConfig.model`)."""
-    import re
-
-    from dataengine.models.sam import MODEL_NAMES, build_sam
-    from dataengine.models.sam2 import config_for_state, is_official_state, is_sam2_config
-    from dataengine.pipeline.core.checkpoints import load_sam, read_state_dict
-
-    if re.fullmatch(r"v\d{4,}", spec):
-        url = corpus.model_dir("sam", spec)
-        if not storage.exists(storage.join(url, "version.json")) and not storage.exists(
-                storage.join(url, "config.json")):
-            raise FileNotFoundError(f"model {spec!r}: {url} is not a published SAM version")
-        return load_sam(url, device), spec
-    if spec in MODEL_NAMES:
-        return build_sam(spec, seed=seed, device=device), f"{spec}-random-s{seed}"
-    if storage.exists(storage.join(spec, "config.json")):
-        name = spec.rstrip("/").rsplit("/", 1)[-1]
-        return load_sam(spec, device), name
-    if storage.exists(spec):  # a checkpoint file on any URL, read weights-only
-        name = spec.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        state = read_state_dict(spec)
-        if is_official_state(state) and not is_sam2_config(model_config):
-            model_config = config_for_state(state)  # an official SAM 2 / 2.1 .pt
-        return build_sam(model_config, state, device=device), f"{model_config}-{name}"
-    raise FileNotFoundError(f"model {spec!r} is not a version under {corpus.path('models/sam')}, "
-                            f"a registry config ({sorted(MODEL_NAMES)}) or a checkpoint path")
 
 
 # ---- per-shard work ------------------------------------------------------------------------
@@ -257,7 +226,7 @@ class ShardAnnotator:
         records, failures = [], []
         stats: dict[str, Any] = {"images": 0, "masks": 0, "prefilled": 0, "added": 0,
                                  "clicks": 0, "clicks50": 0, "seconds": 0.0, "discarded": 0,
-                                 "discarded_seconds": 0.0, "gt_images": 0,
+                                 "discarded_clicks": 0, "discarded_seconds": 0.0, "gt_images": 0,
                                  "gt": {"gt_objects": 0, "iou_sum": 0.0, "matched_masks": 0,
                                         "recall50": 0, "recall75": 0},
                                  "gt_prefilled": {"iou_sum": 0.0, "matched_masks": 0,
@@ -275,7 +244,8 @@ class ShardAnnotator:
                 continue
             records.append(rec)
             stats["images"] += 1
-            for k in ("masks", "prefilled", "added", "clicks", "clicks50", "discarded"):
+            for k in ("masks", "prefilled", "added", "clicks", "clicks50", "discarded",
+                      "discarded_clicks"):
                 stats[k] += info[k]
             for k in ("seconds", "discarded_seconds"):
                 stats[k] += info[k]
@@ -312,7 +282,7 @@ class ShardAnnotator:
         anns: list[dict[str, Any]] = []
         info: dict[str, Any] = {"masks": 0, "prefilled": 0, "added": 0, "clicks": 0,
                                 "clicks50": 0, "seconds": 0.0, "discarded": 0,
-                                "discarded_seconds": 0.0}
+                                "discarded_clicks": 0, "discarded_seconds": 0.0}
         full_box = [0.0, 0.0, float(w), float(h)]
         prefilled_masks: list[np.ndarray] = []
         added_masks: list[np.ndarray] = []
@@ -338,6 +308,7 @@ class ShardAnnotator:
                 for r in results:
                     if not r.accepted:
                         info["discarded"] += 1
+                        info["discarded_clicks"] += len(r.clicks)
                         info["discarded_seconds"] += r.seconds
                         continue
                     added_masks.append(r.mask)
@@ -398,7 +369,8 @@ def choose_round(corpus: Corpus, cfg: AnnotateConfig, model_version: str) -> int
 def aggregate(stats: list[dict[str, Any]], stage: str) -> dict[str, Any]:
     """Round metrics from the per-shard stats records."""
     tot: dict[str, Any] = {"images": 0, "masks": 0, "prefilled": 0, "added": 0, "clicks": 0,
-                           "clicks50": 0, "seconds": 0.0, "discarded": 0, "discarded_seconds": 0.0,
+                           "clicks50": 0, "seconds": 0.0, "discarded": 0, "discarded_clicks": 0,
+                           "discarded_seconds": 0.0,
                            "gt_images": 0, "wall_seconds": 0.0}
     gt = {"gt_objects": 0, "iou_sum": 0.0, "matched_masks": 0, "recall50": 0, "recall75": 0}
     gtp = {"iou_sum": 0.0, "matched_masks": 0, "recall50": 0}
@@ -417,6 +389,7 @@ def aggregate(stats: list[dict[str, Any]], stage: str) -> dict[str, Any]:
     clicked = tot["added"]
     out: dict[str, Any] = {
         "stage": stage, "shards": len(stats), "images": n, "masks": masks,
+        "clicks": tot["clicks"],
         "failed_images": len(failures), "failures": failures[:1000],
         "masks_per_image": round(masks / n, 3) if n else 0.0,
         # no mask clicked: 0 when the masks came without clicks (auto, kept pre-fill), None
@@ -430,7 +403,8 @@ def aggregate(stats: list[dict[str, Any]], stage: str) -> dict[str, Any]:
         "seconds_per_mask": round(tot["seconds"] / clicked, 3) if clicked else
         (0.0 if masks else None),
         "seconds_per_image": round(tot["seconds"] / n, 3) if n else 0.0,
-        "discarded": tot["discarded"], "discarded_seconds": round(tot["discarded_seconds"], 3),
+        "discarded": tot["discarded"], "discarded_clicks": tot["discarded_clicks"],
+        "discarded_seconds": round(tot["discarded_seconds"], 3),
         "compute_seconds": round(tot["wall_seconds"], 3),
     }
     if stage == "semi":

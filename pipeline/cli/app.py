@@ -18,7 +18,7 @@ import traceback
 import typer
 from rich.logging import RichHandler
 
-from dataengine.pipeline.cli import annotate, corpus, detector, flows, ldm, sam, server
+from dataengine.pipeline.cli import annotate, corpus, curate, detector, flows, ldm, sam, server
 
 app = typer.Typer(
     name="dataengine",
@@ -36,7 +36,7 @@ def setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
                         handlers=[RichHandler(rich_tracebacks=False, show_path=False)])
 
 
-for _group in (corpus, annotate, sam, detector, flows, server, ldm):
+for _group in (corpus, annotate, sam, detector, flows, server, ldm, curate):
     _group.register(app)
 
 

@@ -120,6 +120,9 @@ def people_open(
                                 "(masks of round N shown for keep/remove/correct)."),
     precompute: str = typer.Option("ray", "--precompute", help="Embeddings ahead of time: ray "
                                    "(annotation actors on the cluster) | local | off."),
+    honeypot_every: int = typer.Option(0, "--honeypot-every", help="Also queue a held-out "
+                                       "image with ground truth after every N-1 images, "
+                                       "scored and never trained on (0 = none)."),
 ) -> None:
     """Open a round for people: queue its images and compute their SAM embeddings."""
     from dataengine.pipeline.core.layout import Corpus
@@ -131,7 +134,7 @@ def people_open(
     if keys_file:
         keys = [k.strip() for k in Path(keys_file).read_text().splitlines() if k.strip()]
     number = people.open_round(corpus, stage=stage, model_version=model, n_images=images,
-                               keys=keys, prefill=prefill)
+                               keys=keys, prefill=prefill, honeypot_every=honeypot_every)
     r = people.PeopleRound(corpus, number)
     shard_keys = {s: list(keys) for s, keys in r.shards.items()}
     results = run_precompute(corpus, model, shard_keys, mode=precompute)
@@ -140,6 +143,24 @@ def people_open(
     typer.echo(f"round {number} open for people: {len(r.order)} images in {len(shard_keys)} "
                f"shards; embeddings computed now: {computed}"
                + (f"; {len(failed)} shard(s) failed (encoded on demand)" if failed else ""))
+
+
+def people_review(
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    source: int = typer.Option(..., "--round", help="A finished people round."),
+    share: float = typer.Option(0.1, "--share", help="Share of its annotated images re-done."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the (stable, hash-based) choice."),
+) -> None:
+    """Open a review round: a share of a finished round's images, each for someone other than
+    its first annotator; their agreement IoU is recorded per image and person."""
+    from dataengine.pipeline.core.layout import Corpus
+    from dataengine.pipeline.server import people
+    from dataengine.pipeline.server.people_review import open_review_round
+
+    corpus = Corpus(root)
+    number = open_review_round(corpus, source=source, share=share, seed=seed)
+    typer.echo(f"review round {number} open: {len(people.PeopleRound(corpus, number).order)} "
+               f"images of round {source}")
 
 
 def curation_export(
@@ -163,7 +184,8 @@ def register(app: typer.Typer) -> None:
     groups = {
         "token": ("Personal access tokens for the dashboard and annotation tool.",
                   {"create": token_create, "list": token_list, "revoke": token_revoke}),
-        "people": ("Rounds annotated by people in the browser tool.", {"open": people_open}),
+        "people": ("Rounds annotated by people in the browser tool.",
+                   {"open": people_open, "review": people_review}),
         "curation": ("The curation decision log.", {"export": curation_export}),
     }
     for name, (help_text, commands) in groups.items():

@@ -12,16 +12,24 @@ For each target the latest decision wins (ordered by time, then by file and row)
 same ``decision_id``) counts once. An unreadable decision file stops every reader with an error
 naming it (a lost ``reject`` would put rejected masks back into training); readers may opt in
 to skipping such files (``skip_unreadable``), which logs how many were skipped. The two levels
-are independent: an image-level approve does not undo a mask-level reject. Every trainer
-excludes :func:`rejected_mask_ids` and every mask of :func:`rejected_image_keys`;
-:func:`exclude_rejected` does both on a manifest table.
+are independent: an image-level approve does not undo a mask-level reject.
 
-Public contract used by the trainers::
+Beside people's decisions, tools flag images (``flags-<kind>-<UTC time>-<random>.parquet``, schema
+:data:`FLAG_SCHEMA`): ``near_duplicate`` (an image that nearly duplicates another training image)
+and ``holdout_leak`` (a training image that nearly duplicates a held-out image). A flagging run
+publishes its whole result for its kind, so the newest file of a kind is that kind's current set
+(an earlier run's flags that a later run no longer finds are gone; nothing is ever rewritten).
+A curator's image-level ``approve`` made after a ``near_duplicate`` flag keeps the image; a
+``holdout_leak`` is never overridden.
 
-    from dataengine.pipeline.core.curation import rejected_mask_ids, rejected_image_keys,
-    exclude_rejected masks_to_drop = rejected_mask_ids(corpus)      # set[str] of mask_id
-    images_to_drop = rejected_image_keys(corpus)   # set[str] of image key manifest =
-    exclude_rejected(corpus, manifest)  # pyarrow manifest without either
+What training leaves out is decided in one place, :func:`training_exclusions`: rejected masks,
+rejected images, leaking images, and near-duplicates unless asked to include them. The trainers
+use :func:`exclude_for_training` on a manifest table (it also counts what each reason removed)
+or :func:`excluded_image_keys`::
+
+    table, counts = exclude_for_training(corpus, manifest)   # counts: curation, holdout_leak,
+                                                              # near_duplicate
+    images_to_drop = excluded_image_keys(corpus)              # set[str] of image keys
 """
 
 from __future__ import annotations
@@ -61,6 +69,18 @@ DECISION_SCHEMA = pa.schema([
 ])
 
 _FILE_RE = r"decisions-[0-9TZ]+-[0-9a-f]{12}\.parquet"
+
+FLAG_KINDS = ("near_duplicate", "holdout_leak")
+FLAG_SCHEMA = pa.schema([
+    ("ts", pa.timestamp("us", tz="UTC")),  # when the flagging run published
+    ("who", pa.string()),                  # the tool (and its settings' name), e.g. "dedup"
+    ("kind", pa.string()),                 # near_duplicate | holdout_leak
+    ("key", pa.string()),                  # the flagged image
+    ("of_key", pa.string()),               # the image it nearly duplicates
+    ("score", pa.float64()),               # similarity of the two (1 = identical)
+    ("reason", pa.string()),               # how it was decided, for people
+])
+_FLAGS_RE = r"flags-(?:near_duplicate|holdout_leak)-[0-9TZ]+-[0-9a-f]{12}\.parquet"
 WHO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MASK_ID_RE = re.compile(r"round-(\d{4,})/([A-Za-z0-9][A-Za-z0-9_.-]{0,127})/(\d{1,9})")
@@ -292,6 +312,110 @@ def is_excluded(mask_id: str, key: str, rejected_masks: set[str],
                 rejected_images: set[str]) -> bool:
     """Whether a mask must be left out of training, given the two rejected sets."""
     return mask_id in rejected_masks or key in rejected_images
+
+
+# ---- tools' flags, and what training leaves out ---------------------------------------------
+
+def record_flags(corpus: Corpus | str, kind: str, rows: Iterable[dict[str, Any]],
+                 who: str) -> str:
+    """Publish one flagging run's complete result for ``kind`` (rows of ``key``, ``of_key``,
+    ``score``, ``reason``); it supersedes earlier runs of the kind. Written even when empty (a
+    run that finds nothing clears the kind). Returns the file's URL."""
+    corpus = _as_corpus(corpus)
+    if kind not in FLAG_KINDS:
+        raise ValueError(f"flag kind {kind!r} is not one of {FLAG_KINDS}")
+    if not isinstance(who, str) or not WHO_RE.fullmatch(who):
+        raise ValueError(f"who {who!r} is not a valid identity")
+    ts = datetime.now(UTC)
+    out = []
+    for r in rows:
+        for name in ("key", "of_key"):
+            if not isinstance(r.get(name), str) or not KEY_RE.fullmatch(r[name]):
+                raise ValueError(f"flag {kind}: {name} {r.get(name)!r} is not a valid key")
+        out.append({"ts": ts, "who": who, "kind": kind, "key": r["key"], "of_key": r["of_key"],
+                    "score": float(r.get("score", 0.0)), "reason": str(r.get("reason", ""))})
+    stamp = ts.strftime("%Y%m%dT%H%M%S%fZ")
+    url = storage.join(corpus.curation, f"flags-{kind}-{stamp}-{uuid.uuid4().hex[:12]}.parquet")
+    storage.write_table(url, pa.Table.from_pylist(out, schema=FLAG_SCHEMA), overwrite=False)
+    logger.info("curation: %d %s flag(s) by %s -> %s", len(out), kind, who, url)
+    return url
+
+
+def load_flags(corpus: Corpus | str) -> dict[str, pa.Table]:
+    """The current flags of each kind: its newest file. An unreadable newest file stops the
+    reader with an error naming it (a lost ``holdout_leak`` would put a leak into training)."""
+    corpus = _as_corpus(corpus)
+    newest: dict[str, str] = {}
+    urls = storage.listdir(corpus.curation, _FLAGS_RE)
+    for u in sorted(urls, key=lambda x: x.rsplit("/", 1)[-1]):
+        name = u.rsplit("/", 1)[-1]
+        newest[next(k for k in FLAG_KINDS if name.startswith(f"flags-{k}-"))] = u
+    out: dict[str, pa.Table] = {}
+    for kind, u in newest.items():
+        try:
+            out[kind] = storage.read_table(u).cast(FLAG_SCHEMA)
+        except Exception as exc:
+            raise ValueError(f"curation flags {u} are unreadable ({exc}); repair or remove "
+                             f"the file, or re-run `dataengine dedup`") from exc
+    return out
+
+
+@dataclass
+class TrainingExclusions:
+    """What training leaves out: rejected mask ids, and image keys with their reason
+    (``curation``, ``holdout_leak`` or ``near_duplicate``)."""
+
+    masks: set[str]
+    images: dict[str, str]
+
+    def image_keys(self) -> set[str]:
+        return set(self.images)
+
+
+def training_exclusions(corpus: Corpus | str, *, include_near_duplicates: bool = False,
+                        log: DecisionLog | None = None) -> TrainingExclusions:
+    """Rejections, held-out leaks and (unless included, or approved by a curator after they
+    were flagged) near-duplicates."""
+    log = log or load_log(corpus)
+    images = {k: "curation" for k in log.rejected_image_keys()}
+    flags = load_flags(corpus)
+    dup = flags.get("near_duplicate")
+    if dup is not None and not include_near_duplicates:
+        for key, ts in zip(dup["key"].to_pylist(), dup["ts"].to_pylist(), strict=True):
+            decision = log.image_decision(key)
+            if decision and decision["decision"] == "approve" and decision["ts"] > ts:
+                continue
+            images.setdefault(key, "near_duplicate")
+    leak = flags.get("holdout_leak")
+    for key in leak["key"].to_pylist() if leak is not None else []:
+        images[key] = "holdout_leak"
+    return TrainingExclusions(log.rejected_mask_ids(), images)
+
+
+def exclude_for_training(corpus: Corpus | str, manifest: pa.Table, *,
+                         include_near_duplicates: bool = False, log: DecisionLog | None = None
+                         ) -> tuple[pa.Table, dict[str, int]]:
+    """``manifest`` (rows with ``mask_id`` and ``key``) without what training leaves out, and
+    how many rows each reason removed."""
+    ex = training_exclusions(corpus, include_near_duplicates=include_near_duplicates, log=log)
+    counts = {"curation": 0, "holdout_leak": 0, "near_duplicate": 0}
+    if not manifest.num_rows or (not ex.masks and not ex.images):
+        return manifest, counts
+    keep = []
+    for mid, key in zip(manifest["mask_id"].to_pylist(), manifest["key"].to_pylist(),
+                        strict=True):
+        reason = "curation" if mid in ex.masks else ex.images.get(key)
+        if reason:
+            counts[reason] += 1
+        keep.append(reason is None)
+    return manifest.filter(pa.array(keep, pa.bool_())), counts
+
+
+def excluded_image_keys(corpus: Corpus | str, *, include_near_duplicates: bool = False
+                        ) -> set[str]:
+    """Image keys training leaves out whole (see :func:`training_exclusions`)."""
+    return training_exclusions(corpus, include_near_duplicates=include_near_duplicates
+                               ).image_keys()
 
 
 EXPORT_FORMATS = ("parquet", "csv", "jsonl")

@@ -13,10 +13,13 @@
       annotations/round-NNNN/          shard-NNNNNN.tar (SA-1B per-image JSON), manifest/,
                                        (one row per mask: parts + compacts), round.json,
                                        metrics.json (written last: the round is complete)
-      embeddings/<model-version>/      shard-NNNNNN.tar of cached SAM image embeddings
+      embeddings/<model-version>/      shard-NNNNNN.tar of cached SAM image embeddings,
+                                       pooled/shard-NNNNNN.parquet (pooled, per image)
+      embeddings/signature-<id>/       shard-NNNNNN.parquet of perceptual signatures
       models/{sam,detector,vae,ldm}/vNNNN/   weights + config; version.json written last
       latents/<vae-version>-<res>-r<round>/  shard-NNNNNN.tar of latent mean/logvar + conditions
-      curation/                        append-only decision log (decisions-*.parquet)
+      curation/                        append-only decision log (decisions-*.parquet) and
+                                       tools' flags (flags-<kind>-*.parquet)
       engine/                          engine state and reports
       runs/                            training runs (Ray Train storage)
       quarantine/                      *.parquet: rejected inputs with source and reason

@@ -8,11 +8,12 @@ from typing import Any
 from dataengine.pipeline.core import config as config_mod
 from dataengine.pipeline.core.layout import parse_version
 from dataengine.pipeline.core.promotion import GateConfig
+from dataengine.pipeline.curate.selection import SELECTIONS, SelectionConfig
 from dataengine.pipeline.sam.evaluate import EvalSamConfig
 from dataengine.pipeline.sam.train import TrainSamConfig
 
 ENGINE_STAGES = ("manual", "semi", "auto")
-STEP_KINDS = ("init", "annotate", "train", "eval", "gate")
+STEP_KINDS = ("init", "select", "annotate", "train", "eval", "gate")
 
 
 @dataclass
@@ -45,6 +46,10 @@ class EngineConfig:
     stages: list[StagePlan] = field(default_factory=_default_stages)
     images_per_round: int = 32
     only_with_ground_truth: bool = True  # slices take images with round-0 ground truth
+    # which unannotated training images a round takes: order | random | uncertainty |
+    # uncertainty+diversity (dataengine.pipeline.curate.selection)
+    selection: str = "order"
+    selection_options: SelectionConfig = field(default_factory=SelectionConfig)
     init: str = "random"                 # random | checkpoint | vNNNN (when nothing promoted)
     model: str = "tiny"
     checkpoint: str | None = None
@@ -63,20 +68,23 @@ class EngineConfig:
     train: TrainSamConfig = field(default_factory=TrainSamConfig)
     eval: EvalSamConfig = field(default_factory=EvalSamConfig)
     gate: GateConfig = field(default_factory=GateConfig)
-    # the DETR proposer of the semi stage (dataengine.pipeline.detector.train.DetectorEngineConfig fields)
+    # the DETR proposer of the semi stage (DetectorEngineConfig fields,
+    # dataengine.pipeline.detector.train)
     detector: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.stages = [config_mod.from_dict(StagePlan, s, where="stages") if isinstance(s, dict)
                        else s for s in self.stages]
         for name, cls in (("train", TrainSamConfig), ("eval", EvalSamConfig),
-                          ("gate", GateConfig)):
+                          ("gate", GateConfig), ("selection_options", SelectionConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, config_mod.from_dict(cls, getattr(self, name), where=name))
         if not self.stages:
             raise ValueError("stages: give at least one stage")
         if self.images_per_round < 1:
             raise ValueError(f"images_per_round={self.images_per_round}: must be >= 1")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection!r}: one of {SELECTIONS}")
         if self.init not in ("random", "checkpoint"):
             parse_version(self.init)
         if self.init == "checkpoint" and not self.checkpoint:

@@ -1,15 +1,20 @@
 """``dataengine engine``: the SAM data engine loop — rounds, retraining, evaluation, promotion.
 
 From :class:`EngineConfig`: stages in order (e.g. 3 ``manual`` rounds, 2 ``semi``, 1 ``auto``),
-each round on the next slice of training-split images (``images_per_round``, in shard/key order;
-held-out images are never annotated). The loop:
+each round on ``images_per_round`` training-split images not yet annotated, chosen the
+``selection`` way (:mod:`dataengine.pipeline.curate.selection`: in shard/key order, at random, or
+those the current model is least sure of, spread out over the embeddings); held-out images and
+images curation leaves out of training (rejected, held-out leaks, near-duplicates) are never
+annotated. The loop:
 
 1. ``init``: when no SAM version is promoted yet, publish the starting model (``init``: random
    weights of ``model``, an official ``checkpoint``, or an existing ``vNNNN``) as a version,
    evaluate it on the held-out split, gate it (the first version is promoted);
-2. per round: ``annotate`` (:func:`dataengine.pipeline.annotate.stage.run_round` with the current
-   version), ``train`` (:func:`dataengine.pipeline.sam.train.train_sam`, starting from the current
-   version, on every complete round), ``eval`` (:func:`dataengine.pipeline.sam.evaluate.evaluate`),
+2. per round: ``select`` (each candidate's scores, when the way scores, and why the picked
+   ones were picked, ``ROOT/engine/<name>/selection/rNNN.parquet``), ``annotate``
+   (:func:`dataengine.pipeline.annotate.stage.run_round` with the current version), ``train``
+   (:func:`dataengine.pipeline.sam.train.train_sam`, starting from the current version, on every
+   complete round), ``eval`` (:func:`dataengine.pipeline.sam.evaluate.evaluate`),
    ``gate`` (:func:`dataengine.pipeline.core.promotion.gate`: promoted only if no held-out metric
    regresses);
 3. a stage ends after its ``rounds`` or earlier on a measured criterion
@@ -33,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dataengine.pipeline.core import config as config_mod
-from dataengine.pipeline.core import promotion, rounds, splits, storage, versions
+from dataengine.pipeline.core import curation, promotion, rounds, splits, storage, versions
 from dataengine.pipeline.core.checkpoints import read_state_dict
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.engine.config import EngineConfig, Paused, StagePlan, eval_config
@@ -47,8 +52,10 @@ logger = logging.getLogger(__name__)
 # ---- image slices --------------------------------------------------------------------------
 
 def train_keys(corpus: Corpus, only_with_ground_truth: bool = True) -> list[str]:
-    """Training-split image keys in shard / key order (with round-0 ground truth, if asked)."""
+    """Training-split image keys in shard / key order (with round-0 ground truth, if asked),
+    without the images curation leaves out of training."""
     split_map = splits.load_map(corpus)
+    excluded = curation.excluded_image_keys(corpus)
     gt: set[str] | None = None
     if only_with_ground_truth and rounds.is_complete(corpus, 0):
         gt = set(rounds.read_round_manifest(corpus, 0, ["key"]).column("key").to_pylist())
@@ -56,7 +63,8 @@ def train_keys(corpus: Corpus, only_with_ground_truth: bool = True) -> list[str]
     for shard in corpus.image_shards():
         done = storage.read_json(corpus.image_done(shard))
         for key in done.get("keys", []):
-            if split_map.get(key) == "train" and (gt is None or key in gt):
+            if split_map.get(key) == "train" and (gt is None or key in gt) and \
+                    key not in excluded:
                 out.append(key)
     return out
 
@@ -167,17 +175,16 @@ class Engine:
         try:
             self.first_version = self.step("init", None, self.init)["version"]
             keys = train_keys(self.corpus, self.cfg.only_with_ground_truth)
-            offset, idx = 0, 0
+            idx = 0
             while True:
                 sched = _round_schedule(self.cfg, self.log)
                 if idx >= len(sched):
                     break
                 _, plan, k = sched[idx]
-                todo = self.round_keys(idx, plan, keys, offset)
+                todo = self.round_keys(idx, plan, keys)
                 if not todo:
                     logger.info("engine: no training images left for round index %d", idx)
                     break
-                offset += len(todo)
                 before = sched[idx - 1][1].stage if idx else None
                 self.round(idx, plan, k, todo, before)
                 write_report(self.root, self.cfg)
@@ -205,12 +212,57 @@ class Engine:
         self.budget -= 1
         return self.log.add(kind, idx, data)
 
-    def round_keys(self, idx: int, plan: StagePlan, keys: list[str], offset: int) -> list[str]:
-        """The images of round ``idx``: recorded when it ran, else the next slice."""
-        prev = self.log.find("annotate", idx)
-        if prev is not None:
-            return prev["keys"]
-        return keys[offset: offset + (plan.images_per_round or self.cfg.images_per_round)]
+    def round_keys(self, idx: int, plan: StagePlan, keys: list[str]) -> list[str]:
+        """The images of round ``idx``: recorded when it ran (or was selected), else chosen now
+        among ``keys`` not annotated by an earlier round, the configured way."""
+        for kind in ("annotate", "annotate-start", "select"):
+            prev = self.log.find(kind, idx)
+            if prev is not None:
+                return prev["keys"]
+        used = self.annotated_keys(idx)
+        candidates = [k for k in keys if k not in used]
+        n = plan.images_per_round or self.cfg.images_per_round
+        if not candidates:
+            return []
+        return self.step("select", idx, lambda: self.select(idx, n, candidates, used))["keys"]
+
+    def annotated_keys(self, before: int) -> set[str]:
+        """Keys the engine's rounds before round index ``before`` annotated."""
+        out: set[str] = set()
+        for r in self.log.records:
+            if r["kind"] in ("annotate", "annotate-start") and r["round_index"] < before:
+                out.update(r["keys"])
+        return out
+
+    def select(self, idx: int, n: int, candidates: list[str], used: set[str]
+               ) -> dict[str, Any]:
+        """Pick round ``idx``'s images (the uncertainty ways score the candidates with the
+        promoted SAM); every candidate's scores and why go to ``selection/rNNN.parquet``."""
+        import pyarrow as pa
+
+        from dataengine.pipeline.curate.embed import read_images
+        from dataengine.pipeline.curate.selection import score_images, select
+        from dataengine.pipeline.sam.resolve import resolve_model
+
+        cfg = self.cfg
+        version = promotion.current_version(self.corpus)
+        opts = cfg.selection_options
+
+        def score(keys: list[str]) -> dict[str, Any]:   # only the uncertainty ways score
+            if version is None:
+                raise ValueError(f"selection={cfg.selection!r} needs a promoted SAM version")
+            model, _ = resolve_model(self.corpus, version)
+            return score_images(model, read_images(self.corpus, keys), opts)
+
+        picked, rows = select(cfg.selection, n, candidates, seed=cfg.seed, round_index=idx,
+                              cfg=opts, score=score, annotated=sorted(used))
+        url = storage.join(self.log.dir, "selection", f"r{idx:03d}.parquet")
+        storage.write_table(url, pa.Table.from_pylist([r.row() for r in rows]))
+        picks = sorted((r.row() for r in rows if r.picked), key=lambda r: r["pick_order"])
+        return {"selection": cfg.selection, "model_version": version, "seed": cfg.seed,
+                "candidates": len(candidates),
+                "scored": sum(r.uncertainty is not None for r in rows), "keys": picked,
+                "picks": picks, "scores": url}
 
     def round(self, idx: int, plan: StagePlan, k: int, todo: list[str],
               before: str | None) -> None:

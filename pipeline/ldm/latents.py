@@ -14,7 +14,8 @@ order as the image shard) with, per image:
   provenance: ``sha256`` of the image, ``vae_version``, ``round`` of the masks, ``resolution``.
 
 Masks come from the newest complete round that has masks for the image (round 0 imports count
-when ``train_on_imported``); curation-rejected masks are left out and rejected images are not
+when ``train_on_imported``); curation-rejected masks are left out and images curation leaves out
+(rejected, leaking held-out near-copies, near-duplicates) are not
 encoded. ``<round>`` in the folder name is the newest complete round the run considered.
 A shard is done when ``done/shard-NNNNNN.json`` exists (created after the tar), so a re-run
 encodes only missing shards; a corrupt image is recorded (done record + ``quarantine/``) and
@@ -98,7 +99,7 @@ def layout_map(masks: list[dict[str, Any]], width: int, height: int, size: int) 
 def mask_sources(corpus: Corpus, cfg: LatentsConfig) -> tuple[int, dict[str, list[dict]]]:
     """(round number for the folder name, ``shard -> mask rows`` of the newest accepted masks
     per image, curation rejections removed)."""
-    from dataengine.pipeline.core.curation import rejected_image_keys, rejected_mask_ids
+    from dataengine.pipeline.core.curation import excluded_image_keys, rejected_mask_ids
 
     done = rounds.complete_rounds(corpus, include_imported=cfg.train_on_imported)
     if cfg.round >= 0:
@@ -107,7 +108,7 @@ def mask_sources(corpus: Corpus, cfg: LatentsConfig) -> tuple[int, dict[str, lis
     table = rounds.load_manifest(corpus, done)
     if table.num_rows == 0:
         return number, {}
-    bad_masks, bad_images = rejected_mask_ids(corpus), rejected_image_keys(corpus)
+    bad_masks, bad_images = rejected_mask_ids(corpus), excluded_image_keys(corpus)
     cols = ["mask_id", "key", "shard", "round", "category_id", "area", "height", "width", "rle"]
     rows = table.select(cols).to_pylist()
     newest: dict[str, int] = {}
@@ -252,7 +253,7 @@ def compute_latents(root: str, config: LatentsConfig | None = None,
                     progress: Any = None) -> dict[str, Any]:
     """Precompute latent shards for every image shard of ``root``; returns the summary
     (``dataset`` folder name, shards written / skipped / failed, samples, failures)."""
-    from dataengine.pipeline.core.curation import rejected_image_keys
+    from dataengine.pipeline.core.curation import excluded_image_keys
 
     cfg = config or LatentsConfig()
     corpus = Corpus(root)
@@ -267,7 +268,7 @@ def compute_latents(root: str, config: LatentsConfig | None = None,
                                 f"published (have {versions}); run `dataengine train-vae`")
     number, masks = mask_sources(corpus, cfg)
     out = corpus.latents_dir(vae_version, cfg.resolution, number)
-    rejected = sorted(rejected_image_keys(corpus))
+    rejected = sorted(excluded_image_keys(corpus))
     tasks = [{"root": root, "shard": n, "out": out, "resolution": cfg.resolution,
               "batch_size": cfg.batch_size, "vae_version": vae_version, "round": number,
               "masks": masks.get(n, []), "rejected": rejected}

@@ -420,7 +420,7 @@ def prepare_run(root: str, cfg: TrainLdmConfig) -> dict[str, Any]:
     """Everything the workers need: shards, spec, tokenizer (trained on the corpus captions,
     reused when the run already has one), VAE version and scale, curation rejections."""
     from dataengine.models.ldm import LdmSpec, tokenizer_to_json, train_tokenizer
-    from dataengine.pipeline.core.curation import rejected_image_keys, rejected_mask_ids
+    from dataengine.pipeline.core.curation import excluded_image_keys, rejected_mask_ids
     from dataengine.pipeline.core.shards import iter_tar
 
     corpus = Corpus(root)
@@ -454,7 +454,7 @@ def prepare_run(root: str, cfg: TrainLdmConfig) -> dict[str, Any]:
     return {"root": root, "latents": name, "shards": shards, "spec": spec.to_json(),
             "tokenizer": tok_json, "vae_version": info["vae_version"],
             "scale_factor": float(vae_info["scale_factor"]), "run": run, "run_url": run_url,
-            "version": version, "rejected_images": sorted(rejected_image_keys(corpus)),
+            "version": version, "rejected_images": sorted(excluded_image_keys(corpus)),
             "rejected_masks": sorted(rejected_mask_ids(corpus))}
 
 

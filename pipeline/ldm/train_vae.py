@@ -2,7 +2,7 @@
 
 When no pretrained autoencoder is given (``pretrained``: a local diffusers folder or a
 diffusers-layout ``.safetensors`` with ``vae=sd-kl-f8``), a registry VAE (default ``tiny-f4``) is
-trained on the corpus' train-split images (curation-rejected images excluded) with Ray Train (DDP
+trained on the corpus' train-split images (images curation leaves out excluded) with Ray Train (DDP
 through :mod:`dataengine.pipeline.core.trainer`): reconstruction L1 + ``kl_weight`` * KL, and an
 optional patch discriminator (hinge loss) switched on after ``disc_start`` steps.
 
@@ -244,7 +244,7 @@ def train_vae(root: str, config: TrainVaeConfig | None = None) -> dict[str, Any]
     """Train (or import with ``pretrained``) a VAE on corpus ``root`` and publish it as the next
     ``models/vae/vNNNN``; returns the version's info."""
     from dataengine.models.ldm import build_vae, load_vae, vae_factor
-    from dataengine.pipeline.core.curation import rejected_image_keys
+    from dataengine.pipeline.core.curation import excluded_image_keys
 
     cfg = config or TrainVaeConfig()
     corpus = Corpus(root)
@@ -260,7 +260,7 @@ def train_vae(root: str, config: TrainVaeConfig | None = None) -> dict[str, Any]
         info.update(source="pretrained", pretrained=cfg.pretrained)
     else:
         run = cfg.run_name or f"vae-{version}"
-        rejected = sorted(rejected_image_keys(corpus))
+        rejected = sorted(excluded_image_keys(corpus))
         result = trainer.launch(_train_loop, {"cfg": _cfg_dict(cfg), "shards": shards,
                                               "rejected": rejected},
                                 runs_url=corpus.runs, name=run, scale=cfg.scale)

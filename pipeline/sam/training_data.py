@@ -3,8 +3,10 @@
 :func:`plan_training_data` decides, on the driver, what a SAM training run may read: every complete
 round (round 0, the imported ground truth, only with ``train_on_imported``; with
 ``imported_only_annotated`` only on the images the used rounds worked on, the simulated counterpart
-of annotators finishing masks with brush/eraser tools), minus the masks and images rejected by
-curation (:mod:`dataengine.pipeline.core.curation`), minus every key whose split in ``ROOT/splits/``
+of annotators finishing masks with brush/eraser tools), minus what curation leaves out
+(:func:`dataengine.pipeline.core.curation.exclude_for_training`: rejected masks and images,
+training images that nearly duplicate held-out ones, near-duplicates unless
+``include_near_duplicates``), minus every key whose split in ``ROOT/splits/``
 is not ``train`` (held-out keys never reach a trainer; keys without a split are left out too). The
 plan is a small JSON-able :class:`TrainingPlan` (rounds, shards, allowed mask ids per shard, counts)
 recorded in the model version's ``training.json``.
@@ -53,6 +55,7 @@ class DataConfig:
     stages: list[str] | None = None    # None = every stage
     min_area: int = 0                  # stored-frame px; smaller masks are skipped
     skip_crowd: bool = True            # imported COCO crowd regions are not objects
+    include_near_duplicates: bool = False   # train on images flagged as near-duplicates too
 
     def __post_init__(self) -> None:
         if self.min_area < 0:
@@ -113,7 +116,8 @@ def plan_training_data(corpus: Corpus, cfg: DataConfig | None = None) -> Trainin
     excluded = {"holdout_or_unsplit": 0, "curation": 0, "stage": 0, "small": 0}
     n0 = table.num_rows
     if cfg.stages is not None and table.num_rows:
-        table = table.filter(pc.is_in(table["stage"], value_set=pa.array(list(cfg.stages), "string")))
+        stages = pa.array(list(cfg.stages), "string")
+        table = table.filter(pc.is_in(table["stage"], value_set=stages))
         excluded["stage"] = n0 - table.num_rows
     if cfg.train_on_imported and cfg.imported_only_annotated and table.num_rows:
         covered = set(table.filter(pc.not_equal(table["round"], 0))["key"].to_pylist())
@@ -124,9 +128,9 @@ def plan_training_data(corpus: Corpus, cfg: DataConfig | None = None) -> Trainin
         keep = pc.or_(pc.not_equal(table["round"], 0), pc.is_in(table["key"], value_set=covered))
         excluded["imported_not_annotated"] = table.num_rows - int(pc.sum(keep).as_py() or 0)
         table = table.filter(keep)
-    n1 = table.num_rows
-    table = curation.exclude_rejected(corpus, table)
-    excluded["curation"] = n1 - table.num_rows
+    table, counts = curation.exclude_for_training(
+        corpus, table, include_near_duplicates=cfg.include_near_duplicates)
+    excluded.update(counts)
     split_map = splits.load_map(corpus)
     keys = table.column("key").to_pylist()
     train_mask = [split_map.get(k) == "train" for k in keys]
@@ -323,8 +327,9 @@ def write_read_log(url: str, rank: int, keys: set[str], shards: set[str],
 
 
 def my_shard_share(shards: list[str], rank: int, world_size: int) -> list[str]:
-    """This worker's disjoint shards (:func:`dataengine.pipeline.core.trainer.my_shards`); with more workers than
-    shards a worker without one borrows ``shards[rank % n]`` (logged) so DDP steps stay equal."""
+    """This worker's disjoint shards (:func:`dataengine.pipeline.core.trainer.my_shards`); with
+    more workers than shards a worker without one borrows ``shards[rank % n]`` (logged) so DDP
+    steps stay equal."""
     from dataengine.pipeline.core.trainer import my_shards
 
     mine = my_shards(shards, rank, world_size)

@@ -28,6 +28,7 @@ from dataengine.pipeline.server.routes import (
     corpus,
     curation,
     pages,
+    review,
 )
 from dataengine.pipeline.server.security import ApiError, Guard
 from dataengine.pipeline.server.state import ServerState
@@ -37,7 +38,7 @@ __all__ = ["THUMB_SIZES", "ServerConfig", "create_app", "default_cache_dir"]
 logger = logging.getLogger(__name__)
 
 ROUTERS = (pages.router, corpus.router, curation.router, annotate_rounds.router,
-           annotate_work.router, admin.router)
+           annotate_work.router, admin.router, review.router)
 
 
 def _errors(app: FastAPI) -> None:

@@ -46,6 +46,7 @@ from dataengine.pipeline.core.rounds import (
     is_complete,
     load_manifest,
 )
+from dataengine.pipeline.curate import review
 from dataengine.pipeline.server.people_log import (
     Conflict,
     EventLog,
@@ -75,14 +76,18 @@ def _now() -> float:
 
 def open_round(corpus: Corpus, *, stage: str, model_version: str, n_images: int | None = None,
                keys: list[str] | None = None, prefill: str = "none", opened_by: str = "local",
-               number: int | None = None) -> int:
+               number: int | None = None, honeypot_every: int = 0, seed: int = 0) -> int:
     """Open a new round for people; returns its number.
 
     Images: ``keys`` (each must be a train-split key of the index), or the next ``n_images``
     train-split images (index order) not yet in a manual/semi round nor queued elsewhere.
     ``prefill``: ``none``, ``amg`` (the model's strict automatic masks, semi rounds) or
-    ``round:N`` (masks of round N, e.g. an automatic round).
+    ``round:N`` (masks of round N, e.g. an automatic round). ``honeypot_every``: also queue a
+    held-out image with ground truth after every ``honeypot_every - 1`` images
+    (:mod:`.people_review`).
     """
+    from dataengine.pipeline.server import people_review
+
     if stage not in PEOPLE_STAGES:
         raise ValueError(f"stage {stage!r}: people annotate {PEOPLE_STAGES}")
     if not re.fullmatch(r"v\d{4,}", model_version or ""):
@@ -99,6 +104,8 @@ def open_round(corpus: Corpus, *, stage: str, model_version: str, n_images: int 
     order = {s: i for i, s in enumerate(sorted({r["shard"] for r in index}))}
     pos = {r["key"]: i for i, r in enumerate(index)}
     chosen.sort(key=lambda r: (order[r["shard"]], pos[r["key"]]))
+    review.ReviewConfig(honeypot_every=honeypot_every, seed=seed)   # validates
+    pots = people_review.honeypot_rows(corpus, index, len(chosen), honeypot_every, seed)
     config = {"people": True, "prefill": prefill, "images": len(chosen)}
     if number is None:  # the first free number, taken without a race (round.json created)
         number = claim_round(corpus, stage, model_version, owner="people", config=config)
@@ -109,6 +116,8 @@ def open_round(corpus: Corpus, *, stage: str, model_version: str, n_images: int 
         "round": number, "stage": stage, "model_version": model_version, "prefill": prefill,
         "opened_by": opened_by, "created": datetime.now(UTC).isoformat(),
         "keys": [[r["key"], r["shard"], int(r["width"]), int(r["height"])] for r in chosen],
+        "honeypots": [[r["key"], r["shard"], int(r["width"]), int(r["height"])] for r in pots],
+        "honeypot_every": honeypot_every,
     }, overwrite=False)
     logger.info("opened people round %d (%s, %s): %d images", number, stage, model_version,
                 len(chosen))
@@ -203,13 +212,19 @@ class PeopleRound:
         self.prefill_fn = prefill_fn
         self._lock = threading.RLock()
         self._write_lock = threading.Lock()
+        self.kind: str = self.queue.get("kind", "annotate")   # annotate | review
         self.images: dict[str, ImageState] = {}
-        self.order: list[str] = []
         self.shards: dict[str, list[str]] = {}
         for key, shard, w, h in self.queue["keys"]:
             self.images[key] = ImageState(key, shard, int(w), int(h))
-            self.order.append(key)
             self.shards.setdefault(shard, []).append(key)
+        self.honeypots: set[str] = set()   # in the queue, in no shard the round writes
+        for key, shard, w, h in self.queue.get("honeypots", []):
+            self.images[key] = ImageState(key, shard, int(w), int(h))
+            self.honeypots.add(key)
+        self.order: list[str] = [k for k, _ in review.interleave(
+            [e[0] for e in self.queue["keys"]], [e[0] for e in self.queue.get("honeypots", [])],
+            int(self.queue.get("honeypot_every", 0)))]
         self._by_lease: dict[str, str] = {}       # lease id -> key
         self._prefill: dict[str, list[dict[str, Any]]] = {}
         self.log = EventLog(storage.join(self.dir, "events"), number, lease_seconds,
@@ -254,7 +269,8 @@ class PeopleRound:
 
     def _take(self, st: ImageState, annotator: str) -> dict[str, Any] | Lease | None:
         now = _now()
-        if st.final:
+        if st.final or (self.kind == "review" and not review.may_review(
+                self.queue["first"].get(st.key, ""), annotator)):
             return None
         lease = st.live_lease(now)
         if lease is not None:
@@ -434,18 +450,29 @@ class PeopleRound:
                     "lease_id": lease_id, "reason": reason[:500]}
 
         self.log.commit(st, decide)
-        written = self._maybe_write(st.shard)
+        if not skip and (st.key in self.honeypots or self.kind == "review"):
+            self._score(st, annotator)
+        written = False if st.key in self.honeypots else self._maybe_write(st.shard)
         return {"key": st.key, "status": st.status, "shard_written": written,
                 "round_complete": self.complete}
+
+    def _score(self, st: ImageState, annotator: str) -> None:
+        """Record a submitted honeypot's or review image's score (a failure is logged: the
+        person's work is in the log either way)."""
+        from dataengine.pipeline.server.people_review import score_submission
+
+        try:
+            score_submission(self.corpus, self.queue, self.number, st.key, annotator,
+                             list(st.accepted.values()), st.key in self.honeypots)
+        except Exception as exc:  # noqa: BLE001 - scoring never loses a submission
+            logger.error("round %d: scoring %s failed: %s", self.number, st.key, exc)
 
     # output -------------------------------------------------------------------------------
     def _records(self, shard: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         records, skipped, seconds, clicks, n_masks = [], [], 0.0, 0, 0
         annotators: dict[str, int] = {}
-        for key in self.order:
+        for key in self.shards[shard] if self.kind != "review" else []:
             st = self.images[key]
-            if st.shard != shard:
-                continue
             if st.status == "skipped":
                 skipped.append({"key": key, "by": st.by, "reason": st.skip_reason})
                 continue
@@ -550,7 +577,7 @@ class PeopleRound:
             per: dict[str, dict[str, float]] = {}
             masks = 0
             for st in self.images.values():
-                counts[st.status] += 1
+                counts[st.status] += st.key not in self.honeypots
                 for a in st.accepted.values():
                     p = per.setdefault(a["annotator"], {"images": 0, "masks": 0, "clicks": 0,
                                                         "seconds": 0.0})
@@ -562,8 +589,9 @@ class PeopleRound:
                     per.setdefault(st.by, {"images": 0, "masks": 0, "clicks": 0,
                                            "seconds": 0.0})["images"] += 1
             leased = sum(1 for st in self.images.values() if st.live_lease(now))
-            return {"round": self.number, "stage": self.stage,
-                    "model_version": self.model_version, "queued": len(self.order),
+            return {"round": self.number, "stage": self.stage, "kind": self.kind,
+                    "model_version": self.model_version,
+                    "queued": len(self.order) - len(self.honeypots),
                     "done": counts["submitted"], "skipped": counts["skipped"],
                     "todo": counts["todo"], "leased": leased, "masks": masks,
                     "complete": self.complete,

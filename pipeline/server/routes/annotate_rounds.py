@@ -1,5 +1,7 @@
 """People rounds: list them with their progress (any role), open one (admins, as a background
-job whose status ``GET /api/jobs/{id}`` reports)."""
+job whose status ``GET /api/jobs/{id}`` reports): a round of new images (``honeypot_every``
+mixes held-out images with ground truth in), or a review round (``review_of`` a finished round,
+``share`` of its images for a second person)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from dataengine.pipeline.server import auth, people
+from dataengine.pipeline.server import auth, people, people_review
 from dataengine.pipeline.server.jobs import TooManyJobs
 from dataengine.pipeline.server.prompts import int_field
 from dataengine.pipeline.server.sam_session import precompute
@@ -49,9 +51,18 @@ def progress(request: Request) -> dict:
 
 
 def _open_args(body: dict[str, Any]) -> dict[str, Any]:
-    extra = set(body) - {"stage", "model_version", "n_images", "keys", "prefill"}
+    extra = set(body) - {"stage", "model_version", "n_images", "keys", "prefill",
+                         "honeypot_every", "review_of", "share", "seed"}
     if extra:
         raise ApiError(400, f"unknown field(s) {sorted(extra)}")
+    seed = int_field(body, "seed", 0, 1 << 31, default=0)
+    if "review_of" in body:
+        share = body.get("share", 0.1)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or \
+                not 0 < share <= 1:
+            raise ApiError(400, f"share={share!r}: a fraction in (0, 1]")
+        return {"review_of": int_field(body, "review_of", 1, 999_999), "share": float(share),
+                "seed": seed}
     keys = body.get("keys")
     if keys is not None and (not isinstance(keys, list) or len(keys) > MAX_KEYS or not all(
             isinstance(k, str) and KEY_RE.fullmatch(k) for k in keys)):
@@ -63,15 +74,22 @@ def _open_args(body: dict[str, Any]) -> dict[str, Any]:
         if name in body and not isinstance(body[name], str):
             raise ApiError(400, f"{name} must be text")
     return {"stage": body.get("stage", "manual"), "model_version": body.get("model_version", ""),
-            "n_images": n_images, "keys": keys, "prefill": body.get("prefill", "none")}
+            "n_images": n_images, "keys": keys, "prefill": body.get("prefill", "none"),
+            "honeypot_every": int_field(body, "honeypot_every", 0, 10_000, default=0),
+            "seed": seed}
 
 
 def _open(st: ServerState, args: dict[str, Any], who: str) -> dict[str, Any]:
     """The job: queue the round, load it, start its embeddings (in another thread)."""
-    number = people.open_round(st.corpus, opened_by=who, **args)
+    if "review_of" in args:
+        number = people_review.open_review_round(st.corpus, source=args["review_of"],
+                                                 share=args["share"], seed=args["seed"],
+                                                 opened_by=who)
+    else:
+        number = people.open_round(st.corpus, opened_by=who, **args)
     st.index.add(number)
     r = st.round(number)
-    shard_keys = {s: list(keys) for s, keys in r.shards.items()}
+    shard_keys = {s: list(keys) for s, keys in r.shards.items()}   # honeypots: on demand
     mode = st.config.precompute
 
     def run() -> None:

@@ -87,6 +87,10 @@ async function pageOverview() {
     if (p.rounds.length) progress = `<h3>Annotation progress (people)</h3>` + table(p.rounds, [["round", "round"], ["stage", "stage"], ["model_version", "model"], ["queued", "images"], ["done", "submitted"], ["skipped", "skipped"], ["leased", "leased"], ["masks", "masks"]]) +
       `<h3>Per annotator</h3>` + table(p.annotators, [["round", "round"], ["annotator", "annotator"], ["images", "images"], ["masks", "masks"], ["clicks_per_mask", "clicks/mask"], ["seconds_per_mask", "s/mask"]]);
   } catch (e) { /* annotation routes optional */ }
+  try {
+    const a = await api("/api/annotate/annotators");
+    if (a.annotators.length) progress += `<h3>People: speed, honeypots, agreement</h3>` + table(a.annotators, [["annotator", "annotator"], ["masks", "masks"], ["clicks_per_mask", "clicks/mask"], ["seconds_per_mask", "s/mask"], ["honeypot_images", "honeypots"], ["honeypot_iou", "honeypot IoU"], ["reviewed_images", "reviewed images"], ["agreement", "agreement IoU"]]);
+  } catch (e) { /* curators only */ }
   main().innerHTML = `<h2>Overview <span class="muted">${esc(o.root)}</span></h2>
   <div class="cards">${card("images", o.images)}${card("shards", o.shards)}${card("masks", o.masks)}${card("rounds", o.rounds)}${card("model versions", o.model_versions.length)}
   ${card("rejected masks", o.curation.rejected)}${card("approved masks", o.curation.approved)}${card("rejected images", o.curation.rejected_images)}${card("quarantined", o.quarantine.total)}</div>
@@ -199,8 +203,15 @@ async function pageSample(key, params) {
       <td class="state-${m.state}" id="st-${i}" title="${m.decision ? esc(m.decision.who + ": " + m.decision.reason) : ""}">${m.state}</td>
       <td><button class="ok" data-dec="approve" data-i="${i}">✓</button><button class="no" data-dec="reject" data-i="${i}">✗</button></td></tr>`).join("")}
       </table>
+      <p><button id="more-like">More like this</button></p><div id="similar"></div>
     </div>
   </div>`;
+  $("#more-like").onclick = async () => {
+    try {
+      const r = await api(`/api/similar/${encodeURIComponent(key)}?k=12`);
+      $("#similar").innerHTML = `<p class="muted">nearest by ${esc(r.model_version)} embeddings</p><div class="grid similar">${r.neighbours.map((n) => `<div><a href="#/sample/${encodeURIComponent(n.key)}"><img loading="lazy" src="/api/thumb/${encodeURIComponent(n.key)}?size=128" alt="${esc(n.key)}"></a><div class="muted">${fmt(n.similarity, 3)} · ${esc(n.split || "")}</div></div>`).join("") || "<p class=\"muted\">none</p>"}</div>`;
+    } catch (e) { $("#similar").innerHTML = `<p class="err">${esc(e.message)}</p>`; }
+  };
   const cv = $("#cv"), ctx = cv.getContext("2d");
   let hover = -1, pinned = -1, clicks = [];
   const draw = () => {
