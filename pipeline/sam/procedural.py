@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -318,3 +319,23 @@ def generate(seed: int, index: int, cfg: ProceduralConfig | None = None,
     ``seed``: the visible part of each shape, at least ``cfg.min_area`` px, disjoint."""
     scene = generate_scene(seed, index, cfg, donors)
     return scene.image, scene.masks
+
+
+def scene_samples(seed: int, first_index: int, n: int, cfg: ProceduralConfig,
+                  donors: DonorPool | None = None) -> list[Any]:
+    """``n`` training :class:`dataengine.pipeline.sam.training_data.Sample` s from the scenes
+    ``first_index * 4 + k`` of stream ``seed`` (a scene without a usable mask, rare, is
+    replaced by the next one of its slot), so a step's scenes are a pure function of its index
+    and a resumed run sees the same stream."""
+    from dataengine.pipeline.sam.training_data import Sample
+
+    out: list[Sample] = []
+    for slot in range(n):
+        for attempt in range(4):
+            idx = (first_index + slot) * 4 + attempt
+            sc = generate_scene(seed, idx, cfg, donors)
+            if sc.masks:
+                out.append(Sample(f"procedural/{seed}/{idx}", "procedural", sc.image, sc.masks,
+                                  [str(k) for k in range(len(sc.masks))]))
+                break
+    return out
