@@ -20,17 +20,18 @@ import torch
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
-def shipped_names() -> list[str]:
+def shipped_names(directory: Path = WEIGHTS_DIR) -> list[str]:
     """Names of the shipped checkpoints (those with both files)."""
-    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json")
+    return sorted(p.stem for p in directory.glob("*.json")
                   if p.with_suffix(".safetensors").exists())
 
 
-def provenance(name: str) -> dict[str, Any]:
+def provenance(name: str, directory: Path = WEIGHTS_DIR) -> dict[str, Any]:
     """The provenance record of shipped checkpoint ``name``."""
-    path = WEIGHTS_DIR / f"{name}.json"
+    path = directory / f"{name}.json"
     if not path.exists():
-        raise FileNotFoundError(f"no shipped checkpoint {name!r} (have {shipped_names()})")
+        raise FileNotFoundError(f"no shipped checkpoint {name!r} in {directory} (have "
+                                f"{shipped_names(directory)})")
     return json.loads(path.read_text())
 
 
@@ -43,13 +44,14 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_shipped(name: str) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+def load_shipped(name: str, directory: Path = WEIGHTS_DIR
+                 ) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """``(registry model config, float32 state dict, provenance)`` of shipped checkpoint
     ``name``; raises ValueError when the weights' sha256 differs from the provenance."""
     from safetensors.torch import load_file
 
-    info = provenance(name)
-    path = WEIGHTS_DIR / f"{name}.safetensors"
+    info = provenance(name, directory)
+    path = directory / f"{name}.safetensors"
     digest = file_sha256(path)
     if digest != info["sha256"]:
         raise ValueError(f"{path}: sha256 {digest} does not match its provenance "

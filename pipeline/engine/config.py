@@ -45,7 +45,9 @@ class EngineConfig:
     stages: list[StagePlan] = field(default_factory=_default_stages)
     images_per_round: int = 32
     only_with_ground_truth: bool = True  # slices take images with round-0 ground truth
-    init: str = "random"                 # random | checkpoint | vNNNN (when nothing promoted)
+    # random | checkpoint | shipped (models/weights/, name in `checkpoint`, default the only one)
+    # | vNNNN; used when nothing is promoted yet
+    init: str = "random"
     model: str = "tiny"
     checkpoint: str | None = None
     seed: int = 0
@@ -77,8 +79,12 @@ class EngineConfig:
             raise ValueError("stages: give at least one stage")
         if self.images_per_round < 1:
             raise ValueError(f"images_per_round={self.images_per_round}: must be >= 1")
-        if self.init not in ("random", "checkpoint"):
-            parse_version(self.init)
+        if self.init not in ("random", "checkpoint", "shipped"):
+            try:
+                parse_version(self.init)
+            except ValueError:
+                raise ValueError(f"init={self.init!r}: random, checkpoint, shipped or a "
+                                 f"version vNNNN") from None
         if self.init == "checkpoint" and not self.checkpoint:
             raise ValueError("init='checkpoint' needs checkpoint=PATH")
         if self.max_steps < 0:
