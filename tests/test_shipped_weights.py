@@ -1,9 +1,11 @@
 """Shipped starting checkpoints (models/weights.py): written as float16 safetensors with a
 provenance record, loaded only when the sha256 matches; every checkpoint in models/weights/
-loads into its registry config and stays within 8 MB."""
+loads into its registry config, stays within 8 MB, and on 4 fixed synthetic scenes follows the
+clicked shape on the image but not on a blank image."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +17,8 @@ from dataengine.models.weights import (
     shipped_names,
     write_shipped,
 )
+from dataengine.pipeline.sam.loss import RecipeConfig
+from dataengine.pipeline.sam.procedural import ProceduralConfig, generate
 
 
 def test_written_checkpoint_loads_and_a_changed_file_is_refused(tmp_path):
@@ -44,3 +48,39 @@ def test_shipped_checkpoint_loads_and_matches_its_provenance(name):
     for key in ("seed", "steps", "data", "wall_seconds", "command", "recipe"):
         assert key in info, key
     build_sam(model_name, state, seed=None, device="cpu")
+
+
+def _easy_scenes() -> list[tuple[np.ndarray, np.ndarray]]:
+    """4 fixed scenes of a few large flat shapes; the largest visible shape of each."""
+    cfg = ProceduralConfig(level=0.0, shape_weights={"ellipse": 1, "polygon": 1, "blob": 1,
+                                                     "rect": 1},
+                           fill_weights={"flat": 1.0}, photo_background_prob=0.0,
+                           multipart_prob=0.0, low_contrast_prob=0.0, shading_prob=0.0,
+                           blur_max=0.0, noise_max=2.0)
+    out = []
+    for i in range(4):
+        img, masks = generate(123, i, cfg)
+        out.append((img, max(masks, key=lambda m: m.sum())))
+    return out
+
+
+@pytest.mark.parametrize("name", shipped_names())
+def test_shipped_checkpoint_follows_shape_boundaries_only_on_the_image(name):
+    """One click at the deepest point of a flat shape: the mask follows the shape (mean IoU
+    >= 0.7) on the image, and not on a blank grey image with the same click."""
+    from dataengine.pipeline.sam.clicker import Click, SamSegmenter, mask_iou, next_click
+
+    model_name, state, info = load_shipped(name)
+    model = build_sam(model_name, state, seed=None, device="cpu")
+    recipe = RecipeConfig(**info["recipe"])
+    seg = SamSegmenter(model, disc_radius=recipe.click_radius if recipe.paint_clicks else 0.0,
+                       paint_first=recipe.paints_first)
+    real, blank = [], []
+    for img, gt in _easy_scenes():
+        click = next_click(np.zeros_like(gt), gt)
+        assert isinstance(click, Click) and click.positive
+        for image, ious in ((img, real), (np.full_like(img, 128), blank)):
+            seg.set_image(image)
+            ious.append(mask_iou(seg.predict([click]).mask, gt))
+    assert np.mean(real) >= 0.7, real
+    assert np.mean(blank) < 0.5, blank
