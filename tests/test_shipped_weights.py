@@ -84,3 +84,19 @@ def test_shipped_checkpoint_follows_shape_boundaries_only_on_the_image(name):
             ious.append(mask_iou(seg.predict([click]).mask, gt))
     assert np.mean(real) >= 0.7, real
     assert np.mean(blank) < 0.5, blank
+
+
+def test_engine_init_shipped_is_a_valid_start():
+    from dataengine.pipeline.engine.config import EngineConfig
+    from dataengine.pipeline.engine.loop import _shipped
+
+    assert EngineConfig(init="shipped").init == "shipped"
+    with pytest.raises(ValueError, match="random, checkpoint, shipped"):
+        EngineConfig(init="best")
+    names = shipped_names()
+    if len(names) != 1:
+        with pytest.raises((ValueError, FileNotFoundError)):
+            _shipped(None)
+    else:
+        model_name, state, recipe = _shipped(None)
+        assert model_name == load_shipped(names[0])[0] and state and "click_radius" in recipe
