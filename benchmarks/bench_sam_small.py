@@ -118,7 +118,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     # reference's tuning): the first click starts from the reference's mask, not a smaller one
     "fast-r20": {"model": "tiny", "pretrain": None, "recipe": {**FAST, "click_radius": 20.0}},
 }
-DEFAULT_OPTIONS = "plain,fast,conv-fast,conv-fast-copypaste"
+DEFAULT_OPTIONS = "plain,fast,conv-fast,conv-fast-copypaste,hq-match-proc"
 METRICS = ("miou1", "miou3", "miou5", "noc50", "noc75", "noc85")
 
 
