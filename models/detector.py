@@ -164,7 +164,7 @@ class SamBackbone(nn.Module):
 
         sam = build_sam(sam_config, seed=0, device="cpu")
         self.encoder = sam.image_encoder
-        self.channels = [sam.sam_config.prompt_embed_dim]
+        self.channels = [sam.sam_config.embedding_channels]
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         return [self.encoder(pixel_values)]

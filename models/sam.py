@@ -74,10 +74,18 @@ class SamConfig:
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     encoder: str = "vit"          # vit (ImageEncoderViT) | conv (dataengine.models.sam_small, hybrid CNN)
+    #                               | hq (dataengine.models.sam_hq: conv + FPN, high-res fusion)
+    hq_channels: int = 0          # hq: 1/4-resolution feature channels packed in the embedding
+    hq_dim: int = 32              # hq: channels of the decoder's 1/4-resolution fusion map
+    hq_refine_levels: int = 0     # hq: levels of the decoder's per-prompt U-Net (0 = none)
+    hq_rgb: bool = False          # hq: 3 of the hq channels are the input colours (not learnt)
+    hq_proto: bool = False        # hq: decoder compares each pixel with the prompted region
 
     def __post_init__(self) -> None:
-        if self.encoder not in ("vit", "conv"):
-            raise ValueError(f"encoder={self.encoder!r}: one of ['vit', 'conv']")
+        if self.encoder not in ("vit", "conv", "hq"):
+            raise ValueError(f"encoder={self.encoder!r}: one of ['vit', 'conv', 'hq']")
+        if (self.encoder == "hq") != (self.hq_channels > 0):
+            raise ValueError(f"hq_channels={self.hq_channels}: > 0 exactly when encoder='hq'")
         object.__setattr__(self, "encoder_global_attn_indexes",
                            tuple(int(i) for i in self.encoder_global_attn_indexes))
         object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
@@ -100,6 +108,12 @@ class SamConfig:
     def embedding_size(self) -> int:
         """Side of the image embedding grid (``image_size / patch_size``)."""
         return self.image_size // self.patch_size
+
+    @property
+    def embedding_channels(self) -> int:
+        """Channels of the (cached) image embedding: ``prompt_embed_dim``, plus the packed
+        1/4-resolution features of an ``hq`` model."""
+        return self.prompt_embed_dim + 16 * self.hq_channels
 
     @property
     def low_res_size(self) -> int:
@@ -141,6 +155,26 @@ SAM_CONFIGS: dict[str, SamConfig] = {
     # 1/16)
     "tiny-conv": SamConfig(name="tiny-conv", encoder="conv", encoder_depth=2,
                            encoder_global_attn_indexes=(0, 1)),
+    # dataengine.models.sam_hq: conv encoder + FPN whose 1/4-resolution map (and the input
+    # colours) is packed into the one embedding tensor, decoder fusing it with the raw mask prompt
+    "tiny-hq": SamConfig(name="tiny-hq", encoder="hq", encoder_embed_dim=160, encoder_depth=2,
+                         encoder_global_attn_indexes=(0, 1), hq_channels=32, hq_dim=32,
+                         hq_rgb=True),
+    # tiny-hq + prototype matching in the decoder (each pixel compared with the prompted region)
+    "tiny-hq-match": SamConfig(name="tiny-hq-match", encoder="hq", encoder_embed_dim=160,
+                               encoder_depth=2, encoder_global_attn_indexes=(0, 1),
+                               hq_channels=32, hq_dim=32, hq_rgb=True, hq_proto=True),
+    # tiny-hq-match + a per-prompt U-Net over the fused 1/4-resolution map
+    "tiny-hq-proto": SamConfig(name="tiny-hq-proto", encoder="hq", encoder_embed_dim=160,
+                               encoder_depth=2, encoder_global_attn_indexes=(0, 1),
+                               hq_channels=32, hq_dim=32, hq_refine_levels=3, hq_rgb=True,
+                               hq_proto=True),
+    "tiny-hq-test": SamConfig(name="tiny-hq-test", encoder="hq", image_size=128,
+                              encoder_embed_dim=64, encoder_depth=1, encoder_num_heads=2,
+                              encoder_global_attn_indexes=(0,), prompt_embed_dim=64,
+                              decoder_mlp_dim=128, decoder_num_heads=4, iou_head_hidden_dim=64,
+                              hq_channels=8, hq_dim=16, hq_refine_levels=1, hq_rgb=True,
+                              hq_proto=True),
     "tiny-conv-test": SamConfig(name="tiny-conv-test", encoder="conv", image_size=128,
                                 encoder_embed_dim=64, encoder_depth=1, encoder_num_heads=2,
                                 encoder_global_attn_indexes=(0,), prompt_embed_dim=64,
@@ -191,7 +225,11 @@ def build_sam(config: str | SamConfig | dict[str, Any] = "tiny",
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        if cfg.encoder != "vit":
+        if cfg.encoder == "hq":
+            from dataengine.models.sam_hq import build_hq_parts
+
+            image_encoder, prompt_encoder, mask_decoder = build_hq_parts(cfg)
+        elif cfg.encoder != "vit":
             from dataengine.models.sam_small import build_encoder
 
             image_encoder = build_encoder(cfg)
@@ -203,22 +241,22 @@ def build_sam(config: str | SamConfig | dict[str, Any] = "tiny",
                 num_heads=cfg.encoder_num_heads, patch_size=cfg.patch_size, qkv_bias=True,
                 use_rel_pos=True, global_attn_indexes=cfg.encoder_global_attn_indexes,
                 window_size=cfg.window_size, out_chans=cfg.prompt_embed_dim)
-        sam = Sam(
-            image_encoder=image_encoder,
-            prompt_encoder=PromptEncoder(
+        if cfg.encoder != "hq":
+            prompt_encoder = PromptEncoder(
                 embed_dim=cfg.prompt_embed_dim, image_embedding_size=(emb, emb),
                 input_image_size=(cfg.image_size, cfg.image_size),
-                mask_in_chans=cfg.mask_in_chans),
-            mask_decoder=MaskDecoder(
+                mask_in_chans=cfg.mask_in_chans)
+            mask_decoder = MaskDecoder(
                 num_multimask_outputs=cfg.num_multimask_outputs,
                 transformer=TwoWayTransformer(depth=cfg.decoder_depth,
                                               embedding_dim=cfg.prompt_embed_dim,
                                               mlp_dim=cfg.decoder_mlp_dim,
                                               num_heads=cfg.decoder_num_heads),
                 transformer_dim=cfg.prompt_embed_dim, iou_head_depth=cfg.iou_head_depth,
-                iou_head_hidden_dim=cfg.iou_head_hidden_dim),
-            pixel_mean=list(cfg.pixel_mean), pixel_std=list(cfg.pixel_std),
-        )
+                iou_head_hidden_dim=cfg.iou_head_hidden_dim)
+        sam = Sam(image_encoder=image_encoder, prompt_encoder=prompt_encoder,
+                  mask_decoder=mask_decoder, pixel_mean=list(cfg.pixel_mean),
+                  pixel_std=list(cfg.pixel_std))
     sam.sam_config = cfg  # type: ignore[attr-defined]
     sam.eval()
     if checkpoint is not None:
@@ -275,7 +313,7 @@ def export_onnx_decoder(model: Sam, path: str, *, opset: int = 17,
     onnx_model = cls(cpu_model, return_single_mask=return_single_mask,
                      use_stability_score=use_stability_score,
                      return_extra_metrics=return_extra_metrics)
-    s, c, m = cfg.embedding_size, cfg.prompt_embed_dim, cfg.low_res_size
+    s, c, m = cfg.embedding_size, cfg.embedding_channels, cfg.low_res_size
     dummy = {
         "image_embeddings": torch.randn(1, c, s, s, dtype=torch.float),
         "point_coords": torch.randint(0, cfg.image_size, (1, 5, 2), dtype=torch.float),

@@ -29,7 +29,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Block
 from torch import nn
 
-ENCODERS = ("vit", "conv")
+ENCODERS = ("vit", "conv", "hq")
 # channels of the stem and the three downsampling stages (1/2, 1/4, 1/8, 1/16); the last one is
 # scaled to the config's encoder_embed_dim
 CONV_WIDTHS = (32, 48, 96)

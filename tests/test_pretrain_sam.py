@@ -1,5 +1,6 @@
-"""Pre-training a small SAM (pipeline/pretrain_sam.py): exact copy-paste composites, the MAE
-and composite losses fall on a fixed batch, and the Ray Train stage publishes a version."""
+"""Pre-training a small SAM (pipeline/sam/pretrain.py): exact copy-paste composites, the MAE,
+composite and procedural losses fall on a fixed batch, and the Ray Train stage publishes a
+version that records its seed, steps, data and wall time."""
 
 from __future__ import annotations
 
@@ -119,11 +120,42 @@ def test_copy_paste_promptable_loss_falls_on_a_fixed_batch():
         module("x", batch)
 
 
+def test_procedural_phase_trains_on_generated_scenes_with_the_prototype_loss():
+    """The procedural phase's batches come from the generator (a pure function of the step)
+    and its loss, with the dense prototype loss of a matching model, falls."""
+    from dataengine.pipeline.sam.pretrain import phase_lr
+    from dataengine.pipeline.sam.procedural import ProceduralConfig, scene_samples
+    from dataengine.pipeline.sam.training_data import make_batch
+
+    cfg = PretrainSamConfig(mae_steps=1, procedural_steps=2, copypaste_steps=1)
+    assert [phase_lr(k, cfg)[0] for k in range(4)] == ["mae", "proc", "proc", "seg"]
+    pcfg = ProceduralConfig(size=128, level=0.0)
+    a, b = scene_samples(0, 5, 2, pcfg), scene_samples(0, 5, 2, pcfg)
+    assert [s.key for s in a] == [s.key for s in b]
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b, strict=True))
+    torch.manual_seed(0)
+    sam = build_sam("tiny-hq-test", device="cpu")
+    module = PretrainModule(sam, MaeHead(64), RecipeConfig(iterations=2, mask_only_iterations=1),
+                            proto_loss_weight=1.0)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    mean = tuple(float(v) for v in sam.pixel_mean.flatten())
+    std = tuple(float(v) for v in sam.pixel_std.flatten())
+    batch = make_batch(a, 128, mean, std, 2, rng=random.Random(0))
+    stats = [pretrain_step(module, opt, "proc", batch, torch.Generator().manual_seed(0))
+             for _ in range(10)]
+    assert "proto_loss" in stats[0]
+    assert min(s["loss"] for s in stats[-3:]) < 0.8 * stats[0]["loss"], stats
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="mask_ratio"):
         PretrainSamConfig(mask_ratio=1.5)
-    with pytest.raises(ValueError, match="mae_steps \\+ copypaste_steps"):
+    with pytest.raises(ValueError, match="mae_steps \\+ procedural_steps \\+ copypaste_steps"):
         PretrainSamConfig(mae_steps=0, copypaste_steps=0)
+    with pytest.raises(ValueError, match="procedural_level_end"):
+        PretrainSamConfig(procedural_level_end=2.0)
+    with pytest.raises(ValueError, match="prototype matching"):
+        PretrainSamConfig(model="tiny-conv", proto_loss_weight=1.0)
     with pytest.raises(ValueError, match="init='best'"):
         PretrainSamConfig(init="best")
     with pytest.raises(ValueError, match="max_objects"):
@@ -137,7 +169,8 @@ def test_pretrain_sam_on_ray_train_publishes_a_startable_version(ray_cluster, tm
 
     root = str(tmp_path / "corpus")
     info = build_corpus(root, shards=2, per_shard=4)
-    cfg = PretrainSamConfig(model="tiny-conv-test", mae_steps=2, copypaste_steps=2,
+    cfg = PretrainSamConfig(model="tiny-conv-test", mae_steps=2, procedural_steps=1,
+                            copypaste_steps=2, seed=3,
                             batch_images=2, masks_per_image=2, checkpoint_every=2, log_every=1,
                             recipe=RecipeConfig(iterations=2, mask_only_iterations=1,
                                                 paint_first_prob=0.0),
@@ -146,12 +179,16 @@ def test_pretrain_sam_on_ray_train_publishes_a_startable_version(ray_cluster, tm
     out = pretrain_sam(root, cfg)
     corpus = Corpus(root)
     vdir = corpus.model_dir("sam", out["version"])
-    assert out["steps"] == 4
-    assert storage.exists(storage.join(vdir, "version.json"))
+    assert out["steps"] == 5
+    published = storage.read_json(storage.join(vdir, "version.json"))
+    assert published["seed"] == 3 and published["steps"] == 5
+    assert published["wall_seconds"] > 0
+    assert published["data"]["procedural_steps"] == 1
+    assert published["data"]["corpus"]["images"] == len(info["train"])
     training = storage.read_json(storage.join(vdir, "training.json"))
     assert training["kind"] == "pretrain" and training["rounds"] == [0]
     phases = [h["phase"] for h in storage.read_json(storage.join(vdir, "metrics.json"))["history"]]
-    assert phases == ["mae", "mae", "seg", "seg"]
+    assert phases == ["mae", "mae", "proc", "seg", "seg"]
     assert training["data"]["images"] == len(info["train"])   # held-out images never planned
     model = load_sam(vdir, device="cpu")
     assert model.sam_config.name == "tiny-conv-test"

@@ -141,3 +141,36 @@ def test_batch_without_masks_steps_and_logs():
     assert logged["loss"] == pytest.approx(s_full["loss"])
     assert logged["iou_first"] == pytest.approx(s_full["iou_first"])
     assert window_stats([s_empty])["loss"] is None
+
+
+def test_recipe_knobs_deep_clicks_free_passes_low_res_loss_and_aux_loss():
+    """Deepest-point clicks land inside the region, gradient-free passes run without loss,
+    the loss can be taken on the low-res logits, and an aux loss on the embeddings is added."""
+    from dataengine.pipeline.sam.loss import deepest_points
+
+    region = torch.zeros(2, 32, 32, dtype=torch.bool)
+    region[0, 4:20, 6:14] = True
+    xy, found = deepest_points(region)
+    assert found.tolist() == [True, False]
+    # as far from the boundary as possible: the middle column of the 8 px wide strip
+    assert region[0, xy[0, 1], xy[0, 0]] and 9 <= xy[0, 0] <= 10 and 7 <= xy[0, 1] <= 16
+
+    sam = build_sam("tiny-test", seed=0)
+    sam.train()
+    batch = synthetic_batch()
+    calls = []
+
+    def aux(feats, gt, img_idx):
+        calls.append((feats.shape[0], gt.shape[0], img_idx.shape[0]))
+        return feats.pow(2).mean() * 0 + 1.0, {"aux": 1.0}
+
+    cfg = RecipeConfig(iterations=2, mask_only_iterations=0, deep_click_prob=1.0,
+                       free_passes_max=2, loss_size=32)
+    base = promptable_loss(sam, batch, cfg, generator=torch.Generator().manual_seed(0))
+    out = promptable_loss(sam, batch, cfg, generator=torch.Generator().manual_seed(0),
+                          aux_loss=aux)
+    assert calls and out.stats["aux"] == 1.0
+    assert float(out.loss) == pytest.approx(float(base.loss) + 1.0, rel=1e-5)
+    assert 2 <= out.stats["passes"] <= 4
+    with pytest.raises(ValueError, match="free_passes_max"):
+        RecipeConfig(free_passes_max=-1)

@@ -50,7 +50,9 @@ class EngineConfig:
     # uncertainty+diversity (dataengine.pipeline.curate.selection)
     selection: str = "order"
     selection_options: SelectionConfig = field(default_factory=SelectionConfig)
-    init: str = "random"                 # random | checkpoint | vNNNN (when nothing promoted)
+    # random | checkpoint | shipped (models/weights/, name in `checkpoint`, default the only one)
+    # | vNNNN; used when nothing is promoted yet
+    init: str = "random"
     model: str = "tiny"
     checkpoint: str | None = None
     seed: int = 0
@@ -85,8 +87,12 @@ class EngineConfig:
             raise ValueError(f"images_per_round={self.images_per_round}: must be >= 1")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection={self.selection!r}: one of {SELECTIONS}")
-        if self.init not in ("random", "checkpoint"):
-            parse_version(self.init)
+        if self.init not in ("random", "checkpoint", "shipped"):
+            try:
+                parse_version(self.init)
+            except ValueError:
+                raise ValueError(f"init={self.init!r}: random, checkpoint, shipped or a "
+                                 f"version vNNNN") from None
         if self.init == "checkpoint" and not self.checkpoint:
             raise ValueError("init='checkpoint' needs checkpoint=PATH")
         if self.max_steps < 0:

@@ -77,25 +77,45 @@ def _publish_initial(corpus: Corpus, cfg: EngineConfig) -> str:
     from dataengine.models.sam import build_sam
     from dataengine.pipeline.core.checkpoints import save_sam
 
-    if cfg.init not in ("random", "checkpoint"):
+    if cfg.init not in ("random", "checkpoint", "shipped"):
         return cfg.init
-    fp = versions.fingerprint({"init": cfg.init, "model": cfg.model, "seed": cfg.seed,
+    model_name, weights, recipe = cfg.model, None, config_mod.to_dict(cfg.train)["recipe"]
+    if cfg.init == "shipped":
+        model_name, weights, recipe = _shipped(cfg.checkpoint)
+    elif cfg.init == "checkpoint":
+        weights = read_state_dict(cfg.checkpoint)
+    fp = versions.fingerprint({"init": cfg.init, "model": model_name, "seed": cfg.seed,
                                "checkpoint": cfg.checkpoint})
     for published in reversed(corpus.model_versions("sam")):
         run = storage.join(corpus.model_dir("sam", published), "run.json")
         if storage.exists(run) and storage.read_json(run).get("fingerprint") == fp:
             return published
     version, vdir, _, _ = versions.begin_version(corpus, "sam", fp, "init", init=cfg.init)
-    weights = read_state_dict(cfg.checkpoint) if cfg.init == "checkpoint" else None
-    model = build_sam(cfg.model, weights, seed=cfg.seed, device="cpu")
+    model = build_sam(model_name, weights, seed=cfg.seed, device="cpu")
     save_sam(model, vdir, extra={"version": version, "parent": None})
+    # the recipe the starting weights were trained with: evaluation prompts them the same way
     storage.write_json(storage.join(vdir, "training.json"),
                        {"version": version, "parent": None, "rounds": [], "mask_counts": {},
                         "init": cfg.init, "init_weights": cfg.checkpoint, "steps": 0,
-                        "config": config_mod.to_dict(cfg.train)})
-    versions.publish_version(corpus, "sam", version, parent=None, model=cfg.model, rounds=[],
+                        "config": {**config_mod.to_dict(cfg.train), "recipe": recipe}})
+    versions.publish_version(corpus, "sam", version, parent=None, model=model_name, rounds=[],
                              masks=0, init=cfg.init)
     return version
+
+
+def _shipped(name: str | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(model config, state dict, training recipe)`` of a checkpoint shipped under
+    ``models/weights/`` (``name`` None: the only one)."""
+    from dataengine.models.weights import load_shipped, shipped_names
+
+    names = shipped_names()
+    if name is None:
+        if len(names) != 1:
+            raise ValueError(f"init=shipped: name one of the shipped checkpoints {names} with "
+                             f"checkpoint=NAME")
+        name = names[0]
+    model_name, state, info = load_shipped(name)
+    return model_name, state, info.get("recipe") or {}
 
 
 def evaluate_version(root: str, cfg: EngineConfig, version: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ are reused by every SAM trainer (``dataengine.pipeline.sam.train``, the small-SA
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, fields
@@ -61,6 +62,15 @@ class RecipeConfig:
     iou_weight: float = 1.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # clicks at the deepest point of the region (the RITM clicker's choice) instead of a
+    # uniform one, with this probability per click (first click and corrections alike)
+    deep_click_prob: float = 0.0
+    # up to this many extra correction passes (a uniform number per step) run first without
+    # gradients, so the passes that carry the loss see longer click histories
+    free_passes_max: int = 0
+    # side of the frame the loss is computed in: 0 = the model input frame (SAM: logits
+    # upsampled); e.g. 64 = the low-res logits against area-downsampled (soft) ground truth
+    loss_size: int = 0
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -68,7 +78,9 @@ class RecipeConfig:
         if not 0 <= self.mask_only_iterations < max(self.iterations, 1):
             raise ValueError(f"mask_only_iterations={self.mask_only_iterations}: must be in "
                              f"[0, iterations - 1 = {self.iterations - 1}]")
-        for name in ("box_prob", "paint_first_prob", "focal_alpha"):
+        if self.free_passes_max < 0:
+            raise ValueError(f"free_passes_max={self.free_passes_max}: must be >= 0")
+        for name in ("box_prob", "paint_first_prob", "focal_alpha", "deep_click_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name}={v}: must be in [0, 1]")
@@ -154,6 +166,40 @@ def sample_points(region: torch.Tensor, generator: torch.Generator | None = None
     idx = scores.argmax(1)
     found = region.flatten(1).any(1)
     xy = torch.stack([idx % w, idx // w], dim=1)
+    return xy, found
+
+
+def deepest_points(region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The point of each ``NxHxW`` bool region farthest from its boundary (the image border
+    counts as boundary), as :func:`pipeline.clicker.next_click` picks it: ``(Nx2 xy long,
+    N bool found)``."""
+    import cv2
+    import numpy as np
+
+    reg = region.detach().cpu().numpy()
+    n, h, w = reg.shape
+    xy = np.zeros((n, 2), np.int64)
+    found = reg.reshape(n, -1).any(1)
+    for i in np.nonzero(found)[0]:
+        padded = np.pad(reg[i], 1).astype(np.uint8)
+        dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+        y, x = divmod(int(np.argmax(dist)), w)
+        xy[i] = (x, y)
+    return torch.from_numpy(xy).to(region.device), torch.from_numpy(found).to(region.device)
+
+
+def pick_points(region: torch.Tensor, deep_prob: float,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_points`, each point replaced by the region's deepest point with
+    probability ``deep_prob``."""
+    xy, found = sample_points(region, generator)
+    if deep_prob <= 0:
+        return xy, found
+    deep = torch.rand(region.shape[0], generator=generator).to(region.device) < deep_prob
+    if deep.any():
+        dxy, _ = deepest_points(region[deep])
+        xy = xy.clone()
+        xy[deep] = dxy
     return xy, found
 
 
@@ -254,7 +300,7 @@ def _decode(sam: Any, feats: torch.Tensor, img_idx: torch.Tensor, sparse: torch.
     return torch.stack(lows), torch.stack(ious)
 
 
-def _correction(prev_low: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
+def _correction(prev_low: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, deep_prob: float,
                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One click per prompt from the error region of the previous prediction (positive on a
     false negative, negative on a false positive; inside the mask when there is no error)."""
@@ -263,7 +309,7 @@ def _correction(prev_low: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
         up = F.interpolate(prev_low, size=(size, size), mode="bilinear",
                            align_corners=False)[:, 0] > 0
         err = (up != (gt > 0.5)) & valid
-        pt, found = sample_points(err, generator)
+        pt, found = pick_points(err, deep_prob, generator)
         fallback, _ = sample_points(gt > 0.5, generator)
         pt = torch.where(found[:, None], pt, fallback)
         lab = (gt[torch.arange(gt.shape[0]), pt[:, 1], pt[:, 0]] > 0.5).long()
@@ -274,8 +320,11 @@ def _pass_loss(low: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor,
                cfg: RecipeConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One pass: ``(loss, index of the best output per prompt, per-prompt figures)``; the mask
     loss is the best output's, plus the IoU head's MSE on every output."""
-    size = gt.shape[-1]
-    logits = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    size = cfg.loss_size or gt.shape[-1]
+    if size != gt.shape[-1]:
+        gt = F.interpolate(gt[:, None], size=(size, size), mode="area")[:, 0]
+    logits = low if low.shape[-1] == size else \
+        F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
     target = gt[:, None].expand_as(logits)
     focal = focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma)   # NxK
     dice = dice_loss(logits, target)
@@ -292,12 +341,13 @@ def _pass_loss(low: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor,
 
 def promptable_loss(model: Any, batch: Batch, cfg: RecipeConfig | None = None, *,
                     generator: torch.Generator | None = None,
-                    freeze_encoder: bool = False) -> LossOutput:
+                    freeze_encoder: bool = False, aux_loss: Any = None) -> LossOutput:
     """SAM's iterative promptable-segmentation loss over ``batch`` (see the module docstring).
 
     ``model`` is a bare ``segment_anything`` ``Sam`` in train mode (for DDP wrap a
     :class:`SamLossModule` instead). With ``freeze_encoder`` the image encoder runs without
-    gradients.
+    gradients. ``aux_loss(feats, gt, img_idx) -> (loss, stats)``, when given, adds a loss on
+    the image embeddings (``feats`` BxCxGxG, ``gt`` NxSxS float masks of image ``img_idx``).
     """
     cfg = cfg or RecipeConfig()
     sam = model
@@ -320,7 +370,7 @@ def promptable_loss(model: Any, batch: Batch, cfg: RecipeConfig | None = None, *
     # first prompt: a point inside the mask, or a noisy box; a box prompt carries a placeholder
     # first "click" (label -1) so that token counts line up
     use_box = torch.rand(n, generator=generator).to(dev) < cfg.box_prob
-    first, _ = sample_points(gt > 0.5, generator)
+    first, _ = pick_points(gt > 0.5, cfg.deep_click_prob, generator)
     coords = first[:, None, :].to(dev)                              # NxKx2
     labels = torch.where(use_box[:, None], -1, 1).long()
     boxes = noisy_boxes(gt > 0.5, cfg.box_noise, cfg.box_noise_max, size, generator)
@@ -328,13 +378,18 @@ def promptable_loss(model: Any, batch: Batch, cfg: RecipeConfig | None = None, *
     paint_first = cfg.paint_clicks and \
         float(torch.rand(1, generator=generator)) < cfg.paint_first_prob
     plan = [True, *iteration_plan(cfg, generator)]
+    n_free = int(torch.randint(0, cfg.free_passes_max + 1, (1,), generator=generator)) \
+        if cfg.free_passes_max > 0 else 0
+    # gradient-free correction passes go right after the first pass
+    plan = plan[:1] + [True] * n_free + plan[1:]
     prev_low: torch.Tensor | None = None
     total = torch.zeros((), device=dev)
     sums = {"focal": 0.0, "dice": 0.0, "iou_mse": 0.0}
     ious: list[torch.Tensor] = []
     for it, adds_point in enumerate(plan):
+        free = 1 <= it <= n_free
         if it > 0 and adds_point:
-            pt, lab = _correction(prev_low, gt, valid, generator)
+            pt, lab = _correction(prev_low, gt, valid, cfg.deep_click_prob, generator)
             coords = torch.cat([coords, pt[:, None, :]], 1)
             labels = torch.cat([labels, lab[:, None]], 1)
         mask_input = prev_low.detach() if (cfg.feed_back_mask and prev_low is not None) else None
@@ -342,20 +397,54 @@ def promptable_loss(model: Any, batch: Batch, cfg: RecipeConfig | None = None, *
             mask_input = paint_clicks(mask_input, coords, labels, size, cfg.click_radius,
                                       cfg.click_value)
         multimask = cfg.multimask_first and it == 0 and mask_input is None
-        low, iou_pred = _decode(sam, feats, img_idx, _sparse(sam, coords, labels, boxes, use_box),
-                                _dense(sam, mask_input, n), multimask)
+        grad_ctx = torch.no_grad() if free else contextlib.nullcontext()
+        with grad_ctx:
+            low, iou_pred = _decode(sam, feats, img_idx,
+                                    _sparse(sam, coords, labels, boxes, use_box),
+                                    _dense(sam, mask_input, n), multimask)
+        if free:
+            prev_low = low[:, :1]
+            continue
         loss, best, figures = _pass_loss(low, iou_pred, gt, cfg)
         total = total + loss
         for k in sums:
             sums[k] += float(figures[k].mean())
         ious.append(figures["iou"])
         prev_low = low[torch.arange(n, device=dev), best][:, None]
-    steps = len(plan)
+    steps = len(ious)
     loss = total / steps
+    aux_stats: dict[str, float] = {}
+    if aux_loss is not None:
+        aux, aux_stats = aux_loss(feats, gt, img_idx)
+        loss = loss + aux
     stats = {"loss": float(loss.detach()), **{k: v / steps for k, v in sums.items()},
              "iou_first": float(ious[0].mean()), "iou_last": float(ious[-1].mean()),
-             "masks": int(n), "box_share": float(use_box.float().mean())}
+             "masks": int(n), "box_share": float(use_box.float().mean()), "passes": len(plan),
+             **aux_stats}
     return LossOutput(loss, stats)
+
+
+def _decode_all(sam: Any, feats: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                dense: torch.Tensor, img_idx: torch.Tensor, multimask: bool, n_images: int,
+                n: int, size: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder on every prompt, image by image: ``(NxKxLxL low-res logits, NxK IoU)``."""
+    lows = []
+    for b in range(n_images):
+        sel = img_idx == b
+        if not sel.any():
+            continue
+        low, iou = sam.mask_decoder(image_embeddings=feats[b:b + 1], image_pe=image_pe,
+                                    sparse_prompt_embeddings=sparse[sel],
+                                    dense_prompt_embeddings=dense[sel],
+                                    multimask_output=multimask)
+        lows.append((sel, low, iou))
+    k = lows[0][1].shape[1]
+    low = torch.zeros(n, k, size // 4, size // 4, device=dev)
+    iou_pred = torch.zeros(n, k, device=dev)
+    for sel, lo, io in lows:
+        low = low.index_put((sel.nonzero()[:, 0],), lo)
+        iou_pred = iou_pred.index_put((sel.nonzero()[:, 0],), io)
+    return low, iou_pred
 
 
 class SamLossModule(torch.nn.Module):

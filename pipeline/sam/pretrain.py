@@ -1,13 +1,20 @@
 """``dataengine pretrain-sam``: pre-train a small SAM before round 1, publish a starting version.
 
 When there is no published checkpoint, the engine starts from random weights; this stage gives it
-a better start from the corpus itself, in two phases (either may be 0 steps):
+a better start, in three phases (any may be 0 steps):
 
 1. **MAE** (He et al. 2022; SAM's encoder was MAE-pre-trained): ``mask_ratio`` of the 16x16 px
    patches of each training image are blanked (set to the mean colour), the image encoder + a small
    pixel decoder (:class:`dataengine.models.sam_small.MaeHead`) reconstruct the per-patch normalised
    pixels of the blanked patches. No labels. The decoder is dropped afterwards.
-2. **Copy-paste** (Ghiasi et al. 2021): object cut-outs from masks the corpus already has
+2. **Procedural** (``procedural_steps``, default 0): "dead leaves" scenes generated on the fly
+   (:mod:`dataengine.pipeline.sam.procedural`; shapes, fills and real cut-outs of the training
+   split as donors; occlusion gives exact masks), a pure function of ``(seed, rank, step)``, so a
+   resumed run sees the same stream and nothing is stored. The curriculum ``level`` rises
+   linearly from ``procedural_level_start`` to ``procedural_level_end`` over the phase. The whole
+   SAM is trained with the promptable recipe, plus, for models with prototype matching
+   (``tiny-hq-match``), the dense prototype loss (``proto_loss_weight``).
+3. **Copy-paste** (Ghiasi et al. 2021): object cut-outs from masks the corpus already has
    (imported round 0 and accepted rounds, training split only) are pasted, rescaled and flipped,
    onto other training images; each composite carries exact masks (a pasted object's mask is exactly
    the pixels it replaced; objects it covers lose those pixels), and the whole SAM is trained on
@@ -22,6 +29,9 @@ One machine::
     dataengine pretrain-sam --root ROOT --set model=tiny-conv --set mae_steps=200 \\
         --set copypaste_steps=300 --set scale.torch_threads=2
 
+The starting checkpoint's recipe (README, "Small SAM"): procedural phases chained with
+``init=vNNNN`` (easy flat shapes first, then the full generator), then copy-paste.
+
 Many machines: as ``train-sam`` (Ray on every node, the corpus on shared storage, ``RAY_ADDRESS``
 set, ``--set scale.num_workers=N``); each worker reads its own disjoint shards, gradients are
 synchronised by DDP, checkpoints go to ``ROOT/runs/pretrain-sam-vNNNN/`` and a re-run resumes.
@@ -29,6 +39,7 @@ synchronised by DDP, checkpoints go to ``ROOT/runs/pretrain-sam-vNNNN/`` and a r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -48,6 +59,7 @@ from dataengine.pipeline.core.checkpoints import read_state_dict
 from dataengine.pipeline.core.layout import Corpus, parse_version
 from dataengine.pipeline.core.trainer import ScaleConfig
 from dataengine.pipeline.sam.loss import Batch, RecipeConfig, promptable_loss
+from dataengine.pipeline.sam.procedural import DonorPool, ProceduralConfig, scene_samples
 from dataengine.pipeline.sam.training_data import (
     DataConfig,
     Sample,
@@ -86,7 +98,11 @@ class PretrainSamConfig:
     model: str = "tiny-conv"            # registry config (random init)
     init: str = "random"                # random | vNNNN (continue from a version)
     mae_steps: int = 200
+    procedural_steps: int = 0
     copypaste_steps: int = 300
+    procedural_level_start: float = 0.0  # curriculum level at the start of the procedural phase
+    procedural_level_end: float = 1.0    # ... at its end (linear)
+    proto_loss_weight: float = 0.0       # dense prototype loss (models with hq_proto only)
     mask_ratio: float = 0.6
     batch_images: int = 4
     masks_per_image: int = 4
@@ -100,12 +116,14 @@ class PretrainSamConfig:
     log_every: int = 10
     seed: int = 0
     copypaste: CopyPasteConfig = field(default_factory=CopyPasteConfig)
+    procedural: ProceduralConfig = field(default_factory=ProceduralConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(train_on_imported=True))
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
 
     def __post_init__(self) -> None:
-        for name, cls in (("copypaste", CopyPasteConfig), ("data", DataConfig),
+        for name, cls in (("copypaste", CopyPasteConfig), ("procedural", ProceduralConfig),
+                          ("data", DataConfig),
                           ("recipe", RecipeConfig), ("scale", ScaleConfig)):
             v = getattr(self, name)
             if isinstance(v, dict):
@@ -115,11 +133,16 @@ class PretrainSamConfig:
                 parse_version(self.init)
             except ValueError:
                 raise ValueError(f"init={self.init!r}: 'random' or a version vNNNN") from None
-        for name in ("mae_steps", "copypaste_steps", "warmup_steps"):
+        for name in ("mae_steps", "procedural_steps", "copypaste_steps", "warmup_steps"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
-        if self.mae_steps + self.copypaste_steps < 1:
-            raise ValueError("mae_steps + copypaste_steps must be >= 1")
+        if self.steps < 1:
+            raise ValueError("mae_steps + procedural_steps + copypaste_steps must be >= 1")
+        for name in ("procedural_level_start", "procedural_level_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
+        if self.proto_loss_weight < 0:
+            raise ValueError(f"proto_loss_weight={self.proto_loss_weight}: must be >= 0")
         for name in ("batch_images", "masks_per_image", "donor_pool", "checkpoint_every",
                      "log_every"):
             if int(getattr(self, name)) < 1:
@@ -135,10 +158,20 @@ class PretrainSamConfig:
             raise ValueError(f"model={self.model!r}: pretrain-sam pre-trains SAM v1 encoders; "
                              f"a SAM 2 model starts from an official checkpoint or random "
                              f"weights (train-sam)")
+        if self.proto_loss_weight > 0 and not get_config(self.model).hq_proto:
+            raise ValueError(f"proto_loss_weight={self.proto_loss_weight}: needs a model with "
+                             f"prototype matching (hq_proto, e.g. tiny-hq-match), not "
+                             f"{self.model!r}")
 
     @property
     def steps(self) -> int:
-        return self.mae_steps + self.copypaste_steps
+        return self.mae_steps + self.procedural_steps + self.copypaste_steps
+
+    def level_at(self, k: int) -> float:
+        """Curriculum level of step ``k`` of the procedural phase."""
+        t = k / max(1, self.procedural_steps - 1)
+        return self.procedural_level_start + t * (self.procedural_level_end -
+                                                  self.procedural_level_start)
 
 
 # ---- copy-paste composites -----------------------------------------------------------------
@@ -278,12 +311,19 @@ class PretrainModule(torch.nn.Module):
     use enter its loss with weight 0, so DDP needs no ``find_unused_parameters``."""
 
     def __init__(self, sam: Any, head: torch.nn.Module, recipe: RecipeConfig,
-                 mask_ratio: float = 0.6) -> None:
+                 mask_ratio: float = 0.6, proto_loss_weight: float = 0.0) -> None:
         super().__init__()
         self.sam = sam
         self.head = head
         self.recipe = recipe
         self.mask_ratio = mask_ratio
+        self.proto_loss_weight = proto_loss_weight
+
+    def _aux(self, feats: torch.Tensor, gt: torch.Tensor, img_idx: torch.Tensor) -> Any:
+        from dataengine.models.sam_hq import prototype_loss
+
+        loss, stats = prototype_loss(feats, gt, img_idx, self.sam.prompt_encoder.embed_dim)
+        return self.proto_loss_weight * loss, stats
 
     def forward(self, kind: str, batch: Batch, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -292,10 +332,11 @@ class PretrainModule(torch.nn.Module):
             loss = mae_loss(self.sam.image_encoder, self.head, batch.images, batch.sizes,
                             self.mask_ratio, generator)
             return loss + keep, {"loss": float(loss.detach())}
-        if kind == "seg":
-            out = promptable_loss(self.sam, batch, self.recipe, generator=generator)
+        if kind in ("proc", "seg"):
+            aux = self._aux if self.proto_loss_weight > 0 else None
+            out = promptable_loss(self.sam, batch, self.recipe, generator=generator, aux_loss=aux)
             return out.loss + keep, out.stats
-        raise ValueError(f"kind={kind!r}: 'mae' or 'seg'")
+        raise ValueError(f"kind={kind!r}: 'mae', 'proc' or 'seg'")
 
 
 def pretrain_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, kind: str,
@@ -313,14 +354,18 @@ def pretrain_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, kin
 
 
 def phase_lr(step: int, cfg: PretrainSamConfig) -> tuple[str, float]:
-    """``(phase, lr)`` of global ``step``: MAE steps first, then copy-paste; warm-up + cosine
-    within each phase."""
+    """``(phase, lr)`` of global ``step``: MAE steps first, then procedural scenes, then
+    copy-paste; warm-up + cosine within each phase."""
     from dataengine.pipeline.sam.loss import lr_factor
 
     if step < cfg.mae_steps:
         return "mae", cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.mae_steps,
                                          cfg.min_lr_factor)
     k = step - cfg.mae_steps
+    if k < cfg.procedural_steps:
+        return "proc", cfg.lr * lr_factor(k, cfg.warmup_steps, cfg.procedural_steps,
+                                          cfg.min_lr_factor)
+    k -= cfg.procedural_steps
     return "seg", cfg.lr * lr_factor(k, cfg.warmup_steps, cfg.copypaste_steps,
                                      cfg.min_lr_factor)
 
@@ -343,7 +388,7 @@ def _pretrain_loop(config: dict[str, Any]) -> None:
     if config.get("init_url"):
         load_weights(sam, read_state_dict(config["init_url"]))
     head = MaeHead(sam.prompt_encoder.embed_dim)
-    module = PretrainModule(sam, head, cfg.recipe, cfg.mask_ratio)
+    module = PretrainModule(sam, head, cfg.recipe, cfg.mask_ratio, cfg.proto_loss_weight)
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = trainer.restore(models={"sam": sam, "mae_head": head}, optimizers={"opt": opt})
     start = int(state["step"]) + 1 if state else 0
@@ -375,20 +420,31 @@ def _pretrain_loop(config: dict[str, Any]) -> None:
         return out
 
     window: list[dict[str, float]] = []
+    donors: DonorPool | None = None
     t0 = time.time()
     for step in range(start, cfg.steps):
         kind, lr = phase_lr(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        targets = take(cfg.batch_images)
-        if kind == "mae":
-            batch = make_batch(targets, size, mean, std, 1, rng=rng)
+        if kind == "proc":
+            donors = _donors(pool, donors, take, cfg)
+            k = step - cfg.mae_steps
+            level_cfg = dataclasses.replace(cfg.procedural, level=cfg.level_at(k),
+                                            size=size)
+            scenes = scene_samples(cfg.seed * 1000 + ctx.rank, k * cfg.batch_images,
+                                   cfg.batch_images, level_cfg, donors)
+            batch = make_batch(scenes, size, mean, std, cfg.masks_per_image, min_area=16,
+                               rng=rng)
+        elif kind == "mae":
+            batch = make_batch(take(cfg.batch_images), size, mean, std, 1, rng=rng)
         else:
+            targets = take(cfg.batch_images)
             batch = composite_batch(targets, pool, rng, cfg, size, mean, std)
         stats = pretrain_step(model, opt, kind, batch.to(ctx.device), gen, cfg.grad_clip)
         window.append(stats)
         last = step == cfg.steps - 1
-        ckpt = (step + 1) % cfg.checkpoint_every == 0 or last or step + 1 == cfg.mae_steps
+        ckpt = (step + 1) % cfg.checkpoint_every == 0 or last or \
+            step + 1 in (cfg.mae_steps, cfg.mae_steps + cfg.procedural_steps)
         if (step + 1) % cfg.log_every == 0 or ckpt:
             keys = sorted(set.intersection(*(set(w) for w in window)))
             row = {"step": step, "phase": kind, "lr": lr,
@@ -400,6 +456,17 @@ def _pretrain_loop(config: dict[str, Any]) -> None:
                            models={"sam": sam, "mae_head": head} if ckpt else None,
                            optimizers={"opt": opt} if ckpt else None,
                            extra={"step": step, "history": history})
+
+
+def _donors(pool: list[Sample], donors: DonorPool | None, take: Any,
+            cfg: PretrainSamConfig) -> DonorPool:
+    """The procedural phase's donors (photos and object cut-outs of the training split): the
+    pool is filled once (``donor_pool`` samples), then kept."""
+    if donors is not None:
+        return donors
+    while len(pool) < cfg.donor_pool and take(cfg.batch_images):
+        pass
+    return DonorPool.from_samples([s.image for s in pool], [s.masks for s in pool])
 
 
 # ---- driver --------------------------------------------------------------------------------
@@ -436,9 +503,9 @@ def pretrain_sam(root: str, config: PretrainSamConfig | None = None) -> dict[str
     fp = versions.fingerprint(config_mod.to_dict(cfg), masks=plan.n_masks, rounds=plan.rounds)
     version, vdir, run_name, run_url = versions.begin_version(corpus, "sam", fp, "pretrain-sam",
                                                              kind="pretrain")
-    logger.info("pretrain-sam %s (%s): %d images / %d masks, MAE %d + copy-paste %d steps",
-                version, sam_cfg.name, plan.n_images, plan.n_masks, cfg.mae_steps,
-                cfg.copypaste_steps)
+    logger.info("pretrain-sam %s (%s): %d images / %d masks, MAE %d + procedural %d + "
+                "copy-paste %d steps", version, sam_cfg.name, plan.n_images, plan.n_masks,
+                cfg.mae_steps, cfg.procedural_steps, cfg.copypaste_steps)
     loop_cfg = {"cfg": config_mod.to_dict(cfg), "plan": plan.to_dict(), "root": root,
                 "sam_config": sam_cfg.to_dict(), "init_url": init_url}
     result = trainer.launch(_pretrain_loop, loop_cfg, runs_url=corpus.runs, name=run_name,
@@ -459,8 +526,14 @@ def pretrain_sam(root: str, config: PretrainSamConfig | None = None) -> dict[str
                        {"version": version, "steps": int(state.get("step", -1)) + 1,
                         "final_loss": history[-1]["loss"] if history else None,
                         "seconds": seconds, "history": history})
+    steps = int(state.get("step", -1)) + 1
     versions.publish_version(corpus, "sam", version, parent=parent, model=sam_cfg.name,
-                             rounds=plan.rounds, masks=plan.n_masks, pretrain=True)
+                             rounds=plan.rounds, masks=plan.n_masks, pretrain=True,
+                             seed=cfg.seed, steps=steps, wall_seconds=seconds,
+                             data={"corpus": plan.summary(), "mae_steps": cfg.mae_steps,
+                                   "procedural_steps": cfg.procedural_steps,
+                                   "procedural": config_mod.to_dict(cfg.procedural),
+                                   "copypaste_steps": cfg.copypaste_steps})
     logger.info("pretrain-sam %s published (%.0f s)", version, seconds)
     return {"version": version, "model": sam_cfg.name, "images": plan.n_images,
             "masks": plan.n_masks, "steps": int(state.get("step", -1)) + 1,
