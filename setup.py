@@ -1,5 +1,6 @@
 """The package list of the one import root: ``pipeline/``, ``models/`` and ``flows/`` install as
-``dataengine.pipeline``, ``dataengine.models`` and ``dataengine.flows`` (metadata: pyproject.toml)."""
+``dataengine.pipeline``, ``dataengine.models`` and ``dataengine.flows``
+(metadata: pyproject.toml)."""
 
 from setuptools import find_packages, setup
 

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dataengine.models.sam import build_sam
-from dataengine.pipeline.core import masks as mask_utils
+from dataengine.models.sam import build_sam  # noqa: E402
+from dataengine.pipeline.core import masks as mask_utils  # noqa: E402
 from dataengine.pipeline.core.checkpoints import load_sam, save_sam  # noqa: E402
 from dataengine.pipeline.sam.amg import AmgConfig, MaskGenerator, official_generate  # noqa: E402
 
@@ -55,7 +55,8 @@ logger = logging.getLogger("bench_amg")
 DATA = REPO.parent / "shared" / "data"
 
 
-def load_images(n: int, min_low_res_area: int = 12) -> list[tuple[str, np.ndarray, list[np.ndarray]]]:
+def load_images(n: int, min_low_res_area: int = 12
+                ) -> list[tuple[str, np.ndarray, list[np.ndarray]]]:
     """The ``n`` coco-mini train2017 images with the most ground-truth objects of a size the
     64x64 low-res mask can draw; ``(name, HxWx3 uint8, [HxW bool GT masks])``."""
     from PIL import Image
@@ -262,7 +263,8 @@ def main() -> None:
 
             tag += "-init" + hashlib.sha256(str(Path(args.init).resolve()).encode()
                                             ).hexdigest()[:8]
-        cache = Path(args.work_dir) / f"fit-{args.config}-{args.images}img-{args.fit_steps}steps{tag}"
+        cache = (Path(args.work_dir)
+                 / f"fit-{args.config}-{args.images}img-{args.fit_steps}steps{tag}")
         if (cache / "config.json").exists():
             model = load_sam(str(cache))
             fit_info = json.loads((cache / "config.json").read_text()).get("fit", {})

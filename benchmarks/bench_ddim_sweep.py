@@ -38,15 +38,8 @@ def build(root: str, ldm_steps: int) -> str:
     import torch
     from safetensors.torch import save_file
 
-    from dataengine.models.ldm import (
-        LatentDiffusion,
-        LdmSpec,
-        build_noise_scheduler,
-        build_vae,
-        diffusion_loss,
-        drop_conditions,
-        tokenizer_from_json,
-    )
+    from dataengine.models.ldm import (LatentDiffusion, LdmSpec, build_noise_scheduler, build_vae,
+                                       diffusion_loss, drop_conditions, tokenizer_from_json)
     from dataengine.pipeline.ingest.shard import ShardConfig, shard
     from dataengine.pipeline.ldm.latents import LatentsConfig, compute_latents
     from dataengine.pipeline.ldm.train_ldm import TrainLdmConfig, latent_stream, prepare_run

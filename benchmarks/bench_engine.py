@@ -204,7 +204,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['round']:>5} {r['stage']:>6} {r['model_version']:>6} {r['images']:>4} "
               f"{f(r['masks_per_image']):>9} {f(r['clicks_per_mask']):>8} "
-              f"{f(r.get('clicks50_per_mask')):>6} {f(r['seconds_per_mask'], 1):>6} {f(r['miou1'], 3):>7} {f(r['noc50']):>6} "
+              f"{f(r.get('clicks50_per_mask')):>6} {f(r['seconds_per_mask'], 1):>6} "
+              f"{f(r['miou1'], 3):>7} {f(r['noc50']):>6} "
               f"{f(r['noc75']):>6} {f(r['noc90']):>6} {f(r['amg_recall50'], 3):>7} | "
               f"{f(r['nomodel_miou1'], 3):>10} {f(r['nomodel_noc50']):>9} "
               f"{f(r['nomodel_noc75']):>9}")

@@ -52,15 +52,8 @@ def timed_steps(step, n: int, warmup: int = 2) -> float:
 
 def latent_vs_online(root: str, latents: str, vae, scale: float, batch: int, steps: int) -> dict:
     """Samples/s of U-Net training steps fed from latent shards vs from images + VAE encode."""
-    from dataengine.models.ldm import (
-        LatentDiffusion,
-        LdmSpec,
-        build_noise_scheduler,
-        diffusion_loss,
-        prompt_for,
-        tokenize,
-        train_tokenizer,
-    )
+    from dataengine.models.ldm import (LatentDiffusion, LdmSpec, build_noise_scheduler,
+                                       diffusion_loss, prompt_for, tokenize, train_tokenizer)
     from dataengine.pipeline.core import storage
     from dataengine.pipeline.core.layout import Corpus
     from dataengine.pipeline.ldm.images import image_stream

@@ -11,21 +11,10 @@ from typing import Any
 from prefect import flow
 
 from dataengine.flows import stages
-from dataengine.flows.common import (
-    FLOW_OPTIONS,
-    apply_aws_credentials,
-    artifact_key,
-    bridge_logging,
-    connect_ray,
-    publish,
-    stage_task,
-)
-from dataengine.flows.tasks import (
-    corpus_state_task,
-    publish_model_task,
-    publish_round_task,
-    run_stage_task,
-)
+from dataengine.flows.common import (FLOW_OPTIONS, apply_aws_credentials, artifact_key,
+                                     bridge_logging, connect_ray, publish, stage_task)
+from dataengine.flows.tasks import (corpus_state_task, publish_model_task, publish_round_task,
+                                    run_stage_task)
 
 
 @stage_task("publish-engine-report", retries=0)

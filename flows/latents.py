@@ -10,13 +10,8 @@ from typing import Any
 
 from prefect import flow
 
-from dataengine.flows.common import (
-    FLOW_OPTIONS,
-    apply_aws_credentials,
-    bridge_logging,
-    connect_ray,
-    publish,
-)
+from dataengine.flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging,
+                                     connect_ray, publish)
 from dataengine.flows.tasks import run_stage_task
 from dataengine.pipeline.core.info import corpus_state
 from dataengine.pipeline.core.layout import Corpus

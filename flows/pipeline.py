@@ -20,14 +20,8 @@ from typing import Any
 
 from prefect import flow
 
-from dataengine.flows.common import (
-    FLOW_OPTIONS,
-    apply_aws_credentials,
-    bridge_logging,
-    connect_ray,
-    publish,
-    run_logger,
-)
+from dataengine.flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging,
+                                     connect_ray, publish, run_logger)
 from dataengine.flows.engine import engine_flow
 from dataengine.flows.latents import latents_flow
 from dataengine.flows.retrain import engine_round_flow

@@ -15,15 +15,8 @@ from prefect import flow
 
 from dataengine.flows import stages
 from dataengine.flows.annotate import annotate_flow
-from dataengine.flows.common import (
-    FLOW_OPTIONS,
-    apply_aws_credentials,
-    bridge_logging,
-    connect_ray,
-    jsonable,
-    publish,
-    stage_task,
-)
+from dataengine.flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging,
+                                     connect_ray, jsonable, publish, stage_task)
 from dataengine.flows.settings import resolve_root, split_overrides
 from dataengine.flows.shard import shard_flow
 from dataengine.flows.train_sam import train_sam_flow

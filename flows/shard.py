@@ -9,14 +9,8 @@ from typing import Any
 
 from prefect import flow
 
-from dataengine.flows.common import (
-    FLOW_OPTIONS,
-    apply_aws_credentials,
-    bridge_logging,
-    connect_ray,
-    publish,
-    run_logger,
-)
+from dataengine.flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging,
+                                     connect_ray, publish, run_logger)
 from dataengine.flows.settings import load_pipeline_config
 from dataengine.flows.stages import substitute
 from dataengine.flows.tasks import corpus_state_task, run_stage_task

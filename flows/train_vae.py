@@ -10,13 +10,8 @@ from typing import Any
 
 from prefect import flow
 
-from dataengine.flows.common import (
-    FLOW_OPTIONS,
-    apply_aws_credentials,
-    bridge_logging,
-    connect_ray,
-    run_logger,
-)
+from dataengine.flows.common import (FLOW_OPTIONS, apply_aws_credentials, bridge_logging,
+                                     connect_ray, run_logger)
 from dataengine.flows.tasks import publish_model_task, run_stage_task
 from dataengine.pipeline.core.layout import Corpus
 

@@ -50,7 +50,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """Architecture of one detector (fields map onto ``ConditionalDetrConfig`` / ``ResNetConfig``)."""
+    """Architecture of one detector (fields map onto ``ConditionalDetrConfig`` /
+    ``ResNetConfig``)."""
 
     name: str = "tiny"
     image_size: int = 256
@@ -60,7 +61,7 @@ class DetectorConfig:
     resnet_hidden_sizes: tuple[int, ...] = (32, 64, 128, 256)
     resnet_depths: tuple[int, ...] = (1, 1, 1, 1)
     backbone_norm: str = "group"                  # group (from scratch) | frozen_bn (pretrained)
-    sam_config: str = ""                          # dataengine.models.sam registry name when backbone == sam
+    sam_config: str = ""                          # models.sam registry name when backbone == sam
     d_model: int = 128
     encoder_layers: int = 2
     decoder_layers: int = 2
@@ -76,7 +77,8 @@ class DetectorConfig:
         if self.backbone not in ("resnet", "sam"):
             raise ValueError(f"backbone={self.backbone!r}: allowed 'resnet', 'sam'")
         if self.backbone == "sam" and not self.sam_config:
-            raise ValueError("sam_config: a dataengine.models.sam config name is required when backbone='sam'")
+            raise ValueError("sam_config: a dataengine.models.sam config name is required when "
+                             "backbone='sam'")
         if self.backbone_norm not in ("group", "frozen_bn"):
             raise ValueError(f"backbone_norm={self.backbone_norm!r}: allowed 'group', 'frozen_bn'")
         if self.resnet_layer_type not in ("basic", "bottleneck"):
@@ -109,7 +111,8 @@ class DetectorConfig:
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise ValueError(f"detector config: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+            raise ValueError(f"detector config: unknown key(s) {unknown}; "
+                             f"allowed: {sorted(allowed)}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> DetectorConfig:
@@ -136,7 +139,8 @@ DETECTOR_CONFIGS: dict[str, DetectorConfig] = {
 
 
 def get_config(config: str | DetectorConfig | dict[str, Any]) -> DetectorConfig:
-    """A registry name, a dict (e.g. from ``config.json``) or a config -> :class:`DetectorConfig`."""
+    """A registry name, a dict (e.g. from ``config.json``) or a config ->
+    :class:`DetectorConfig`."""
     if isinstance(config, DetectorConfig):
         return config
     if isinstance(config, dict):
@@ -198,7 +202,8 @@ def _group_norm(module: nn.Module) -> None:
 
 
 def build_detector(config: str | DetectorConfig | dict[str, Any] = "tiny",
-                   checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None, *, categories: list[str] | None = None,
+                   checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None, *,
+                   categories: list[str] | None = None,
                    seed: int | None = 0, device: str | torch.device | None = None) -> nn.Module:
     """Build a ``ConditionalDetrForObjectDetection`` in eval mode; random init (deterministic for
     ``seed``) or a checkpoint (see :func:`load_weights`). ``categories`` overrides the config's

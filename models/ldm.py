@@ -181,7 +181,8 @@ def load_vae(path: str, config: str | None = None):
         if os.path.exists(os.path.join(path, "vae", "config.json")):
             path = os.path.join(path, "vae")
         if not os.path.exists(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path}: no config.json (not a diffusers AutoencoderKL folder)")
+            raise FileNotFoundError(f"{path}: no config.json "
+                                    "(not a diffusers AutoencoderKL folder)")
         return AutoencoderKL.from_pretrained(path, local_files_only=True)
     if path.endswith(".safetensors") and os.path.isfile(path):
         if not config:
@@ -379,7 +380,8 @@ class LatentDiffusion(torch.nn.Module):
                 layout: torch.Tensor | None = None) -> torch.Tensor:
         """ε prediction ``BxCxhxw`` for scaled noisy latents at timesteps ``t`` (``B`` int64)."""
         states = encode_text(self.text_encoder, ids)
-        return self.unet(unet_input(self.spec, noisy, layout), t, encoder_hidden_states=states).sample
+        x = unet_input(self.spec, noisy, layout)
+        return self.unet(x, t, encoder_hidden_states=states).sample
 
 
 def diffusion_loss(model: torch.nn.Module, latents: torch.Tensor, ids: torch.Tensor,

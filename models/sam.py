@@ -29,24 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
+from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
+                                       TwoWayTransformer)
 
 from dataengine.models.checkpoint import as_state_dict, load_state
 from dataengine.models.device import pick_device
-from dataengine.models.sam2 import (
-    SAM2_CONFIGS,
-    Sam2Config,
-    build_sam2,
-    get_sam2_config,
-    is_sam2_config,
-    load_sam2_weights,
-)
+from dataengine.models.sam2 import (SAM2_CONFIGS, Sam2Config, build_sam2, get_sam2_config,
+                                    is_sam2_config, load_sam2_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +62,7 @@ class SamConfig:
     num_multimask_outputs: int = 3
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
-    encoder: str = "vit"          # vit (ImageEncoderViT) | conv (dataengine.models.sam_small, hybrid CNN)
+    encoder: str = "vit"          # vit (ImageEncoderViT) | conv (models.sam_small, hybrid CNN)
     #                               | hq (dataengine.models.sam_hq: conv + FPN, high-res fusion)
     hq_channels: int = 0          # hq: 1/4-resolution feature channels packed in the embedding
     hq_dim: int = 32              # hq: channels of the decoder's 1/4-resolution fusion map
@@ -205,7 +194,8 @@ def config_of(model: Sam) -> SamConfig | Sam2Config:
     """The :class:`SamConfig` a model was built from (attribute set by :func:`build_sam`)."""
     cfg = getattr(model, "sam_config", None)
     if cfg is None:
-        raise ValueError("model was not built by dataengine.models.sam.build_sam (no sam_config attribute)")
+        raise ValueError("model was not built by dataengine.models.sam.build_sam "
+                         "(no sam_config attribute)")
     return cfg
 
 

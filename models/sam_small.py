@@ -109,7 +109,7 @@ class ConvImageEncoder(nn.Module):
 
 
 def build_encoder(cfg: Any) -> nn.Module:
-    """The image encoder named by ``cfg.encoder`` for a :class:`dataengine.models.sam.SamConfig` (only
+    """The image encoder named by ``cfg.encoder`` for a :class:`models.sam.SamConfig` (only
     the non-ViT kinds; ``dataengine.models.sam.build_sam`` builds the ViT itself)."""
     if cfg.encoder == "conv":
         return ConvImageEncoder(img_size=cfg.image_size, embed_dim=cfg.encoder_embed_dim,

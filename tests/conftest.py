@@ -151,7 +151,8 @@ def prefect_server(tmp_path_factory):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             log.close()
-            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-3000:]}")
+            log = (home / 'server.log').read_text()[-3000:]
+            raise RuntimeError(f"prefect server did not start: {log}")
         time.sleep(0.5)
     client_env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": url,
                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

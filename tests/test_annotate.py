@@ -15,20 +15,11 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from dataengine.pipeline.annotate.stage import (
-    AnnotateConfig,
-    ShardAnnotator,
-    run_round,
-)
+from dataengine.pipeline.annotate.stage import AnnotateConfig, ShardAnnotator, run_round
 from dataengine.pipeline.core import splits, storage
 from dataengine.pipeline.core.layout import Corpus
-from dataengine.pipeline.core.rounds import (
-    iter_round_shard,
-    read_round_manifest,
-    round_info,
-    round_shards,
-    validate_record,
-)
+from dataengine.pipeline.core.rounds import (iter_round_shard, read_round_manifest, round_info,
+                                             round_shards, validate_record)
 from dataengine.pipeline.core.shards import iter_tar, write_tar
 
 FAST = {"target_iou": 0.75, "max_clicks": 3, "accept_iou": 0.0, "max_objects_per_image": 4}

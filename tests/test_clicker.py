@@ -5,19 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dataengine.pipeline.sam.clicker import (
-    Click,
-    ClickerConfig,
-    DiscSegmenter,
-    EmptySegmenter,
-    OracleSegmenter,
-    SamSegmenter,
-    clicks_to_iou,
-    iou_at,
-    next_click,
-    paint_discs,
-    run_clicker,
-)
+from dataengine.pipeline.sam.clicker import (Click, ClickerConfig, DiscSegmenter, EmptySegmenter,
+                                             OracleSegmenter, SamSegmenter, clicks_to_iou, iou_at,
+                                             next_click, paint_discs, run_clicker)
 from dataengine.pipeline.sam.prompts import click_disc_logits
 
 

@@ -142,11 +142,7 @@ def test_signature_config_is_validated_and_versioned():
 
 @pytest.mark.timeout(300)
 def test_leak_check_flags_a_planted_copy_of_a_held_out_image(leaky):
-    from dataengine.pipeline.sam.training_data import (
-        DataConfig,
-        plan_training_data,
-        shard_samples,
-    )
+    from dataengine.pipeline.sam.training_data import DataConfig, plan_training_data, shard_samples
 
     root = leaky["root"]
     corpus = Corpus(root)
@@ -259,12 +255,8 @@ def test_promoted_model_is_required_by_default(leaky):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_embedding_pass_on_ray_actors_equals_in_process(tmp_path, ray_cluster):
-    from dataengine.pipeline.curate.embed import (
-        EmbedConfig,
-        embed_corpus,
-        load_signatures,
-        load_vectors,
-    )
+    from dataengine.pipeline.curate.embed import (EmbedConfig, embed_corpus, load_signatures,
+                                                  load_vectors)
 
     roots = [str(tmp_path / n) for n in ("ray", "local")]
     for root in roots:

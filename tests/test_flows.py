@@ -19,12 +19,8 @@ from dataengine.flows.settings import PipelineConfig, load_pipeline_config, spli
 @pytest.fixture()
 def prefect_api(prefect_server, tmp_path):
     """Point this process's Prefect client at the session server; results under tmp_path."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_LOCAL_STORAGE_PATH,
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        temporary_settings,
-    )
+    from prefect.settings import (PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH,
+                                  PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings)
 
     store = tmp_path / "results"
     with temporary_settings({PREFECT_API_URL: prefect_server["url"],

@@ -19,11 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataengine.pipeline.annotate.interchange import (
-    EXPORT_FORMATS,
-    export_format,
-    import_format,
-)
+from dataengine.pipeline.annotate.interchange import EXPORT_FORMATS, export_format, import_format
 from dataengine.pipeline.core import masks as mask_utils
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import iter_round_shard, round_shards

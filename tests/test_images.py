@@ -1,4 +1,4 @@
-"""dataengine.pipeline.ingest.images: decode + check, EXIF orientation, RGB conversion, resize, re-encode."""
+"""pipeline.ingest.images: decode + check, EXIF orientation, RGB conversion, resize, re-encode."""
 
 import io
 import struct
@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataengine.pipeline.ingest.images import (
-    BadImage,
-    ImageConfig,
-    apply_to_mask,
-    process_image,
-    resize_plan,
-)
+from dataengine.pipeline.ingest.images import (BadImage, ImageConfig, apply_to_mask, process_image,
+                                               resize_plan)
 
 
 def _encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:

@@ -1,4 +1,4 @@
-"""dataengine.pipeline.ldm.latents: latent shards on a Ray actor pool, aligned with the image shards,
+"""pipeline.ldm.latents: latent shards on a Ray actor pool, aligned with the image shards,
 resumable per shard, corrupt samples recorded, curation honoured."""
 
 from __future__ import annotations

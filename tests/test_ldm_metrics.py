@@ -114,13 +114,8 @@ def test_fid_kid_pr_plumbing_with_random_weights(inception_file):
 
 
 def _tiny_clip(path: str) -> None:
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
+                              PreTrainedTokenizerFast)
 
     torch.manual_seed(0)
     cfg = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64,

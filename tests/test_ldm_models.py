@@ -1,4 +1,4 @@
-"""dataengine.models.ldm: registry, conditioning encoder, layout planes, guidance, export to diffusers."""
+"""models.ldm: registry, conditioning encoder, layout planes, guidance, export to diffusers."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def test_unet_shapes_with_layout_concatenated(tok):
     assert model.unet.config.in_channels == 4 + ldm.LAYOUT_BITS
     z = torch.randn(2, 4, 8, 8)
     ids = ldm.tokenize(tok, ["<c1> a red square", ""], spec.max_tokens)
-    out = model(z, torch.tensor([10, 500]), ids, torch.randint(0, 255, (2, 8, 8), dtype=torch.uint8))
+    layout = torch.randint(0, 255, (2, 8, 8), dtype=torch.uint8)
+    out = model(z, torch.tensor([10, 500]), ids, layout)
     assert out.shape == z.shape
     spec2 = ldm.LdmSpec(unet="test", text="test", latent_size=8, conditions=["caption"])
     assert ldm.build_unet(spec2).config.in_channels == 4

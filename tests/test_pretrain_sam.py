@@ -17,16 +17,9 @@ from dataengine.pipeline.core.checkpoints import load_sam
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.trainer import ScaleConfig
 from dataengine.pipeline.sam.loss import RecipeConfig
-from dataengine.pipeline.sam.pretrain import (
-    CopyPasteConfig,
-    PretrainModule,
-    PretrainSamConfig,
-    composite_batch,
-    copy_paste,
-    mae_loss,
-    pretrain_sam,
-    pretrain_step,
-)
+from dataengine.pipeline.sam.pretrain import (CopyPasteConfig, PretrainModule, PretrainSamConfig,
+                                              composite_batch, copy_paste, mae_loss, pretrain_sam,
+                                              pretrain_step)
 from dataengine.pipeline.sam.training_data import Sample
 from tests.sam_corpus import build_corpus
 

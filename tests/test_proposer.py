@@ -10,11 +10,8 @@ import torch
 from dataengine.pipeline.core import storage
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import iter_round_shard, round_shards, validate_record
-from dataengine.pipeline.detector.proposer import (
-    DetectorProposer,
-    DetectorProposerConfig,
-    resolve_detector,
-)
+from dataengine.pipeline.detector.proposer import (DetectorProposer, DetectorProposerConfig,
+                                                   resolve_detector)
 from tests.sam_corpus import build_corpus
 
 OPEN = {"box_threshold": 0.0, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,

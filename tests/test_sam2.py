@@ -12,12 +12,7 @@ import pytest
 import torch
 
 from dataengine.models.sam import MODEL_NAMES, build_sam, config_of, get_config, load_weights
-from dataengine.models.sam2 import (
-    Sam2Config,
-    SquareResize,
-    config_for_state,
-    official_state_dict,
-)
+from dataengine.models.sam2 import Sam2Config, SquareResize, config_for_state, official_state_dict
 from dataengine.pipeline.core.checkpoints import load_sam, read_state_dict, save_sam
 from dataengine.pipeline.sam.predictor import make_predictor
 

@@ -8,17 +8,8 @@ import torch
 
 from dataengine.models.sam import build_sam
 from dataengine.pipeline.sam import clicker
-from dataengine.pipeline.sam.loss import (
-    Batch,
-    RecipeConfig,
-    SamLossModule,
-    dice_loss,
-    focal_loss,
-    iteration_plan,
-    noisy_boxes,
-    promptable_loss,
-    train_step,
-)
+from dataengine.pipeline.sam.loss import (Batch, RecipeConfig, SamLossModule, dice_loss, focal_loss,
+                                          iteration_plan, noisy_boxes, promptable_loss, train_step)
 from dataengine.pipeline.sam.prompts import paint_clicks
 
 

@@ -7,15 +7,8 @@ import pytest
 import torch
 
 from dataengine.models.device import autocast, count_parameters, pick_device
-from dataengine.models.sam import (
-    SAM_CONFIGS,
-    build_sam,
-    config_of,
-    export_onnx_decoder,
-    get_config,
-    load_weights,
-    sam_model_registry,
-)
+from dataengine.models.sam import (SAM_CONFIGS, build_sam, config_of, export_onnx_decoder,
+                                   get_config, load_weights, sam_model_registry)
 from dataengine.pipeline.core.checkpoints import load_sam, save_sam
 
 
@@ -141,10 +134,10 @@ def test_server_onnx_decoder_matches_torch_predictor(tmp_path):
         masks, scores, low = pred.predict(pts, lbl, multimask_output=True, return_logits=True)
     out = dec.predict(pred.features, (90, 130), pts, lbl, None, None, multimask=True)
     assert len(out) == 3
-    for (lg, sc, lo), m, s, l in zip(out, masks, scores, low):
-        assert lg.shape == (90, 130) and lo.shape == (1,) + l.shape
+    for (lg, sc, lo), m, s, low_ref in zip(out, masks, scores, low):
+        assert lg.shape == (90, 130) and lo.shape == (1,) + low_ref.shape
         np.testing.assert_allclose(sc, s, atol=1e-4)
-        np.testing.assert_allclose(lo[0], l, atol=1e-3)
+        np.testing.assert_allclose(lo[0], low_ref, atol=1e-3)
         assert ((lg > 0) == (m > 0)).mean() > 0.998
     pts2, lbl2 = np.array([[60.0, 40.0], [20.0, 70.0]]), np.array([1, 0])
     with torch.inference_mode():

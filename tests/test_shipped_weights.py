@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from dataengine.models.sam import build_sam
-from dataengine.models.weights import (
-    WEIGHTS_DIR,
-    file_sha256,
-    load_shipped,
-    shipped_names,
-    write_shipped,
-)
+from dataengine.models.weights import (WEIGHTS_DIR, file_sha256, load_shipped, shipped_names,
+                                       write_shipped)
 from dataengine.pipeline.sam.loss import RecipeConfig
 from dataengine.pipeline.sam.procedural import ProceduralConfig, generate
 

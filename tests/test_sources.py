@@ -1,4 +1,5 @@
-"""dataengine.pipeline.ingest.sources and dataengine.pipeline.core.coco: folders, COCO JSON, YOLO-seg, path/URL lists over HTTP."""
+"""pipeline.ingest.sources and pipeline.core.coco: folders, COCO JSON, YOLO-seg, path/URL lists
+over HTTP."""
 
 import functools
 import http.server

@@ -1,4 +1,4 @@
-"""dataengine.pipeline.core.storage on memory:// and local disk: atomic publish, retries, braces, listdir."""
+"""pipeline.core.storage on memory:// and local disk: atomic publish, retries, braces, listdir."""
 
 import os
 import uuid

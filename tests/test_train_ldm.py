@@ -1,6 +1,6 @@
-"""dataengine.pipeline.ldm.train_ldm on the two-node Ray cluster: DDP across nodes on disjoint latent shards ends
-with identical weights, a control run without gradient sync diverges, a SIGKILLed worker resumes
-at its last checkpoint's step; the published version loads into a diffusers pipeline."""
+"""pipeline.ldm.train_ldm on the two-node Ray cluster: DDP across nodes on disjoint latent shards
+ends with identical weights, a control run without gradient sync diverges, a SIGKILLed worker
+resumes at its last checkpoint's step; the published version loads into a diffusers pipeline."""
 
 from __future__ import annotations
 

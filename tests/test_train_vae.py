@@ -1,4 +1,4 @@
-"""dataengine.pipeline.ldm.train_vae: Ray Train VAE run (L1 + KL + patch discriminator) published as a version
+"""pipeline.ldm.train_vae: Ray Train VAE run (L1 + KL + patch discriminator) published as a version
 with its latent scale factor and held-out PSNR; pretrained import; loss pieces."""
 
 from __future__ import annotations
@@ -12,14 +12,8 @@ from dataengine.models.ldm import build_vae
 from dataengine.pipeline.core import storage
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.trainer import ScaleConfig
-from dataengine.pipeline.ldm.train_vae import (
-    PatchDiscriminator,
-    TrainVaeConfig,
-    load_vae_version,
-    psnr,
-    train_vae,
-    vae_losses,
-)
+from dataengine.pipeline.ldm.train_vae import (PatchDiscriminator, TrainVaeConfig, load_vae_version,
+                                               psnr, train_vae, vae_losses)
 from tests.ldm_corpus import make_corpus
 
 

@@ -26,16 +26,9 @@ from dataengine.pipeline.core import masks as mask_utils
 from dataengine.pipeline.core import storage
 from dataengine.pipeline.core.imagecodec import IMAGE_EXTS
 from dataengine.pipeline.core.layout import STAGES, Corpus
-from dataengine.pipeline.core.rounds import (
-    RoundWriter,
-    claim_round,
-    complete_rounds,
-    is_complete,
-    iter_round_shard,
-    round_info,
-    round_owner,
-    round_shards,
-)
+from dataengine.pipeline.core.rounds import (RoundWriter, claim_round, complete_rounds, is_complete,
+                                             iter_round_shard, round_info, round_owner,
+                                             round_shards)
 from dataengine.pipeline.core.shards import iter_tar, write_tar
 
 logger = logging.getLogger(__name__)

@@ -23,15 +23,8 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
-from dataengine.pipeline.annotate.export import (
-    PROVENANCE,
-    _key_lookup,
-    _records,
-    _rounds,
-    export_coco,
-    export_names,
-    import_coco,
-)
+from dataengine.pipeline.annotate.export import (PROVENANCE, _key_lookup, _records, _rounds,
+                                                 export_coco, export_names, import_coco)
 from dataengine.pipeline.core import masks as mask_utils
 from dataengine.pipeline.core import storage
 from dataengine.pipeline.core.layout import STAGES, Corpus

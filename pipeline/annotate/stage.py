@@ -32,26 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from dataengine.pipeline.annotate.annotators import (
-    GroundTruth,
-    SimulatedAnnotator,
-    SimulatedAnnotatorConfig,
-)
+from dataengine.pipeline.annotate.annotators import (GroundTruth, SimulatedAnnotator,
+                                                     SimulatedAnnotatorConfig)
 from dataengine.pipeline.core import config as config_mod
 from dataengine.pipeline.core import masks as mask_utils
 from dataengine.pipeline.core import splits, storage
 from dataengine.pipeline.core.dataset import shard_duplicates
 from dataengine.pipeline.core.imagecodec import sample_image
 from dataengine.pipeline.core.layout import Corpus
-from dataengine.pipeline.core.rounds import (
-    RoundOwnedError,
-    RoundWriter,
-    claim_round,
-    is_complete,
-    iter_round_shard,
-    round_info,
-    round_owner,
-)
+from dataengine.pipeline.core.rounds import (RoundOwnedError, RoundWriter, claim_round, is_complete,
+                                             iter_round_shard, round_info, round_owner)
 from dataengine.pipeline.core.shards import iter_tar
 from dataengine.pipeline.detector.proposer import DetectorProposerConfig
 from dataengine.pipeline.sam.amg import AmgConfig, MaskGenerator

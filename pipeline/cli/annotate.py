@@ -9,14 +9,8 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dataengine.pipeline.cli.common import (
-    CONFIG_HELP,
-    ROOT_HELP,
-    SET_HELP,
-    add_commands,
-    console,
-    stage_config,
-)
+from dataengine.pipeline.cli.common import (CONFIG_HELP, ROOT_HELP, SET_HELP, add_commands, console,
+                                            stage_config)
 
 
 def annotate_command(

@@ -9,14 +9,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dataengine.pipeline.cli.common import (
-    CONFIG_HELP,
-    ROOT_HELP,
-    SET_HELP,
-    add_commands,
-    console,
-    stage_config,
-)
+from dataengine.pipeline.cli.common import (CONFIG_HELP, ROOT_HELP, SET_HELP, add_commands, console,
+                                            stage_config)
 
 
 def shard_command(

@@ -7,15 +7,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from dataengine.pipeline.cli.common import (
-    CONFIG_HELP,
-    ROOT_HELP,
-    SET_HELP,
-    add_commands,
-    console,
-    print_fields,
-    stage_config,
-)
+from dataengine.pipeline.cli.common import (CONFIG_HELP, ROOT_HELP, SET_HELP, add_commands, console,
+                                            print_fields, stage_config)
 
 MODEL_HELP = ("SAM whose image encoder gives the embeddings: promoted (default), a version "
               "vNNNN, a registry config (random weights, e.g. tiny-conv), a saved model folder "

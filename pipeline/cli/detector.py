@@ -8,15 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from dataengine.pipeline.cli.common import (
-    CONFIG_HELP,
-    ROOT_HELP,
-    SET_HELP,
-    add_commands,
-    console,
-    stage_config,
-    with_workers,
-)
+from dataengine.pipeline.cli.common import (CONFIG_HELP, ROOT_HELP, SET_HELP, add_commands, console,
+                                            stage_config, with_workers)
 
 
 def train_detector_command(

@@ -11,15 +11,8 @@ from __future__ import annotations
 
 import typer
 
-from dataengine.pipeline.cli.common import (
-    CONFIG_HELP,
-    ROOT_HELP,
-    SET_HELP,
-    add_commands,
-    print_fields,
-    stage_config,
-    with_workers,
-)
+from dataengine.pipeline.cli.common import (CONFIG_HELP, ROOT_HELP, SET_HELP, add_commands,
+                                            print_fields, stage_config, with_workers)
 
 
 def train_vae_cmd(

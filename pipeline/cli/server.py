@@ -13,14 +13,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from dataengine.pipeline.cli.common import (
-    CONFIG_HELP,
-    ROOT_HELP,
-    SET_HELP,
-    add_commands,
-    console,
-    stage_config,
-)
+from dataengine.pipeline.cli.common import (CONFIG_HELP, ROOT_HELP, SET_HELP, add_commands, console,
+                                            stage_config)
 
 
 def dashboard_cmd(

@@ -13,12 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dataengine.models.checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    parse_state_dict,
-    state_dict_bytes,
-)
+from dataengine.models.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, parse_state_dict,
+                                          state_dict_bytes)
 from dataengine.models.device import pick_device
 from dataengine.pipeline.core import storage
 

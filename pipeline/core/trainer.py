@@ -179,7 +179,8 @@ def report(metrics: dict[str, Any], *, models: dict[str, torch.nn.Module] | None
         return
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models.items():
-            state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+            state = {k: v.detach().contiguous().cpu()
+                     for k, v in unwrap(model).state_dict().items()}
             save_file(state, os.path.join(tmp, f"{name}.safetensors"))
         for name, opt in (optimizers or {}).items():
             torch.save(opt.state_dict(), os.path.join(tmp, f"{name}.optim.pt"))

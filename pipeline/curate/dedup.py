@@ -28,12 +28,8 @@ import numpy as np
 from dataengine.pipeline.core import config as config_mod
 from dataengine.pipeline.core import curation, splits
 from dataengine.pipeline.core.layout import Corpus
-from dataengine.pipeline.curate.embed import (
-    EmbedConfig,
-    embed_corpus,
-    load_signatures,
-    load_vectors,
-)
+from dataengine.pipeline.curate.embed import (EmbedConfig, embed_corpus, load_signatures,
+                                              load_vectors)
 from dataengine.pipeline.curate.index import build_ip_index, normalise
 
 logger = logging.getLogger(__name__)

@@ -97,8 +97,9 @@ def heldout_ground_truth(corpus: Corpus, categories: list[str] | None = None,
     if not rounds_mod.is_complete(corpus, 0) and 0 not in corpus.rounds():
         return {}
     table = rounds_mod.read_round_manifest(corpus, 0)
-    rows = [r for r in table.select(["key", "shard", "category", "bbox_x", "bbox_y", "bbox_w", "bbox_h",
-                                     "width", "height"]).to_pylist()
+    columns = ["key", "shard", "category", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "width",
+               "height"]
+    rows = [r for r in table.select(columns).to_pylist()
             if split.get(r["key"]) == "holdout"]
     cat_index = {c: i for i, c in enumerate(categories)} if categories else None
     out: dict[str, list] = {}
@@ -164,7 +165,7 @@ DEFAULT_GATE = {"metrics": {"ap50": "max", "ar100": "max"},
 
 
 def gate_config(**overrides: Any):
-    """SAM's :class:`dataengine.pipeline.core.promotion.GateConfig` on the detector's held-out metrics
+    """SAM's :class:`pipeline.core.promotion.GateConfig` on the detector's held-out metrics
     (AP50 and AR@100 must not regress by default)."""
     from dataengine.pipeline.core.promotion import GateConfig
 
@@ -199,7 +200,7 @@ def version_metrics(corpus: Corpus, version: str) -> dict[str, Any] | None:
 def gate(corpus: Corpus, candidate: str, metrics: dict[str, Any], cfg: Any = None, *,
          who: str = "train-detector", first_min: dict[str, float] | None = None
          ) -> dict[str, Any]:
-    """Decide on ``candidate`` with the SAM gate's rule (:func:`dataengine.pipeline.core.promotion.decide`)
+    """Decide on ``candidate`` with the SAM gate's rule (:func:`pipeline.core.promotion.decide`)
     against the promoted detector (a first version must also reach ``first_min``, e.g.
     ``{"ap50": 0.01}``, so a detector that finds nothing never replaces AMG) and record it
     append-only in

@@ -21,12 +21,7 @@ from typing import Any
 import numpy as np
 
 from dataengine.pipeline.core import storage
-from dataengine.pipeline.formats.common import (
-    FormatImage,
-    FormatMask,
-    category_names,
-    check_size,
-)
+from dataengine.pipeline.formats.common import FormatImage, FormatMask, category_names, check_size
 
 XML_FILE = "annotations.xml"
 COCO_FILE = "annotations/instances_default.json"

@@ -38,13 +38,8 @@ from dataengine.pipeline.core.publish import fault
 from dataengine.pipeline.core.rounds import RoundWriter
 from dataengine.pipeline.core.shards import BytesTarWriter, iter_tar
 from dataengine.pipeline.ingest.images import BadImage, ImageConfig, process_image
-from dataengine.pipeline.ingest.shard_writer import (
-    content_key,
-    imported_annotations,
-    index_row,
-    read_tar_rows,
-    utc_now,
-)
+from dataengine.pipeline.ingest.shard_writer import (content_key, imported_annotations, index_row,
+                                                     read_tar_rows, utc_now)
 from dataengine.pipeline.ingest.sources import Item, matches
 
 logger = logging.getLogger(__name__)

@@ -76,11 +76,8 @@ def inception_features(model: torch.nn.Module, images: np.ndarray | torch.Tensor
 
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     """Fréchet distance between two ``NxD`` feature sets."""
-    from torch_fidelity.metric_fid import (
-        KEY_METRIC_FID,
-        fid_features_to_statistics,
-        fid_statistics_to_metric,
-    )
+    from torch_fidelity.metric_fid import (KEY_METRIC_FID, fid_features_to_statistics,
+                                           fid_statistics_to_metric)
 
     return float(fid_statistics_to_metric(fid_features_to_statistics(real),
                                           fid_features_to_statistics(fake),
@@ -90,11 +87,8 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
 def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100,
         subset_size: int = 1000) -> tuple[float, float]:
     """Kernel (polynomial, degree 3) distance: (mean, std) over random subsets."""
-    from torch_fidelity.metric_kid import (
-        KEY_METRIC_KID_MEAN,
-        KEY_METRIC_KID_STD,
-        kid_features_to_metric,
-    )
+    from torch_fidelity.metric_kid import (KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD,
+                                           kid_features_to_metric)
 
     size = min(subset_size, len(real), len(fake))
     if size < 2:
@@ -107,11 +101,8 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100,
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al.): the share of generated samples in
     the real manifold (k-NN balls) and of real samples in the generated one."""
-    from torch_fidelity.metric_prc import (
-        KEY_METRIC_PRECISION,
-        KEY_METRIC_RECALL,
-        prc_features_to_metric,
-    )
+    from torch_fidelity.metric_prc import (KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
+                                           prc_features_to_metric)
 
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")

@@ -304,13 +304,8 @@ class _Evaluator:
 
 def _train_loop(config: dict[str, Any]) -> None:
     """Per-worker training loop (runs inside a Ray Train worker)."""
-    from dataengine.models.ldm import (
-        LatentDiffusion,
-        LdmSpec,
-        build_noise_scheduler,
-        ema_update,
-        tokenizer_from_json,
-    )
+    from dataengine.models.ldm import (LatentDiffusion, LdmSpec, build_noise_scheduler, ema_update,
+                                       tokenizer_from_json)
 
     cfg = TrainLdmConfig(**config["cfg"])
     ctx = trainer.context(config)

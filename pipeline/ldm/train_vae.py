@@ -155,7 +155,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         loss.backward()
         opt.step()
         if disc is not None and step >= cfg.disc_start:
-            d_loss = (torch.relu(1 - disc(images)).mean() + torch.relu(1 + disc(rec.detach())).mean())
+            d_loss = (torch.relu(1 - disc(images)).mean()
+                      + torch.relu(1 + disc(rec.detach())).mean())
             opts["disc_opt"].zero_grad(set_to_none=True)
             d_loss.backward()
             opts["disc_opt"].step()

@@ -33,14 +33,8 @@ from dataengine.pipeline.core.imagecodec import decode_image
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.masks import decode
 from dataengine.pipeline.core.shards import iter_tar
-from dataengine.pipeline.sam.clicker import (
-    ClickerConfig,
-    DiscSegmenter,
-    SamSegmenter,
-    clicks_to_iou,
-    iou_at,
-    run_clicker,
-)
+from dataengine.pipeline.sam.clicker import (ClickerConfig, DiscSegmenter, SamSegmenter,
+                                             clicks_to_iou, iou_at, run_clicker)
 
 logger = logging.getLogger(__name__)
 

@@ -60,12 +60,8 @@ from dataengine.pipeline.core.layout import Corpus, parse_version
 from dataengine.pipeline.core.trainer import ScaleConfig
 from dataengine.pipeline.sam.loss import Batch, RecipeConfig, promptable_loss
 from dataengine.pipeline.sam.procedural import DonorPool, ProceduralConfig, scene_samples
-from dataengine.pipeline.sam.training_data import (
-    DataConfig,
-    Sample,
-    TrainingPlan,
-    plan_training_data,
-)
+from dataengine.pipeline.sam.training_data import (DataConfig, Sample, TrainingPlan,
+                                                   plan_training_data)
 
 logger = logging.getLogger(__name__)
 

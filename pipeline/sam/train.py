@@ -27,7 +27,7 @@ What a run does:
    :func:`dataengine.pipeline.sam.loss.train_step` (AdamW, linear warm-up, cosine decay, optional
    frozen encoder);
 4. publishes ``ROOT/models/sam/vNNNN/``: ``model.safetensors`` + ``config.json``
-   (:func:`dataengine.models.sam.save_sam`), ``training.json`` (rounds, mask counts, data plan summary,
+   (:func:`models.sam.save_sam`), ``training.json`` (rounds, mask counts, data plan summary,
    config, parent), ``metrics.json`` (training figures), then ``version.json`` last.
 """
 
@@ -119,12 +119,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     from dataengine.models.sam2 import SquareResize
     from dataengine.pipeline.core import trainer
     from dataengine.pipeline.sam.loss import SamLossModule, lr_factor, train_step
-    from dataengine.pipeline.sam.training_data import (
-        batches,
-        my_shard_share,
-        stream_samples,
-        write_read_log,
-    )
+    from dataengine.pipeline.sam.training_data import (batches, my_shard_share, stream_samples,
+                                                       write_read_log)
 
     cfg = config_mod.from_dict(TrainSamConfig, config["cfg"])
     plan = TrainingPlan.from_dict(config["plan"])

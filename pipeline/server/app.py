@@ -21,15 +21,8 @@ from fastapi.responses import JSONResponse
 
 from dataengine.pipeline.server.config import THUMB_SIZES, ServerConfig, default_cache_dir
 from dataengine.pipeline.server.corpus_view import BadQuery, NotFound
-from dataengine.pipeline.server.routes import (
-    admin,
-    annotate_rounds,
-    annotate_work,
-    corpus,
-    curation,
-    pages,
-    review,
-)
+from dataengine.pipeline.server.routes import (admin, annotate_rounds, annotate_work, corpus,
+                                               curation, pages, review)
 from dataengine.pipeline.server.security import ApiError, Guard
 from dataengine.pipeline.server.state import ServerState
 

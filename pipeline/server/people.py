@@ -40,19 +40,9 @@ from typing import Any
 from dataengine.pipeline.core import storage
 from dataengine.pipeline.core.index import load_index
 from dataengine.pipeline.core.layout import Corpus
-from dataengine.pipeline.core.rounds import (
-    RoundWriter,
-    claim_round,
-    is_complete,
-    load_manifest,
-)
+from dataengine.pipeline.core.rounds import RoundWriter, claim_round, is_complete, load_manifest
 from dataengine.pipeline.curate import review
-from dataengine.pipeline.server.people_log import (
-    Conflict,
-    EventLog,
-    ImageState,
-    Lease,
-)
+from dataengine.pipeline.server.people_log import Conflict, EventLog, ImageState, Lease
 
 logger = logging.getLogger(__name__)
 

@@ -18,15 +18,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
 from dataengine.pipeline.server import auth
-from dataengine.pipeline.server.security import (
-    COOKIE,
-    LOGIN_COOKIE,
-    ApiError,
-    identity_of,
-    json_body,
-    require,
-    set_cookie,
-)
+from dataengine.pipeline.server.security import (COOKIE, LOGIN_COOKIE, ApiError, identity_of,
+                                                 json_body, require, set_cookie)
 from dataengine.pipeline.server.state import ServerState, get_state, ort_assets_dir
 
 router = APIRouter()
