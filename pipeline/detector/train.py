@@ -44,7 +44,7 @@ from dataengine.pipeline.core.checkpoints import read_state_dict
 from dataengine.pipeline.core.layout import Corpus, parse_version
 from dataengine.pipeline.core.trainer import ScaleConfig
 from dataengine.pipeline.detector.hungarian import LossConfig
-from dataengine.pipeline.sam.training_data import DataConfig, TrainingPlan, plan_training_data
+from dataengine.pipeline.sam.training_data import DataConfig, TrainingPlan, plan_with_masks
 
 logger = logging.getLogger(__name__)
 
@@ -351,11 +351,7 @@ def train_detector(root: str, config: TrainDetectorConfig | None = None) -> dict
     corpus = Corpus(root)
     root = corpus.root
     t0 = time.time()
-    plan = plan_training_data(corpus, cfg.data)
-    if plan.n_masks == 0:
-        raise ValueError(f"no training masks in {root}: complete rounds {plan.rounds} "
-                         f"(train_on_imported={cfg.data.train_on_imported}); excluded "
-                         f"{plan.excluded}")
+    plan = plan_with_masks(corpus, cfg.data, "train-detector")
     categories, class_of = (corpus_categories(plan, corpus) if cfg.categories == "corpus"
                             else (None, None))
     if cfg.categories == "corpus" and not categories:

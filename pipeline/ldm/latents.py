@@ -126,6 +126,21 @@ def mask_sources(corpus: Corpus, cfg: LatentsConfig) -> tuple[int, dict[str, lis
 # ----------------------------------------------------------------------------- one shard
 
 
+def _provenance(task: dict[str, Any], key: str, meta: dict[str, Any], masks: list[dict],
+                scale: float | None) -> dict[str, Any]:
+    """A latent's JSON: its image, VAE version, round, and the conditioning taken from masks."""
+    caps = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
+    return {"key": key, "sha256": meta.get("sha256", ""), "split": meta.get("split", "train"),
+            "vae_version": task["vae_version"], "round": int(task["round"]),
+            "resolution": int(task["resolution"]), "scale_factor": scale,
+            "image_shard": task["shard"],
+            "classes": sorted({int(m["category_id"]) for m in masks
+                               if int(m["category_id"]) >= 0}),
+            "captions": [c for c in caps if isinstance(c, str)],
+            "mask_ids": [m["mask_id"] for m in masks],
+            "mask_rounds": sorted({int(m["round"]) for m in masks})}
+
+
 def encode_shard(task: dict[str, Any], vae, scale: float | None = None) -> dict[str, Any]:
     """Encode image shard ``task["shard"]`` and publish its latent tar, then its done record.
 
@@ -176,15 +191,7 @@ def encode_shard(task: dict[str, Any], vae, scale: float | None = None) -> dict[
         except Exception as exc:  # noqa: BLE001 - a corrupt sample is data
             failures.append({"key": key, "reason": f"{type(exc).__name__}: {exc}"})
             continue
-        caps = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
-        info = {"key": key, "sha256": meta.get("sha256", ""), "split": meta.get("split", "train"),
-                "vae_version": task["vae_version"], "round": int(task["round"]),
-                "resolution": res, "scale_factor": scale, "image_shard": name,
-                "classes": sorted({int(m["category_id"]) for m in masks
-                                   if int(m["category_id"]) >= 0}),
-                "captions": [c for c in caps if isinstance(c, str)],
-                "mask_ids": [m["mask_id"] for m in masks],
-                "mask_rounds": sorted({int(m["round"]) for m in masks})}
+        info = _provenance(task, key, meta, masks, scale)
         sample: dict[str, Any] = {"__key__": key, "json": json.dumps(info).encode()}
         if layout is not None:
             sample["layout.npy"] = npy_bytes(layout)

@@ -339,6 +339,18 @@ def _pass_loss(low: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor,
     return loss, best, figures
 
 
+def _pass_plan(cfg: RecipeConfig, generator: torch.Generator | None
+               ) -> tuple[bool, list[bool], int]:
+    """Whether the first click is painted, which passes add a click, and how many passes after
+    the first run without gradients (they come right after the first pass)."""
+    paint_first = cfg.paint_clicks and \
+        float(torch.rand(1, generator=generator)) < cfg.paint_first_prob
+    plan = [True, *iteration_plan(cfg, generator)]
+    n_free = int(torch.randint(0, cfg.free_passes_max + 1, (1,), generator=generator)) \
+        if cfg.free_passes_max > 0 else 0
+    return paint_first, plan[:1] + [True] * n_free + plan[1:], n_free
+
+
 def promptable_loss(model: Any, batch: Batch, cfg: RecipeConfig | None = None, *,
                     generator: torch.Generator | None = None,
                     freeze_encoder: bool = False, aux_loss: Any = None) -> LossOutput:
@@ -375,13 +387,7 @@ def promptable_loss(model: Any, batch: Batch, cfg: RecipeConfig | None = None, *
     labels = torch.where(use_box[:, None], -1, 1).long()
     boxes = noisy_boxes(gt > 0.5, cfg.box_noise, cfg.box_noise_max, size, generator)
 
-    paint_first = cfg.paint_clicks and \
-        float(torch.rand(1, generator=generator)) < cfg.paint_first_prob
-    plan = [True, *iteration_plan(cfg, generator)]
-    n_free = int(torch.randint(0, cfg.free_passes_max + 1, (1,), generator=generator)) \
-        if cfg.free_passes_max > 0 else 0
-    # gradient-free correction passes go right after the first pass
-    plan = plan[:1] + [True] * n_free + plan[1:]
+    paint_first, plan, n_free = _pass_plan(cfg, generator)
     prev_low: torch.Tensor | None = None
     total = torch.zeros((), device=dev)
     sums = {"focal": 0.0, "dice": 0.0, "iou_mse": 0.0}

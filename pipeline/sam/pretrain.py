@@ -61,7 +61,7 @@ from dataengine.pipeline.core.trainer import ScaleConfig
 from dataengine.pipeline.sam.loss import Batch, RecipeConfig, promptable_loss
 from dataengine.pipeline.sam.procedural import DonorPool, ProceduralConfig, scene_samples
 from dataengine.pipeline.sam.training_data import (DataConfig, Sample, TrainingPlan,
-                                                   plan_training_data)
+                                                   plan_with_masks)
 
 logger = logging.getLogger(__name__)
 
@@ -424,11 +424,7 @@ def _pretrain_loop(config: dict[str, Any]) -> None:
             g["lr"] = lr
         if kind == "proc":
             donors = _donors(pool, donors, take, cfg)
-            k = step - cfg.mae_steps
-            level_cfg = dataclasses.replace(cfg.procedural, level=cfg.level_at(k),
-                                            size=size)
-            scenes = scene_samples(cfg.seed * 1000 + ctx.rank, k * cfg.batch_images,
-                                   cfg.batch_images, level_cfg, donors)
+            scenes = _scenes(cfg, step - cfg.mae_steps, ctx.rank, size, donors)
             batch = make_batch(scenes, size, mean, std, cfg.masks_per_image, min_area=16,
                                rng=rng)
         elif kind == "mae":
@@ -452,6 +448,14 @@ def _pretrain_loop(config: dict[str, Any]) -> None:
                            models={"sam": sam, "mae_head": head} if ckpt else None,
                            optimizers={"opt": opt} if ckpt else None,
                            extra={"step": step, "history": history})
+
+
+def _scenes(cfg: PretrainSamConfig, k: int, rank: int, size: int,
+            donors: DonorPool | None) -> list[Sample]:
+    """Procedural step ``k``'s scenes for worker ``rank`` at the curriculum level of that step."""
+    level_cfg = dataclasses.replace(cfg.procedural, level=cfg.level_at(k), size=size)
+    return scene_samples(cfg.seed * 1000 + rank, k * cfg.batch_images, cfg.batch_images,
+                         level_cfg, donors)
 
 
 def _donors(pool: list[Sample], donors: DonorPool | None, take: Any,
@@ -483,11 +487,7 @@ def pretrain_sam(root: str, config: PretrainSamConfig | None = None) -> dict[str
     corpus = Corpus(root)
     root = corpus.root
     t0 = time.time()
-    plan = plan_training_data(corpus, cfg.data)
-    if plan.n_masks == 0:
-        raise ValueError(f"pretrain-sam: no training-split masks in {root} (rounds "
-                         f"{plan.rounds}, train_on_imported={cfg.data.train_on_imported}); "
-                         f"excluded {plan.excluded}")
+    plan = plan_with_masks(corpus, cfg.data, "pretrain-sam")
     parent, init_url = None, None
     sam_cfg = get_config(cfg.model)
     if cfg.init != "random":

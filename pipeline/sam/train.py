@@ -46,7 +46,7 @@ from dataengine.pipeline.core.checkpoints import read_state_dict
 from dataengine.pipeline.core.layout import Corpus, parse_version
 from dataengine.pipeline.core.trainer import ScaleConfig
 from dataengine.pipeline.sam.loss import RecipeConfig
-from dataengine.pipeline.sam.training_data import DataConfig, TrainingPlan, plan_training_data
+from dataengine.pipeline.sam.training_data import DataConfig, TrainingPlan, plan_with_masks
 
 logger = logging.getLogger(__name__)
 
@@ -245,11 +245,7 @@ def train_sam(root: str, config: TrainSamConfig | None = None) -> dict[str, Any]
     corpus = Corpus(root)
     root = corpus.root
     t0 = time.time()
-    plan = plan_training_data(corpus, cfg.data)
-    if plan.n_masks == 0:
-        raise ValueError(f"no training masks in {root}: complete rounds {plan.rounds} "
-                         f"(train_on_imported={cfg.data.train_on_imported}); excluded "
-                         f"{plan.excluded}")
+    plan = plan_with_masks(corpus, cfg.data, "train-sam")
     parent, sam_cfg, init_url = resolve_init(corpus, cfg)
     fp = versions.fingerprint(config_mod.to_dict(cfg), rounds=plan.rounds, masks=plan.n_masks,
                               parent=parent)

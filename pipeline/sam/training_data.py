@@ -177,6 +177,16 @@ class Sample:
     mask_ids: list[str]
 
 
+def plan_with_masks(corpus: Corpus, cfg: DataConfig, command: str) -> TrainingPlan:
+    """:func:`plan_training_data`, or a ValueError naming ``command`` when it holds no masks."""
+    plan = plan_training_data(corpus, cfg)
+    if plan.n_masks == 0:
+        raise ValueError(f"{command}: no training masks in {corpus.root}: complete rounds "
+                         f"{plan.rounds} (train_on_imported={cfg.train_on_imported}); "
+                         f"excluded {plan.excluded}")
+    return plan
+
+
 def shard_samples(corpus: Corpus, plan: TrainingPlan, shard: str,
                   skip_crowd: bool = True) -> Iterator[Sample]:
     """The planned samples of one image shard, joined with its round shards by key."""
