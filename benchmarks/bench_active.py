@@ -28,6 +28,7 @@ retrained after the last round). Step-based figures: they do not depend on the m
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -38,6 +39,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_engine  # noqa: E402
 
 WAYS = ("order", "random", "uncertainty+diversity")
 NAME = "bench-active"   # the engine's name (its records under ROOT/engine/NAME/)
@@ -58,22 +62,13 @@ PROTOCOL = {
                           "image_budget_seconds": 120.0, "max_objects_per_image": 8},
             "num_actors": 2, "num_cpus": 0.5, "torch_threads": 1,
         },
-        "train": {
-            "model": "tiny", "steps": 600, "batch_images": 2, "masks_per_image": 16,
-            "min_mask_area": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 20,
-            "min_lr_factor": 0.2, "checkpoint_every": 100, "log_every": 10,
-            "recipe": {"iterations": 3, "mask_only_iterations": 1, "paint_clicks": True,
-                       "click_radius": 10.0, "paint_first_prob": 0.0, "box_prob": 0.0,
-                       "iou_weight": 5.0},
-            "data": {"train_on_imported": True, "imported_only_annotated": True},
-            "scale": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 2},
-        },
+        # bench_engine's measured recipe and evaluation; a shorter first training and a
+        # coarser automatic grid keep three ways x three rounds within the budget
+        "train": {**copy.deepcopy(bench_engine.PROTOCOL["engine"]["train"]), "steps": 600},
         # every retrained model is kept going (the comparison is of the data, not the gate)
         "gate": {"tolerance": {"miou1": 1.0, "noc50": 100.0}},
-        "eval": {"max_clicks": 20, "thresholds": [0.5, 0.75, 0.85, 0.9],
-                 "at_clicks": [1, 3, 5], "max_objects_per_image": 4,
-                 "amg_points_per_side": 4, "amg_pred_iou_thresh": 0.0,
-                 "amg_stability_score_thresh": 0.0},
+        "eval": {**copy.deepcopy(bench_engine.PROTOCOL["engine"]["eval"]),
+                 "amg_points_per_side": 4},
     },
 }
 

@@ -199,6 +199,17 @@ def config_of(model: Sam) -> SamConfig | Sam2Config:
     return cfg
 
 
+def decoder_args(cfg: SamConfig) -> dict[str, Any]:
+    """``MaskDecoder`` keyword arguments of ``cfg`` (its two-way transformer included)."""
+    return {"num_multimask_outputs": cfg.num_multimask_outputs,
+            "transformer": TwoWayTransformer(depth=cfg.decoder_depth,
+                                             embedding_dim=cfg.prompt_embed_dim,
+                                             mlp_dim=cfg.decoder_mlp_dim,
+                                             num_heads=cfg.decoder_num_heads),
+            "transformer_dim": cfg.prompt_embed_dim, "iou_head_depth": cfg.iou_head_depth,
+            "iou_head_hidden_dim": cfg.iou_head_hidden_dim}
+
+
 def build_sam(config: str | SamConfig | dict[str, Any] = "tiny",
               checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None,
               *, seed: int | None = 0, device: str | torch.device | None = None) -> Sam:
@@ -236,14 +247,7 @@ def build_sam(config: str | SamConfig | dict[str, Any] = "tiny",
                 embed_dim=cfg.prompt_embed_dim, image_embedding_size=(emb, emb),
                 input_image_size=(cfg.image_size, cfg.image_size),
                 mask_in_chans=cfg.mask_in_chans)
-            mask_decoder = MaskDecoder(
-                num_multimask_outputs=cfg.num_multimask_outputs,
-                transformer=TwoWayTransformer(depth=cfg.decoder_depth,
-                                              embedding_dim=cfg.prompt_embed_dim,
-                                              mlp_dim=cfg.decoder_mlp_dim,
-                                              num_heads=cfg.decoder_num_heads),
-                transformer_dim=cfg.prompt_embed_dim, iou_head_depth=cfg.iou_head_depth,
-                iou_head_hidden_dim=cfg.iou_head_hidden_dim)
+            mask_decoder = MaskDecoder(**decoder_args(cfg))
         sam = Sam(image_encoder=image_encoder, prompt_encoder=prompt_encoder,
                   mask_decoder=mask_decoder, pixel_mean=list(cfg.pixel_mean),
                   pixel_std=list(cfg.pixel_std))

@@ -16,11 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
-from segment_anything.modeling.image_encoder import Block
 from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 from torch import nn
 
-from dataengine.models.sam_small import BasicBlock, _down
+from dataengine.models.sam_small import _down, add_trunk
 
 # ---- high-resolution fusion (SAM-HQ-like) behind SAM's one-tensor contract -------------------
 #
@@ -69,21 +68,8 @@ class HQConvEncoder(nn.Module):
         self.hq_channels = hq_channels
         w0, w1, w2 = widths
         self.stem = _down(3, w0)                                                      # 1/2
-        self.stage1 = nn.Sequential(_down(w0, w1), *[BasicBlock(w1) for _ in range(blocks[0])])
-        self.stage2 = nn.Sequential(_down(w1, w2), *[BasicBlock(w2) for _ in range(blocks[1])])
-        self.stage3 = nn.Sequential(_down(w2, embed_dim),
-                                    *[BasicBlock(embed_dim) for _ in range(blocks[2])])
-        grid = img_size // 16
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
-        self.blocks = nn.ModuleList(
-            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
-                  norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), use_rel_pos=True,
-                  window_size=0, input_size=(grid, grid))
-            for _ in range(depth))
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False), LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans))
+        add_trunk(self, img_size, embed_dim, depth, num_heads, mlp_ratio, out_chans, widths,
+                  blocks)
         # FPN top-down path to 1/4 resolution
         self.top = nn.Conv2d(out_chans, fpn_dim, 1)
         self.lat8 = nn.Conv2d(w2, fpn_dim, 1)
@@ -280,7 +266,7 @@ def prototype_loss(feats: torch.Tensor, gt: torch.Tensor, img_idx: torch.Tensor,
 
 def build_hq_parts(cfg: Any) -> tuple[nn.Module, nn.Module, nn.Module]:
     """``(image_encoder, prompt_encoder, mask_decoder)`` of an ``encoder="hq"`` config."""
-    from segment_anything.modeling import TwoWayTransformer
+    from dataengine.models.sam import decoder_args
 
     emb = cfg.embedding_size
     enc = HQConvEncoder(img_size=cfg.image_size, embed_dim=cfg.encoder_embed_dim,
@@ -292,11 +278,5 @@ def build_hq_parts(cfg: Any) -> tuple[nn.Module, nn.Module, nn.Module]:
                            mask_in_chans=cfg.mask_in_chans)
     dec = HQMaskDecoder(hq_channels=cfg.hq_channels, hq_dim=cfg.hq_dim,
                         refine_levels=cfg.hq_refine_levels, proto=cfg.hq_proto,
-                        num_multimask_outputs=cfg.num_multimask_outputs,
-                        transformer=TwoWayTransformer(depth=cfg.decoder_depth,
-                                                      embedding_dim=cfg.prompt_embed_dim,
-                                                      mlp_dim=cfg.decoder_mlp_dim,
-                                                      num_heads=cfg.decoder_num_heads),
-                        transformer_dim=cfg.prompt_embed_dim, iou_head_depth=cfg.iou_head_depth,
-                        iou_head_hidden_dim=cfg.iou_head_hidden_dim)
+                        **decoder_args(cfg))
     return enc, pe, dec

@@ -58,6 +58,30 @@ def _down(cin: int, cout: int) -> nn.Sequential:
                          nn.BatchNorm2d(cout), nn.GELU())
 
 
+def add_trunk(enc: nn.Module, img_size: int, embed_dim: int, depth: int, num_heads: int,
+              mlp_ratio: float, out_chans: int, widths: tuple[int, ...],
+              blocks: tuple[int, ...]) -> None:
+    """Give a conv encoder (whose ``stem`` makes 1/2 resolution) the shared trunk: conv stages to
+    1/4, 1/8 and 1/16 (``stage1``-``stage3``), global-attention blocks on the 1/16 grid
+    (``pos_embed``, ``blocks``) and SAM's ``neck``."""
+    w0, w1, w2 = widths
+    enc.stage1 = nn.Sequential(_down(w0, w1), *[BasicBlock(w1) for _ in range(blocks[0])])
+    enc.stage2 = nn.Sequential(_down(w1, w2), *[BasicBlock(w2) for _ in range(blocks[1])])
+    enc.stage3 = nn.Sequential(_down(w2, embed_dim),
+                               *[BasicBlock(embed_dim) for _ in range(blocks[2])])
+    grid = img_size // 16
+    enc.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+    enc.blocks = nn.ModuleList(
+        Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+              norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), use_rel_pos=True,
+              window_size=0, input_size=(grid, grid))
+        for _ in range(depth))
+    enc.neck = nn.Sequential(
+        nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False), LayerNorm2d(out_chans),
+        nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+        LayerNorm2d(out_chans))
+
+
 class ConvImageEncoder(nn.Module):
     """Hybrid conv + attention encoder: ``Bx3xSxS`` -> ``Bx out_chans x S/16 x S/16``.
 
@@ -73,25 +97,12 @@ class ConvImageEncoder(nn.Module):
         if img_size % 16:
             raise ValueError(f"img_size={img_size}: must be a multiple of 16 for the conv encoder")
         self.img_size = img_size
-        w0, w1, w2 = widths
+        w0 = widths[0]
         self.stem = nn.Sequential(_down(3, w0),
                                   nn.Conv2d(w0, w0, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(w0), nn.GELU())                 # 1/2
-        self.stage1 = nn.Sequential(_down(w0, w1), *[BasicBlock(w1) for _ in range(blocks[0])])
-        self.stage2 = nn.Sequential(_down(w1, w2), *[BasicBlock(w2) for _ in range(blocks[1])])
-        self.stage3 = nn.Sequential(_down(w2, embed_dim),
-                                    *[BasicBlock(embed_dim) for _ in range(blocks[2])])
-        grid = img_size // 16
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
-        self.blocks = nn.ModuleList(
-            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
-                  norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), use_rel_pos=True,
-                  window_size=0, input_size=(grid, grid))
-            for _ in range(depth))
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False), LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans))
+        add_trunk(self, img_size, embed_dim, depth, num_heads, mlp_ratio, out_chans, widths,
+                  blocks)
 
     def feature_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"s4": Bx48xS/4, "s8": Bx96xS/8, "s16": BxCxS/16, "embedding": ...}``."""
