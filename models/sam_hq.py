@@ -19,7 +19,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 from torch import nn
 
-from dataengine.models.sam_small import _down, add_trunk
+from dataengine.models.sam_small import _down, add_trunk, trunk_maps
 
 # ---- high-resolution fusion (SAM-HQ-like) behind SAM's one-tensor contract -------------------
 #
@@ -82,20 +82,15 @@ class HQConvEncoder(nn.Module):
                                      nn.Conv2d(w1, learnt, 1), LayerNorm2d(learnt))
 
     def feature_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f4 = self.stage1(self.stem(x))
-        f8 = self.stage2(f4)
-        f16 = self.stage3(f8)
-        t = f16.permute(0, 2, 3, 1) + self.pos_embed
-        for blk in self.blocks:
-            t = blk(t)
-        emb = self.neck(t.permute(0, 3, 1, 2))
+        maps = trunk_maps(self, x)
+        f4, f8, emb = maps["s4"], maps["s8"], maps["embedding"]
         p8 = F.interpolate(self.top(emb), scale_factor=2.0, mode="nearest") + self.lat8(f8)
         p8 = self.smooth8(p8)
         p4 = F.interpolate(self.reduce8(p8), scale_factor=2.0, mode="nearest") + self.lat4(f4)
         hq = self.smooth4(p4)
         if self.rgb:
             hq = torch.cat([hq, F.avg_pool2d(x, 4)], dim=1)
-        return {"s4": f4, "s8": f8, "s16": f16, "embedding": emb, "hq": hq}
+        return {**maps, "hq": hq}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.feature_maps(x)

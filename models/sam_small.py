@@ -82,6 +82,19 @@ def add_trunk(enc: nn.Module, img_size: int, embed_dim: int, depth: int, num_hea
         LayerNorm2d(out_chans))
 
 
+
+def trunk_maps(enc: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The maps of a trunk made by :func:`add_trunk`: ``{"s4", "s8", "s16", "embedding"}``."""
+    f4 = enc.stage1(enc.stem(x))
+    f8 = enc.stage2(f4)
+    f16 = enc.stage3(f8)
+    t = f16.permute(0, 2, 3, 1) + enc.pos_embed
+    for blk in enc.blocks:
+        t = blk(t)
+    emb = enc.neck(t.permute(0, 3, 1, 2))
+    return {"s4": f4, "s8": f8, "s16": f16, "embedding": emb}
+
+
 class ConvImageEncoder(nn.Module):
     """Hybrid conv + attention encoder: ``Bx3xSxS`` -> ``Bx out_chans x S/16 x S/16``.
 
@@ -106,14 +119,7 @@ class ConvImageEncoder(nn.Module):
 
     def feature_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"s4": Bx48xS/4, "s8": Bx96xS/8, "s16": BxCxS/16, "embedding": ...}``."""
-        f4 = self.stage1(self.stem(x))
-        f8 = self.stage2(f4)
-        f16 = self.stage3(f8)
-        t = f16.permute(0, 2, 3, 1) + self.pos_embed
-        for blk in self.blocks:
-            t = blk(t)
-        emb = self.neck(t.permute(0, 3, 1, 2))
-        return {"s4": f4, "s8": f8, "s16": f16, "embedding": emb}
+        return trunk_maps(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.feature_maps(x)["embedding"]
