@@ -1,23 +1,29 @@
-"""The whole SAM data engine on the real samples, from random weights, on this CPU.
+"""The whole SAM data engine on the real samples, from the shipped starting model, on this CPU.
 
 One command::
 
     python benchmarks/bench_engine.py [--data ../shared/data] [--out /tmp/bench-engine]
+        [--init shipped|random] [--profile full|quick]
 
 Shards ``coco128-seg`` + coco-mini ``train2017`` (training split, 208 images) and coco-mini
 ``val2017`` (held out; its 79 annotated images are the evaluation ground truth), then runs the
 engine (:mod:`dataengine.pipeline.engine.loop`) with the protocol frozen in :data:`PROTOCOL`
 (written to ``OUT/protocol.json`` before anything runs; a re-run with ``--out`` of an interrupted
-run resumes and refuses a changed protocol): assisted-manual rounds, each on the next slice of
-training images, each followed by retraining (Ray Train), held-out evaluation (with the no-model
-reference: discs painted at the clicks, radius tuned on training images) and the promotion gate.
-Prints the per-round table (every row with the no-model reference), each trained model's metrics on
-a blank (grey) image, the issue's checks (clicks per mask falls and held-out mIoU@1 rises round over
-round, automatic recall of the last model above the first's, the 1.5x target), whether the last
-model looks at the image, and ends with::
+run resumes and refuses a changed protocol): three assisted-manual rounds, then a semi-automatic
+and a fully automatic round (generator thresholds tuned for the round's model on training images),
+each on the next slice of training images, each followed by retraining (Ray Train), held-out
+evaluation (with the no-model reference: discs painted at the clicks, radius tuned on training
+images) and the promotion gate. Prints the per-round table (every row with the no-model
+reference), each trained model's metrics on a blank (grey) image, the checks (clicks per mask
+falls and held-out mIoU@1 rises round over round, automatic recall of the last model above the
+first's, the 1.5x target; the semi pre-fill per image and its precision, the automatic round's
+recall, masks per image by stage, promotions), whether the last model looks at the image, and
+ends with::
 
     RESULT rounds=N clicks50_first=X clicks50_last=Y reduction50=X/Y clicks75_first=P
     clicks75_last=Q miou1_first=A miou1_last=B recall50_first=C recall50_last=D nomodel_clicks50=E
+    prefill_per_image=.. prefill_precision50=.. auto_recall50=.. masks_per_image_manual=..
+    masks_per_image_semi=..
 
 ``clicks50_*`` / ``clicks75_*`` / ``miou1_*`` are the held-out NoC@50 / NoC@75 / mIoU@1 of the
 model used in the first and in the last assisted-manual round; ``recall50_*`` the held-out
@@ -44,9 +50,10 @@ PROTOCOL = {
               "image": {"resize_mode": "keep_ratio", "image_size": 320}},
     "engine": {
         "name": "bench",
-        # the issue's must-show is about the assisted-manual rounds and the automatic recall of
-        # the last model (every version is evaluated): 3 manual rounds keep the run near 30 min
-        "stages": [{"stage": "manual", "rounds": 3}],
+        # three assisted-manual rounds, then a semi-automatic and a fully automatic one (their
+        # generator thresholds tuned for the round's model on training images by the engine)
+        "stages": [{"stage": "manual", "rounds": 3}, {"stage": "semi", "rounds": 1},
+                   {"stage": "auto", "rounds": 1}],
         "images_per_round": 52,
         "only_with_ground_truth": True,
         "init": "random", "model": "tiny", "seed": 0,
@@ -70,7 +77,9 @@ PROTOCOL = {
             "num_actors": 2, "num_cpus": 0.5, "torch_threads": 1,
             "semi_amg": {"points_per_side": 8, "pred_iou_thresh": 0.88,
                          "stability_score_thresh": 0.92},
+            "amg": {"points_per_side": 16},
         },
+        "tune_amg": {"max_images": 24, "points_per_side": 16},
         "train": {
             "model": "tiny", "steps": 1500, "batch_images": 2, "masks_per_image": 16,
             "min_mask_area": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 20,
@@ -125,6 +134,25 @@ QUICK["engine"]["eval"].update({"max_images": 20, "max_objects_per_image": 2,
                                 "tune_objects": 30})
 PROFILES = {"full": PROTOCOL, "quick": QUICK}
 
+# Starting from the shipped checkpoint (the default): its model config and training recipe (the
+# evaluation and the annotator prompt it as it was trained), and shorter retrainings than from
+# random weights, which first have to leave the empty-mask collapse (see above); a pre-trained
+# model is fine-tuned at half the rate.
+# (first retraining steps, continuing retraining steps) per profile
+SHIPPED_STEPS = {"full": (300, 150), "quick": (60, 30)}
+
+
+def start_from_shipped(protocol: dict, profile: str) -> None:
+    """Make ``protocol`` start from the checkpoint shipped under ``models/weights/``."""
+    from dataengine.models.weights import provenance, shipped_names
+
+    info = provenance(shipped_names()[0])
+    first, later = SHIPPED_STEPS[profile]
+    eng = protocol["engine"]
+    eng.update({"init": "shipped", "model": info["model"], "retrain_steps": later})
+    eng["train"].update({"model": info["model"], "steps": first, "lr": 5e-4,
+                         "recipe": dict(info["recipe"])})
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -132,11 +160,16 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/bench-engine")
     ap.add_argument("--profile", choices=sorted(PROFILES), default="full",
                     help="full: the issue's protocol; quick: a smaller one for loaded machines")
+    ap.add_argument("--init", choices=("shipped", "random"), default="shipped",
+                    help="shipped: the starting checkpoint under models/weights/ (default); "
+                         "random: the tiny config from random weights")
     ap.add_argument("--init-from", default="",
                     help="start from this saved SAM (a model folder, e.g. bench_sam_small's "
-                         "OUT/models/<option>) instead of random weights")
+                         "OUT/models/<option>) instead")
     args = ap.parse_args()
     protocol = json.loads(json.dumps(PROFILES[args.profile]))
+    if args.init == "shipped" and not args.init_from:
+        start_from_shipped(protocol, args.profile)
     if args.init_from:
         model_cfg = json.loads((Path(args.init_from) / "config.json").read_text())["sam"]["name"]
         protocol["engine"].update({"init": "checkpoint", "checkpoint": args.init_from,
@@ -251,13 +284,61 @@ def main() -> None:
               f"{'YES' if gap >= 1.0 else 'NO'}")
     print(f"target clicks to IoU 0.5 >= 1.5x lower, last vs first manual round ({red:.2f}x): "
           f"{'MET' if red >= 1.5 else 'NOT MET'}")
+    machine = machine_rounds(rows, report, first)
     print(f"RESULT rounds={len(rows)} clicks50_first={first['noc50']:.2f} "
           f"clicks50_last={last['noc50']:.2f} reduction50={red:.2f} "
           f"clicks75_first={first['noc75']:.2f} clicks75_last={last['noc75']:.2f} "
           f"miou1_first={first['miou1']:.3f} miou1_last={last['miou1']:.3f} "
           f"recall50_first={first['amg_recall50']:.3f} "
           f"recall50_last={final['amg_recall50']:.3f} "
-          f"nomodel_clicks50={first['nomodel_noc50']:.2f}")
+          f"nomodel_clicks50={first['nomodel_noc50']:.2f} "
+          + " ".join(f"{k}={f(v, 3)}" for k, v in machine.items()))
+
+
+def machine_rounds(rows: list[dict], report: dict, first: dict) -> dict:
+    """The semi and automatic rounds' figures and checks: pre-fill per image and its precision,
+    automatic recall, masks per image by stage, and the final model against the starting one."""
+    def mean(vals):
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    semi = [r for r in rows if r["stage"] == "semi"]
+    auto = [r for r in rows if r["stage"] == "auto"]
+    out = {"prefill_per_image": mean(r.get("prefill_per_image") for r in semi),
+           "prefill_precision50": mean(r.get("prefill_precision50") for r in semi),
+           "auto_recall50": mean(r.get("round_recall50") for r in auto),
+           "masks_per_image_manual": mean(r["masks_per_image"] for r in rows
+                                          if r["stage"] == "manual"),
+           "masks_per_image_semi": mean(r["masks_per_image"] for r in semi)}
+    for r in semi + auto:
+        print(f"round {r['round']} ({r['stage']}): thresholds pred IoU {r.get('pred_iou_thresh')}"
+              f" stability {r.get('stability_score_thresh')}; pre-filled/img "
+              f"{r.get('prefill_per_image')}, pre-fill precision@0.5 "
+              f"{r.get('prefill_precision50')}, recall@0.5 {r.get('round_recall50')}")
+
+    def check(name, ok):
+        print(f"check {name}: {'PASS' if ok else 'FAIL'}")
+
+    def ge(a, b):
+        return a is not None and b is not None and a >= b
+
+    final = report["current_eval"]
+    promoted = sum(bool(r.get("promoted")) for r in rows)
+    miou1, noc75 = final.get("miou1"), final.get("noc75")
+    check(f"held-out mIoU@1 and NoC@75 improve over the starting model ({first['miou1']} -> "
+          f"{miou1}, {first['noc75']} -> {noc75})",
+          miou1 is not None and noc75 is not None and miou1 > first["miou1"]
+          and noc75 < first["noc75"])
+    check(f"a retrained version promoted at least twice ({promoted})", promoted >= 2)
+    check(f"semi pre-fill >= 1 mask per image ({out['prefill_per_image']})",
+          ge(out["prefill_per_image"], 1.0))
+    check(f"semi pre-fill precision@0.5 >= 0.5 ({out['prefill_precision50']})",
+          ge(out["prefill_precision50"], 0.5))
+    check(f"automatic recall@0.5 >= 0.3 ({out['auto_recall50']})", ge(out["auto_recall50"], 0.3))
+    check(f"masks per image grow from manual to semi ({out['masks_per_image_manual']} -> "
+          f"{out['masks_per_image_semi']})",
+          ge(out["masks_per_image_semi"], (out["masks_per_image_manual"] or 0) + 1e-9))
+    return out
 
 
 def blank_image_metrics(root: str, cfg, version: str) -> dict:

@@ -6,15 +6,17 @@ coco-mini val2017 held out), in one run:
 1. shard the sources (longest side ``--image-size``) with their masks as round 0;
 2. an assisted-manual round on the first ``--manual-images`` training images (tiny SAM in the
    loop, the simulated annotator of the findings' frozen protocol: stop IoU 0.75);
-   The starting SAM: a user's checkpoint (``--sam``), else the tiny config trained for
-   ``--pretrain-sam-steps`` on the TRAIN split's imported round 0 (a random SAM accepts no mask
-   at all, so there would be nothing to train the detector on);
+   The starting SAM: a user's checkpoint (``--sam``), else the checkpoint shipped under
+   ``models/weights/`` (``--start shipped``, the default), or the tiny config trained for
+   ``--pretrain-sam-steps`` on the TRAIN split's imported round 0 (``--start pretrain``);
 3. optionally retrain SAM on it (``--sam-steps``) and train the detector on the boxes of its
    accepted masks (``--det-steps``; held-out COCOeval box AP/AP50/AR@100 printed);
 4. two semi-automatic rounds on the SAME next ``--semi-images`` training images with the same
-   SAM: pre-fill by strict-threshold AMG (pred IoU 0.92, stability 0.97) vs by the detector
-   (boxes above ``--box-threshold`` -> SAM box prompts, pred IoU 0.88, stability 0.95); the
-   simulated annotator then adds the missing objects.
+   SAM: pre-fill by AMG vs by the detector (boxes above ``--box-threshold`` -> SAM box prompts);
+   both filter their masks with the predicted-IoU / stability pair chosen for this SAM on the
+   manual round's images (``--tune``, :mod:`dataengine.pipeline.sam.amg_tune`; ``--no-tune``:
+   SAM's strict 0.92 / 0.97 for AMG, ``--det-pred-iou`` / ``--det-stability`` for the
+   detector); the simulated annotator then adds the missing objects.
 
 A third row, ``detr-nofilter``, keeps every SAM mask of the detector's boxes (no predicted-IoU /
 stability filter): what the boxes alone would cover. Printed per proposer: ground-truth recall of
@@ -216,6 +218,33 @@ def prefill_figures(root: str, number: int) -> dict:
             "annotator_seconds_per_image": seconds / n}
 
 
+def tune_prefill(corpus, sam_model: str, keys: list[str], base: dict) -> dict:
+    """Pre-fill thresholds for ``sam_model`` chosen on ``keys`` (the manual round's training
+    images) with :mod:`dataengine.pipeline.sam.amg_tune`; printed with what they keep there."""
+    import dataclasses
+
+    from dataengine.pipeline.annotate.stage import strict_amg
+    from dataengine.pipeline.sam.amg_tune import tune
+    from dataengine.pipeline.sam.evaluate import load_objects
+    from dataengine.pipeline.sam.resolve import resolve_model
+
+    wanted = set(keys)
+    images = [im for im in load_objects(corpus, "train") if im.key in wanted]
+    model, _ = resolve_model(corpus, sam_model)
+    amg = dataclasses.replace(strict_amg(), disc_radius=base["disc_radius"])
+    out = tune(model, images, amg, amg)["semi"]
+    if "pred_iou_thresh" not in out:
+        print("pre-fill thresholds: the model generated no mask on the manual round's images; "
+              "kept the defaults")
+        return {"pred_iou_thresh": strict_amg().pred_iou_thresh,
+                "stability_score_thresh": strict_amg().stability_score_thresh}
+    print(f"pre-fill thresholds for {sam_model} on {len(images)} manual-round images: pred IoU "
+          f"{out['pred_iou_thresh']} stability {out['stability_score_thresh']} (precision@0.5 "
+          f"{out['precision50']:.3f}, {out['masks_per_image']:.2f} masks/image, floor "
+          f"{out['min_precision']} {'reached' if out['reached'] else 'NOT reached'})")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/bench_proposer", help="corpus + state directory")
@@ -228,7 +257,13 @@ def main() -> None:
                     help="the simulated annotator keeps SAM's final mask at or above this IoU")
     ap.add_argument("--det-pred-iou", type=float, default=0.88)
     ap.add_argument("--det-stability", type=float, default=0.95)
-    ap.add_argument("--sam", default=None, help="a SAM checkpoint to start from (else random)")
+    ap.add_argument("--start", choices=("shipped", "pretrain"), default="shipped",
+                    help="the starting SAM without --sam: the checkpoint shipped under "
+                         "models/weights/, or the tiny config trained --pretrain-sam-steps")
+    ap.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
+                    help="choose the pre-fill thresholds (generator and detector masks) for "
+                         "the SAM used, on the manual round's training images")
+    ap.add_argument("--sam", default=None, help="a SAM checkpoint to start from")
     ap.add_argument("--sam-config", default="tiny")
     ap.add_argument("--pretrain-sam-steps", type=int, default=300,
                     help="a starting SAM trained on the TRAIN split's imported round 0 (no "
@@ -280,7 +315,14 @@ def main() -> None:
                 torch_threads=args.threads, disc_radius=args.disc_radius)
     scale = ScaleConfig(num_workers=1, cpus_per_worker=1.0, torch_threads=args.threads)
     recipe = {"iterations": 3, "mask_only_iterations": 1}   # a cheap recipe for CPU minutes
-    if args.pretrain_sam_steps > 0 and not args.sam:
+    if args.start == "shipped" and not args.sam:
+        from dataengine.pipeline.engine.config import EngineConfig
+        from dataengine.pipeline.engine.loop import publish_initial
+
+        sam_spec = publish_initial(corpus, EngineConfig(init="shipped"))
+        args.pretrain_sam_steps = 0
+        print(f"starting SAM {sam_spec}: the shipped checkpoint")
+    elif args.pretrain_sam_steps > 0 and not args.sam:
         if not corpus.model_versions("sam"):
             s = train_sam(root, TrainSamConfig(
                 model=args.sam_config, init="random", steps=args.pretrain_sam_steps,
@@ -333,13 +375,20 @@ def main() -> None:
           f"AR@100 {heldout['ar100']:.4f} ({heldout['images']} images, "
           f"{heldout['objects']} objects)")
     # 3. the two semi rounds on the same images with the same SAM
+    amg_extra: dict = {"proposer": "amg"}
+    det_thresh = {"pred_iou_thresh": args.det_pred_iou,
+                  "stability_score_thresh": args.det_stability}
+    if args.tune:
+        chosen = tune_prefill(corpus, sam_model, manual_keys, base)
+        amg_extra["semi_amg"] = {"pred_iou_thresh": chosen["pred_iou_thresh"],
+                                 "stability_score_thresh": chosen["stability_score_thresh"]}
+        det_thresh = dict(amg_extra["semi_amg"])
     rows = {}
-    for tag, extra in (("amg", {"proposer": "amg"}),
+    for tag, extra in (("amg", amg_extra),
                        ("detr", {"proposer": "detector",
                                  "detector": {"version": det_version,
                                               "box_threshold": args.box_threshold,
-                                              "pred_iou_thresh": args.det_pred_iou,
-                                              "stability_score_thresh": args.det_stability}}),
+                                              **det_thresh}}),
                        ("detr-nofilter", {"proposer": "detector",
                                           "detector": {"version": det_version,
                                                        "box_threshold": args.box_threshold,

@@ -18,7 +18,7 @@ from tests.sam_corpus import build_corpus
 
 def _cfg(**kw) -> EngineConfig:
     base = dict(
-        stages=[StagePlan("manual", 2)], images_per_round=3, model="tiny-test",
+        stages=[StagePlan("manual", 2)], images_per_round=3, init="random", model="tiny-test",
         annotate={"use_ray": False, "annotator": {"target_iou": 0.75, "max_clicks": 3}},
         train={"model": "tiny-test", "steps": 2, "batch_images": 2, "masks_per_image": 2,
                "checkpoint_every": 2, "log_every": 2,
@@ -192,3 +192,34 @@ def test_random_selection_depends_on_the_seed_only(tmp_path):
         select("uncertainty", 5, cands)
     with pytest.raises(ValueError, match="selection"):
         _cfg(selection="entropy")
+
+
+@pytest.mark.timeout(600)
+def test_semi_and_auto_rounds_use_thresholds_tuned_on_training_images(tmp_path):
+    root = str(tmp_path / "corpus")
+    build_corpus(root, shards=2, per_shard=4)
+    corpus = Corpus(root)
+    cfg = _cfg(stages=[StagePlan("manual", 1), StagePlan("semi", 1), StagePlan("auto", 1)],
+               images_per_round=2, retrain=False,
+               annotate={"use_ray": False, "annotator": {"target_iou": 0.75, "max_clicks": 3},
+                         "amg": {"points_per_side": 3}, "semi_amg": {"points_per_side": 3}},
+               tune_amg={"max_images": 2, "points_per_side": 3, "grid": 3})
+    report = run_engine(root, cfg)
+    log = StepLog(corpus, "engine")
+    assert log.find("thresholds", 0) is None          # manual rounds use no generator
+    for idx, stage, key in ((1, "semi", "semi_amg"), (2, "auto", "amg")):
+        rec = log.find("thresholds", idx)
+        assert rec["stage"] == stage and rec["images"] == 2 and rec[stage]["candidates"] > 0
+        number = log.find("annotate", idx)["round"]
+        used = rounds.round_info(corpus, number)["config"][key]
+        assert used["points_per_side"] == 3
+        if "pred_iou_thresh" in rec[stage]:
+            assert used["pred_iou_thresh"] == rec[stage]["pred_iou_thresh"]
+            assert used["stability_score_thresh"] == rec[stage]["stability_score_thresh"]
+        else:                                          # nothing generated: config kept
+            assert rec["annotate"] == {}
+    semi_row = next(r for r in report["rounds"] if r["stage"] == "semi")
+    assert semi_row["prefill_per_image"] is not None
+    assert "pre-fill precision@0.5" in storage.read_bytes(
+        corpus.path("engine", "engine", "report.md")).decode()
+    assert EngineConfig().init == "shipped"

@@ -132,17 +132,19 @@ def ground_truth(corpus: Corpus, shard: str) -> dict[str, list[GroundTruth]]:
 
 
 def match_metrics(produced: list[np.ndarray], gts: list[GroundTruth]) -> dict[str, float]:
-    """Sums for the round metrics: best-GT IoU of each produced mask, GT recall at .5/.75."""
+    """Sums for the round metrics: best-GT IoU of each produced mask, produced masks at IoU
+    >= 0.5 to an object, GT recall at .5/.75."""
     if not gts:
-        return {"gt_objects": 0, "iou_sum": 0.0, "matched_masks": 0, "recall50": 0,
-                "recall75": 0}
+        return {"gt_objects": 0, "iou_sum": 0.0, "matched_masks": 0, "masks50": 0,
+                "recall50": 0, "recall75": 0}
     prod = [mask_utils.encode(m) for m in produced]
     gt = [mask_utils.encode(g.mask) for g in gts]
     m = mask_utils.iou_matrix(prod, gt)
     best_gt = m.max(axis=0) if len(prod) else np.zeros(len(gt))
-    return {"gt_objects": len(gt), "iou_sum": float(m.max(axis=1).sum()) if len(prod) else 0.0,
-            "matched_masks": len(prod), "recall50": int((best_gt >= 0.5).sum()),
-            "recall75": int((best_gt >= 0.75).sum())}
+    best_mask = m.max(axis=1) if len(prod) else np.zeros(0)
+    return {"gt_objects": len(gt), "iou_sum": float(best_mask.sum()),
+            "matched_masks": len(prod), "masks50": int((best_mask >= 0.5).sum()),
+            "recall50": int((best_gt >= 0.5).sum()), "recall75": int((best_gt >= 0.75).sum())}
 
 
 class ShardAnnotator:
@@ -218,9 +220,9 @@ class ShardAnnotator:
                                  "clicks": 0, "clicks50": 0, "seconds": 0.0, "discarded": 0,
                                  "discarded_clicks": 0, "discarded_seconds": 0.0, "gt_images": 0,
                                  "gt": {"gt_objects": 0, "iou_sum": 0.0, "matched_masks": 0,
-                                        "recall50": 0, "recall75": 0},
+                                        "masks50": 0, "recall50": 0, "recall75": 0},
                                  "gt_prefilled": {"iou_sum": 0.0, "matched_masks": 0,
-                                                  "recall50": 0},
+                                                  "masks50": 0, "recall50": 0},
                                  "gt_added": {"iou_sum": 0.0, "matched_masks": 0}}
         for key, img, err in items:
             if err is not None:
@@ -320,7 +322,7 @@ class ShardAnnotator:
                 p, a = match_metrics(prefilled_masks, gts), match_metrics(added_masks, gts)
                 info["gt_prefilled"] = {"iou_sum": p["iou_sum"],
                                         "matched_masks": p["matched_masks"],
-                                        "recall50": p["recall50"]}
+                                        "masks50": p["masks50"], "recall50": p["recall50"]}
                 info["gt_added"] = {"iou_sum": a["iou_sum"], "matched_masks": a["matched_masks"]}
         record = {"image": {"image_id": key, "width": w, "height": h, "file_name": f"{key}.jpg"},
                   "annotations": anns}
@@ -363,7 +365,7 @@ def aggregate(stats: list[dict[str, Any]], stage: str) -> dict[str, Any]:
                            "discarded_seconds": 0.0,
                            "gt_images": 0, "wall_seconds": 0.0}
     gt = {"gt_objects": 0, "iou_sum": 0.0, "matched_masks": 0, "recall50": 0, "recall75": 0}
-    gtp = {"iou_sum": 0.0, "matched_masks": 0, "recall50": 0}
+    gtp = {"iou_sum": 0.0, "matched_masks": 0, "masks50": 0, "recall50": 0}
     gta = {"iou_sum": 0.0, "matched_masks": 0}
     failures = []
     for s in stats:
@@ -404,6 +406,9 @@ def aggregate(stats: list[dict[str, Any]], stage: str) -> dict[str, Any]:
             if gtp["matched_masks"] else None
         out["miou_added"] = round(gta["iou_sum"] / gta["matched_masks"], 4) \
             if gta["matched_masks"] else None
+        # share of the pre-filled masks at IoU >= 0.5 to a ground-truth object
+        out["prefill_precision50"] = round(gtp["masks50"] / gtp["matched_masks"], 4) \
+            if gtp["matched_masks"] else None
         if gt["gt_objects"]:  # GT objects the pre-fill covered (IoU >= 0.5), per proposer
             out["prefill_recall50"] = round(gtp["recall50"] / gt["gt_objects"], 4)
         out["clicks_per_image"] = round(tot["clicks"] / n, 3) if n else 0.0

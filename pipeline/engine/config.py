@@ -9,11 +9,12 @@ from dataengine.pipeline.core import config as config_mod
 from dataengine.pipeline.core.layout import parse_version
 from dataengine.pipeline.core.promotion import GateConfig
 from dataengine.pipeline.curate.selection import SELECTIONS, SelectionConfig
+from dataengine.pipeline.sam.amg_tune import TuneAmgConfig
 from dataengine.pipeline.sam.evaluate import EvalSamConfig
 from dataengine.pipeline.sam.train import TrainSamConfig
 
 ENGINE_STAGES = ("manual", "semi", "auto")
-STEP_KINDS = ("init", "select", "annotate", "train", "eval", "gate")
+STEP_KINDS = ("init", "select", "thresholds", "annotate", "train", "eval", "gate")
 
 
 @dataclass
@@ -50,9 +51,10 @@ class EngineConfig:
     # uncertainty+diversity (dataengine.pipeline.curate.selection)
     selection: str = "order"
     selection_options: SelectionConfig = field(default_factory=SelectionConfig)
-    # random | checkpoint | shipped (models/weights/, name in `checkpoint`, default the only one)
-    # | vNNNN; used when nothing is promoted yet
-    init: str = "random"
+    # shipped (the starting checkpoint under models/weights/; name in `checkpoint`, default the
+    # only one) | random (`model` with random weights) | checkpoint (`checkpoint` = PATH) |
+    # vNNNN; used when nothing is promoted yet
+    init: str = "shipped"
     model: str = "tiny"
     checkpoint: str | None = None
     seed: int = 0
@@ -70,6 +72,10 @@ class EngineConfig:
     train: TrainSamConfig = field(default_factory=TrainSamConfig)
     eval: EvalSamConfig = field(default_factory=EvalSamConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    # before each semi and automatic round, the generator's thresholds are chosen for the
+    # round's model on training images (dataengine.pipeline.sam.amg_tune); enabled=false keeps
+    # annotate.semi_amg / annotate.amg as given
+    tune_amg: TuneAmgConfig = field(default_factory=TuneAmgConfig)
     # the DETR proposer of the semi stage (DetectorEngineConfig fields,
     # dataengine.pipeline.detector.train)
     detector: dict[str, Any] = field(default_factory=dict)
@@ -78,7 +84,8 @@ class EngineConfig:
         self.stages = [config_mod.from_dict(StagePlan, s, where="stages") if isinstance(s, dict)
                        else s for s in self.stages]
         for name, cls in (("train", TrainSamConfig), ("eval", EvalSamConfig),
-                          ("gate", GateConfig), ("selection_options", SelectionConfig)):
+                          ("gate", GateConfig), ("selection_options", SelectionConfig),
+                          ("tune_amg", TuneAmgConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, config_mod.from_dict(cls, getattr(self, name), where=name))
         if not self.stages:

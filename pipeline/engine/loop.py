@@ -71,7 +71,7 @@ def train_keys(corpus: Corpus, only_with_ground_truth: bool = True) -> list[str]
 
 # ---- the loop ------------------------------------------------------------------------------
 
-def _publish_initial(corpus: Corpus, cfg: EngineConfig) -> str:
+def publish_initial(corpus: Corpus, cfg: EngineConfig) -> str:
     """Publish the starting model as a version (no training) and return its name; a re-run
     after a crash resumes (or reuses) the version it started."""
     from dataengine.models.sam import build_sam
@@ -290,8 +290,13 @@ class Engine:
         prev = self.log.find("annotate", idx) or self.log.find("annotate-start", idx) or {}
         model = prev.get("model_version") or promotion.current_version(self.corpus)
         extra: dict[str, Any] = {}
+        if plan.stage in ("semi", "auto") and self.cfg.tune_amg.enabled:
+            extra = self.step("thresholds", idx,
+                              lambda: self.thresholds(model, plan.stage))["annotate"]
         if plan.stage == "semi" and self.cfg.detector.get("enabled"):
-            extra = self.step("detector", idx, lambda: self.detector(before))["annotate"]
+            proposer = self.step("detector", idx, lambda: self.detector(before))["annotate"]
+            extra = {**extra, **proposer,
+                     "detector": {**extra.get("detector", {}), **proposer.get("detector", {})}}
         self.step("annotate", idx, lambda: self.annotate(idx, plan, k, todo, model, extra))
         if not self.cfg.retrain:
             return
@@ -307,9 +312,43 @@ class Engine:
         current = promotion.current_version(self.corpus)
         if current:
             return {"version": current, "existing": True}
-        version = _publish_initial(self.corpus, self.cfg)
+        version = publish_initial(self.corpus, self.cfg)
         decision = promote_if_better(self.root, self.cfg, version)
         return {"version": version, "promoted": decision["promoted"]}
+
+    def thresholds(self, model: str, stage: str) -> dict[str, Any]:
+        """The generator's thresholds for a ``stage`` round with SAM ``model``, chosen on
+        training images with ground truth (:mod:`dataengine.pipeline.sam.amg_tune`); the semi
+        stage's DETR proposer filters its masks with the same pair."""
+        from dataengine.pipeline.annotate.stage import AnnotateConfig
+        from dataengine.pipeline.sam.amg_tune import tune
+        from dataengine.pipeline.sam.evaluate import load_objects
+        from dataengine.pipeline.sam.resolve import resolve_model
+
+        cfg = self.cfg
+        images = (load_objects(self.corpus, "train", max_images=cfg.tune_amg.max_images)
+                  if rounds.is_complete(self.corpus, 0) else [])
+        if not images:
+            return {"model_version": model, "stage": stage, "annotate": {},
+                    "skipped": "no training images with round-0 ground truth"}
+        acfg = AnnotateConfig(**{**cfg.annotate, "stage": stage})
+        disc = cfg.annotate.get("disc_radius", cfg.disc_radius) \
+            if cfg.annotate.get("paint_first", cfg.paint_first) else 0.0
+        # the grid is prompted as the round prompts it (see ShardAnnotator)
+        semi_amg, auto_amg = (a if a.disc_radius or not disc else
+                              dataclasses.replace(a, disc_radius=disc)
+                              for a in (acfg.semi_amg, acfg.amg))
+        sam, _ = resolve_model(self.corpus, model)
+        result = tune(sam, images, semi_amg, auto_amg, cfg.tune_amg)
+        pick = result[stage]
+        annotate: dict[str, Any] = {}
+        if "pred_iou_thresh" in pick:
+            chosen = {k: pick[k] for k in ("pred_iou_thresh", "stability_score_thresh")}
+            key = "semi_amg" if stage == "semi" else "amg"
+            annotate[key] = {**config_mod.to_dict(getattr(acfg, key)), **chosen}
+            if stage == "semi":
+                annotate["detector"] = {**config_mod.to_dict(acfg.detector), **chosen}
+        return {"model_version": model, "stage": stage, **result, "annotate": annotate}
 
     def detector(self, stage_before: str | None) -> dict[str, Any]:
         """Train (or reuse) the semi stage's DETR proposer."""

@@ -38,6 +38,7 @@ def report_rows(root: str, cfg: EngineConfig) -> list[dict[str, Any]]:
         amg = ev.get("amg") or {}
         trained = log.find("train", idx) or {}
         gated = log.find("gate", idx) or {}
+        tuned = (log.find("thresholds", idx) or {}).get(rec["stage"]) or {}
         rows.append({
             "round": rec["round"], "round_index": idx, "stage": rec["stage"],
             "model_version": rec["model_version"], "images": m.get("images"),
@@ -53,6 +54,10 @@ def report_rows(root: str, cfg: EngineConfig) -> list[dict[str, Any]]:
             "nomodel_miou1": ref.get("miou1"), "nomodel_noc50": ref.get("noc50"),
             "nomodel_noc75": ref.get("noc75"), "nomodel_noc90": ref.get("noc90"),
             "trained_version": trained.get("version"), "promoted": gated.get("promoted"),
+            "prefill_per_image": m.get("prefilled_per_image"),
+            "prefill_precision50": m.get("prefill_precision50"),
+            "pred_iou_thresh": tuned.get("pred_iou_thresh"),
+            "stability_score_thresh": tuned.get("stability_score_thresh"),
         })
     return rows
 
@@ -99,6 +104,16 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"{_f(r['noc75'])} | {_f(r['noc90'])} | {_f(r['amg_recall50'], 3)} | "
             f"{_f(r['nomodel_miou1'], 3)} | {_f(r['nomodel_noc50'])} | "
             f"{_f(r['nomodel_noc75'])} | {_f(r['trained_version'])} → {_f(r['promoted'])} |")
+    machine = [r for r in report["rounds"] if r["stage"] in ("semi", "auto")]
+    if machine:
+        lines += ["", "Semi and automatic rounds (pre-fill and recall against the round images' "
+                  "ground truth; thresholds chosen on training images):", "",
+                  "| round | stage | pre-filled/img | pre-fill precision@0.5 | recall@0.5 | "
+                  "pred IoU thresh | stability thresh |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['round']} | {r['stage']} | {_f(r.get('prefill_per_image'))} | "
+                  f"{_f(r.get('prefill_precision50'), 3)} | {_f(r.get('round_recall50'), 3)} | "
+                  f"{_f(r.get('pred_iou_thresh'), 3)} | {_f(r.get('stability_score_thresh'), 3)} |"
+                  for r in machine]
     c = report.get("current_eval") or {}
     lines += ["", f"Current version: {report.get('current_version')} — held-out mIoU@1 "
               f"{_f(c.get('miou1'), 3)}, NoC@50 {_f(c.get('noc50'))}, NoC@90 "
