@@ -44,3 +44,33 @@ def test_a_recorded_split_never_changes(tmp_path):
         splits.keys_of(corpus, "valid")
     with pytest.raises(ValueError, match="not one of"):
         splits.record(corpus, "run3", [(_key(4), "test", "s", "x")], {})
+
+
+def _split_rows(keys: list[str], split: str, when: str) -> list[dict]:
+    return [{"key": k, "split": split, "source": "s", "rule": "r", "time": when} for k in keys]
+
+
+def test_split_lookup_reads_compacts_and_keeps_the_earliest_record(tmp_path):
+    import pyarrow as pa
+
+    from dataengine.pipeline.core import storage
+
+    corpus = Corpus(str(tmp_path / "c"))
+
+    def part(name: str, rows: list[dict]) -> None:
+        storage.write_table(storage.join(corpus.splits, f"part-{name}.parquet"),
+                            pa.Table.from_pylist(rows, schema=splits.SCHEMA))
+
+    day1, day2 = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"
+    for i in range(20):
+        part(f"shard-{i:06d}", _split_rows([f"{i:02d}{j:014x}" for j in range(5)], "train", day1))
+    # two writers racing on one key: the later record loses; a same-second tie goes to holdout
+    part("shard-000020", _split_rows(["00" + "0" * 14], "holdout", day2)
+         + _split_rows(["01" + "0" * 14], "holdout", day1))
+    before = splits.load_map(corpus)
+    assert splits.compact(corpus) is not None
+    assert len(splits.dataset(corpus).resolve().parts) < 5   # a compact covers the parts
+    want = ["00" + "0" * 14, "01" + "0" * 14, "05" + "0" * 13 + "3", "ff" + "0" * 14]
+    assert splits.lookup(corpus, want) == {want[0]: "train", want[1]: "holdout",
+                                           want[2]: "train"}
+    assert splits.load_map(corpus) == before and len(before) == 100

@@ -1,7 +1,10 @@
 """The train / held-out assignment of every image key: ``ROOT/splits/part-*.parquet``.
 
 A key's split is fixed the first time the key is added and never changes: parts are
-append-only and a key that already has a split is never written again. ``--holdout FRACTION``
+append-only and a key that already has a split is never written again (should two writers
+ever record one key, the earliest record wins, and of two at the same second the held-out one).
+The parts form a partitioned dataset that the shard stage compacts like the image index, so a
+lookup opens O(log N) files (:func:`dataset`). ``--holdout FRACTION``
 holds out the keys whose hash falls below the fraction (deterministic, independent of order
 and of the other keys); ``--holdout-source SRC`` holds out every image of a source.
 """
@@ -16,6 +19,7 @@ import pyarrow as pa
 
 from dataengine.pipeline.core import storage
 from dataengine.pipeline.core.layout import SPLITS, Corpus
+from dataengine.pipeline.core.partitioned import PartitionedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -34,32 +38,42 @@ def load(corpus: Corpus) -> pa.Table:
     return storage.read_tables(parts).cast(SCHEMA) if parts else SCHEMA.empty_table()
 
 
+def dataset(corpus: Corpus) -> PartitionedDataset:
+    """The split parts as a partitioned dataset (compacts cover parts; parts stay)."""
+    return PartitionedDataset(corpus.splits, SCHEMA, part_pattern=r"part-.*", sort_by="key")
+
+
+def compact(corpus: Corpus, fanout: int = 16, force: bool = False) -> str | None:
+    """Size-tiered compaction of the split parts (:meth:`PartitionedDataset.compact`)."""
+    return dataset(corpus).compact(fanout=fanout, force=force)
+
+
+def _winners(batches: Iterable[pa.RecordBatch | pa.Table]) -> dict[str, str]:
+    """``key -> split`` from rows in any order: the earliest record, held-out on a tie."""
+    best: dict[str, tuple[str, bool, str]] = {}
+    for b in batches:
+        for k, s, t in zip(b.column(0).to_pylist(), b.column(1).to_pylist(),
+                           b.column(2).to_pylist(), strict=True):
+            cand = (t or "", s != "holdout", s)
+            if k not in best or cand < best[k]:
+                best[k] = cand
+    return {k: v[2] for k, v in best.items()}
+
+
 def load_map(corpus: Corpus) -> dict[str, str]:
-    """``key -> split`` for every key (the first recorded split wins)."""
-    table = load(corpus)
-    out: dict[str, str] = {}
-    for k, s in zip(table.column("key").to_pylist(), table.column("split").to_pylist(),
-                    strict=True):
-        out.setdefault(k, s)
-    return out
+    """``key -> split`` for every key."""
+    return _winners([load(corpus).select(["key", "split", "time"])])
 
 
 def lookup(corpus: Corpus, keys: Iterable[str]) -> dict[str, str]:
     """``key -> split`` for those of ``keys`` that have one (a filtered scan: memory O(keys))."""
     import pyarrow.dataset as pads
 
-    from dataengine.pipeline.core.partitioned import PartitionedDataset
-
     wanted = pa.array(sorted(set(keys)), pa.string())
-    out: dict[str, str] = {}
     if not len(wanted):
-        return out
-    ds = PartitionedDataset(corpus.splits, SCHEMA, part_pattern=r"part-.*", sort_by=None)
-    # parts in name order, as load_map: the first recorded split wins
-    for batch in ds.batches(["key", "split"], pads.field("key").isin(wanted)):
-        for k, s in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
-            out.setdefault(k, s)
-    return out
+        return {}
+    return _winners(dataset(corpus).batches(["key", "split", "time"],
+                                            pads.field("key").isin(wanted)))
 
 
 def keys_of(corpus: Corpus, split: str) -> set[str]:

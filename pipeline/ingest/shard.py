@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dataengine.pipeline.core import config as config_mod
-from dataengine.pipeline.core import index, publish, quarantine, rounds, storage
+from dataengine.pipeline.core import index, publish, quarantine, rounds, splits, storage
 from dataengine.pipeline.core.layout import Corpus
 from dataengine.pipeline.core.rounds import RoundWriter
 from dataengine.pipeline.ingest.images import ImageConfig
@@ -195,10 +195,11 @@ def finish(arg: dict[str, Any], root: str, cfg: dict[str, Any]) -> dict[str, Any
 
 def heal(corpus: Corpus) -> int:
     """Merge the done shards the index does not cover (shards of earlier versions, a corpus
-    with the old single-file index), then compact the index when enough entries accumulated;
-    returns the rows added."""
+    with the old single-file index), then compact the index and the splits when enough parts
+    accumulated; returns the rows added."""
     added = index.merge_done_shards(corpus)
     index.compact_index(corpus)
+    splits.compact(corpus)
     return added
 
 
@@ -206,7 +207,8 @@ def _light_finish(corpus: Corpus) -> bool:
     """Whether the end of a run may run in the driver: no compaction is due (compacting is the
     step that reads O(index) rows; the rest is O(new shards))."""
     return not index.index_dataset(corpus).compaction_due() and \
-        not rounds.manifest_dataset(corpus, 0).compaction_due()
+        not rounds.manifest_dataset(corpus, 0).compaction_due() and \
+        not splits.dataset(corpus).compaction_due()
 
 
 def _finish_run(arg: dict[str, Any], root: str, cfg: ShardConfig, wrote: bool = True) -> int:
