@@ -121,15 +121,15 @@ PROTOCOL = {
 }
 
 
-# A smaller frozen protocol for a loaded or slow machine (``--profile quick``): 2 assisted-manual
-# rounds of 30 images, 60 training steps (30 when continuing), a 20-image / 2-object held-out
+# A smaller frozen protocol for a loaded or slow machine (``--profile quick``): the same stages
+# on rounds of 20 images, 60 training steps (30 when continuing), a 20-image / 2-object held-out
 # subset.
 QUICK = json.loads(json.dumps(PROTOCOL))
-QUICK["engine"].update({"name": "bench-quick", "stages": [{"stage": "manual", "rounds": 2}],
-                        "images_per_round": 30})
+QUICK["engine"].update({"name": "bench-quick", "images_per_round": 20})
 QUICK["engine"]["annotate"]["annotator"]["max_objects_per_image"] = 5
 QUICK["engine"]["train"].update({"steps": 60, "warmup_steps": 10, "checkpoint_every": 30})
 QUICK["engine"]["retrain_steps"] = 30
+QUICK["engine"]["tune_amg"].update({"max_images": 12, "points_per_side": 12})
 QUICK["engine"]["eval"].update({"max_images": 20, "max_objects_per_image": 2,
                                 "tune_objects": 30})
 PROFILES = {"full": PROTOCOL, "quick": QUICK}

@@ -203,7 +203,9 @@ def test_semi_and_auto_rounds_use_thresholds_tuned_on_training_images(tmp_path):
                images_per_round=2, retrain=False,
                annotate={"use_ray": False, "annotator": {"target_iou": 0.75, "max_clicks": 3},
                          "amg": {"points_per_side": 3}, "semi_amg": {"points_per_side": 3}},
-               tune_amg={"max_images": 2, "points_per_side": 3, "grid": 3})
+               # a floor every pair reaches (semi) and one none does (auto)
+               tune_amg={"max_images": 2, "points_per_side": 3, "grid": 3,
+                         "semi_min_precision": 0.0, "auto_min_precision": 1.0})
     report = run_engine(root, cfg)
     log = StepLog(corpus, "engine")
     assert log.find("thresholds", 0) is None          # manual rounds use no generator
@@ -213,11 +215,14 @@ def test_semi_and_auto_rounds_use_thresholds_tuned_on_training_images(tmp_path):
         number = log.find("annotate", idx)["round"]
         used = rounds.round_info(corpus, number)["config"][key]
         assert used["points_per_side"] == 3
-        if "pred_iou_thresh" in rec[stage]:
-            assert used["pred_iou_thresh"] == rec[stage]["pred_iou_thresh"]
-            assert used["stability_score_thresh"] == rec[stage]["stability_score_thresh"]
-        else:                                          # nothing generated: config kept
-            assert rec["annotate"] == {}
+        if stage == "semi":   # the chosen pair is used, by the DETR proposer's filter too
+            assert rec[stage]["reached"]
+            chosen = {k: rec[stage][k] for k in ("pred_iou_thresh", "stability_score_thresh")}
+            assert {k: used[k] for k in chosen} == chosen
+            assert {k: rec["annotate"]["detector"][k] for k in chosen} == chosen
+        else:                 # below the floor: the configured thresholds stay
+            assert not rec[stage]["reached"] and rec["annotate"] == {}
+            assert (used["pred_iou_thresh"], used["stability_score_thresh"]) == (0.88, 0.95)
     semi_row = next(r for r in report["rounds"] if r["stage"] == "semi")
     assert semi_row["prefill_per_image"] is not None
     assert "pre-fill precision@0.5" in storage.read_bytes(

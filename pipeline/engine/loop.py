@@ -318,8 +318,9 @@ class Engine:
 
     def thresholds(self, model: str, stage: str) -> dict[str, Any]:
         """The generator's thresholds for a ``stage`` round with SAM ``model``, chosen on
-        training images with ground truth (:mod:`dataengine.pipeline.sam.amg_tune`); the semi
-        stage's DETR proposer filters its masks with the same pair."""
+        training images with ground truth (:mod:`dataengine.pipeline.sam.amg_tune`) and used
+        when they reach the precision floor; the semi stage's DETR proposer filters its masks
+        with the same pair."""
         from dataengine.pipeline.annotate.stage import AnnotateConfig
         from dataengine.pipeline.sam.amg_tune import tune
         from dataengine.pipeline.sam.evaluate import load_objects
@@ -342,7 +343,9 @@ class Engine:
         result = tune(sam, images, semi_amg, auto_amg, cfg.tune_amg)
         pick = result[stage]
         annotate: dict[str, Any] = {}
-        if "pred_iou_thresh" in pick:
+        # below the precision floor the configured thresholds stay: a loosened filter would
+        # put masks that are mostly wrong into the round
+        if pick.get("reached"):
             chosen = {k: pick[k] for k in ("pred_iou_thresh", "stability_score_thresh")}
             key = "semi_amg" if stage == "semi" else "amg"
             annotate[key] = {**config_mod.to_dict(getattr(acfg, key)), **chosen}

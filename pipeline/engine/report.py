@@ -38,7 +38,8 @@ def report_rows(root: str, cfg: EngineConfig) -> list[dict[str, Any]]:
         amg = ev.get("amg") or {}
         trained = log.find("train", idx) or {}
         gated = log.find("gate", idx) or {}
-        tuned = (log.find("thresholds", idx) or {}).get(rec["stage"]) or {}
+        tuned = log.find("thresholds", idx) or {}
+        tuned = tuned.get(rec["stage"]) or {} if tuned.get("annotate") else {}
         rows.append({
             "round": rec["round"], "round_index": idx, "stage": rec["stage"],
             "model_version": rec["model_version"], "images": m.get("images"),
@@ -107,7 +108,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     machine = [r for r in report["rounds"] if r["stage"] in ("semi", "auto")]
     if machine:
         lines += ["", "Semi and automatic rounds (pre-fill and recall against the round images' "
-                  "ground truth; thresholds chosen on training images):", "",
+                  "ground truth; thresholds chosen on training images, - where none reached "
+                  "the precision floor and the configured ones stayed):", "",
                   "| round | stage | pre-filled/img | pre-fill precision@0.5 | recall@0.5 | "
                   "pred IoU thresh | stability thresh |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['round']} | {r['stage']} | {_f(r.get('prefill_per_image'))} | "

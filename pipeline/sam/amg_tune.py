@@ -11,7 +11,8 @@ so the semi and automatic stages can choose theirs from the model's own masks on
 3. the semi stage's pre-fill takes the pair with the most masks per image whose precision at
    IoU 0.5 is at least ``semi_min_precision``; the automatic stage the pair with the highest
    recall at IoU 0.5 whose precision is at least ``auto_min_precision`` (:func:`choose`). When no
-   pair reaches the floor, the most precise pair is taken and the result says so.
+   pair reaches the floor, the most precise pair is reported with ``reached: False`` (the engine
+   then keeps the configured thresholds).
 
 Held-out images are never used: the caller passes training-split images only.
 """
