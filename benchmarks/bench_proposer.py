@@ -221,24 +221,23 @@ def prefill_figures(root: str, number: int) -> dict:
 def tune_prefill(corpus, sam_model: str, keys: list[str], base: dict) -> dict:
     """Pre-fill thresholds for ``sam_model`` chosen on ``keys`` (the manual round's training
     images) with :mod:`dataengine.pipeline.sam.amg_tune`; printed with what they keep there."""
-    import dataclasses
-
-    from dataengine.pipeline.annotate.stage import strict_amg
+    from dataengine.pipeline.annotate.stage import AnnotateConfig, strict_amg
     from dataengine.pipeline.sam.amg_tune import tune
     from dataengine.pipeline.sam.evaluate import load_objects
     from dataengine.pipeline.sam.resolve import resolve_model
 
-    wanted = set(keys)
-    images = [im for im in load_objects(corpus, "train") if im.key in wanted]
+    images = load_objects(corpus, "train", keys=keys)
     model, _ = resolve_model(corpus, sam_model)
-    amg = dataclasses.replace(strict_amg(), disc_radius=base["disc_radius"])
-    out = tune(model, images, amg, amg)["semi"]
+    amg = AnnotateConfig(stage="semi", **base).generator()   # prompted as the round prompts
+    result = tune(model, images, amg, amg)
+    out = result["semi"]
     if "pred_iou_thresh" not in out:
         print("pre-fill thresholds: the model generated no mask on the manual round's images; "
               "kept the defaults")
         return {"pred_iou_thresh": strict_amg().pred_iou_thresh,
                 "stability_score_thresh": strict_amg().stability_score_thresh}
-    print(f"pre-fill thresholds for {sam_model} on {len(images)} manual-round images: pred IoU "
+    print(f"pre-fill thresholds for {sam_model} on {result['images']} manual-round images "
+          f"({result['objects']} objects): pred IoU "
           f"{out['pred_iou_thresh']} stability {out['stability_score_thresh']} (precision@0.5 "
           f"{out['precision50']:.3f}, {out['masks_per_image']:.2f} masks/image, floor "
           f"{out['min_precision']} {'reached' if out['reached'] else 'NOT reached'})")

@@ -223,6 +223,10 @@ def test_semi_and_auto_rounds_use_thresholds_tuned_on_training_images(tmp_path):
         else:                 # below the floor: the configured thresholds stay
             assert not rec[stage]["reached"] and rec["annotate"] == {}
             assert (used["pred_iou_thresh"], used["stability_score_thresh"]) == (0.88, 0.95)
+    # the automatic round has the same model (no retraining): the semi round's pass is reused
+    semi_rec, auto_rec = log.find("thresholds", 1), log.find("thresholds", 2)
+    assert auto_rec["reused_from_round_index"] == 1 and "reused_from_round_index" not in semi_rec
+    assert auto_rec["auto"] == semi_rec["auto"] and auto_rec["semi"] == semi_rec["semi"]
     semi_row = next(r for r in report["rounds"] if r["stage"] == "semi")
     assert semi_row["prefill_per_image"] is not None
     assert "pre-fill precision@0.5" in storage.read_bytes(

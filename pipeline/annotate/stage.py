@@ -110,6 +110,15 @@ class AnnotateConfig:
         if self.retries < 0:
             raise ValueError(f"retries={self.retries} must be >= 0")
 
+    def generator(self, stage: str | None = None) -> AmgConfig:
+        """The automatic generator of ``stage`` (default this round's): ``amg`` for auto,
+        ``semi_amg`` for the semi pre-fill, its grid points painted as discs when clicks are
+        (grid points are prompted as a first click is)."""
+        amg = self.amg if (stage or self.stage) == "auto" else self.semi_amg
+        if self.disc_radius and self.paint_first and not amg.disc_radius:
+            amg = dataclasses.replace(amg, disc_radius=self.disc_radius)
+        return amg
+
 
 # ---- per-shard work ------------------------------------------------------------------------
 
@@ -173,11 +182,7 @@ class ShardAnnotator:
                                       disc_radius=self.cfg.disc_radius,
                                       paint_first=self.cfg.paint_first)
         self.annotator = SimulatedAnnotator(self.segmenter, self.cfg.annotator)
-        amg = self.cfg.amg if self.cfg.stage == "auto" else self.cfg.semi_amg
-        if self.cfg.disc_radius and self.cfg.paint_first and not amg.disc_radius:
-            # grid points prompted as a first click is
-            amg = dataclasses.replace(amg, disc_radius=self.cfg.disc_radius)
-        self.generator = MaskGenerator(model, amg)
+        self.generator = MaskGenerator(model, self.cfg.generator())
         if self.cfg.stage == "semi" and self.cfg.proposer == "detector":
             from dataengine.pipeline.detector.proposer import DetectorProposer
 

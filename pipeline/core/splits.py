@@ -32,15 +32,15 @@ def holdout_by_key(key: str, fraction: float) -> bool:
     return int(key[:15], 16) / 16 ** 15 < fraction
 
 
-def load(corpus: Corpus) -> pa.Table:
-    """All split rows (key, split, source, rule, time)."""
-    parts = storage.listdir(corpus.splits, r"part-.*\.parquet")
-    return storage.read_tables(parts).cast(SCHEMA) if parts else SCHEMA.empty_table()
-
-
 def dataset(corpus: Corpus) -> PartitionedDataset:
     """The split parts as a partitioned dataset (compacts cover parts; parts stay)."""
     return PartitionedDataset(corpus.splits, SCHEMA, part_pattern=r"part-.*", sort_by="key")
+
+
+def load(corpus: Corpus) -> pa.Table:
+    """All split rows (key, split, source, rule, time), read from the compacts and the parts
+    they do not cover."""
+    return dataset(corpus).table()
 
 
 def compact(corpus: Corpus, fanout: int = 16, force: bool = False) -> str | None:

@@ -35,7 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dataengine.pipeline.core import config as config_mod
 from dataengine.pipeline.core import curation, promotion, rounds, splits, storage, versions
@@ -45,6 +45,9 @@ from dataengine.pipeline.engine.config import EngineConfig, Paused, StagePlan, e
 from dataengine.pipeline.engine.report import write_report
 from dataengine.pipeline.engine.steps import StepLog
 from dataengine.pipeline.sam.train import TrainSamConfig
+
+if TYPE_CHECKING:
+    from dataengine.pipeline.annotate.stage import AnnotateConfig
 
 logger = logging.getLogger(__name__)
 
@@ -321,26 +324,27 @@ class Engine:
         training images with ground truth (:mod:`dataengine.pipeline.sam.amg_tune`) and used
         when they reach the precision floor; the semi stage's DETR proposer filters its masks
         with the same pair."""
-        from dataengine.pipeline.annotate.stage import AnnotateConfig
         from dataengine.pipeline.sam.amg_tune import tune
         from dataengine.pipeline.sam.evaluate import load_objects
         from dataengine.pipeline.sam.resolve import resolve_model
 
-        cfg = self.cfg
-        images = (load_objects(self.corpus, "train", max_images=cfg.tune_amg.max_images)
-                  if rounds.is_complete(self.corpus, 0) else [])
-        if not images:
-            return {"model_version": model, "stage": stage, "annotate": {},
-                    "skipped": "no training images with round-0 ground truth"}
-        acfg = AnnotateConfig(**{**cfg.annotate, "stage": stage})
-        disc = cfg.annotate.get("disc_radius", cfg.disc_radius) \
-            if cfg.annotate.get("paint_first", cfg.paint_first) else 0.0
-        # the grid is prompted as the round prompts it (see ShardAnnotator)
-        semi_amg, auto_amg = (a if a.disc_radius or not disc else
-                              dataclasses.replace(a, disc_radius=disc)
-                              for a in (acfg.semi_amg, acfg.amg))
-        sam, _ = resolve_model(self.corpus, model)
-        result = tune(sam, images, semi_amg, auto_amg, cfg.tune_amg)
+        acfg = self.annotate_config(stage)
+        # both stages' picks are recorded: a later round with the same model reuses them
+        earlier = next((r for r in self.log.records if r["kind"] == "thresholds"
+                        and r["model_version"] == model and "semi" in r), None)
+        if earlier is not None:
+            result = {k: earlier[k] for k in ("images", "objects", "points_per_side", "semi",
+                                              "auto")}
+            result["reused_from_round_index"] = earlier["round_index"]
+        else:
+            images = (load_objects(self.corpus, "train", max_images=self.cfg.tune_amg.max_images)
+                      if rounds.is_complete(self.corpus, 0) else [])
+            if not images:
+                return {"model_version": model, "stage": stage, "annotate": {},
+                        "skipped": "no training images with round-0 ground truth"}
+            sam, _ = resolve_model(self.corpus, model)
+            result = tune(sam, images, acfg.generator("semi"), acfg.generator("auto"),
+                          self.cfg.tune_amg)
         pick = result[stage]
         annotate: dict[str, Any] = {}
         # below the precision floor the configured thresholds stay: a loosened filter would
@@ -359,17 +363,25 @@ class Engine:
 
         return engine_detector_step(self.root, self.cfg.detector, stage_before)
 
+    def annotate_config(self, stage: str, extra: dict[str, Any] | None = None
+                        ) -> AnnotateConfig:
+        """The ``AnnotateConfig`` of a ``stage`` round: the engine's ``annotate`` fields and
+        ``extra``, clicks painted as the training recipe paints them unless set there."""
+        from dataengine.pipeline.annotate.stage import AnnotateConfig
+
+        cfg = self.cfg
+        return AnnotateConfig(**{**cfg.annotate, **(extra or {}), "stage": stage,
+                                 "disc_radius": cfg.annotate.get("disc_radius", cfg.disc_radius),
+                                 "paint_first": cfg.annotate.get("paint_first", cfg.paint_first)})
+
     def annotate(self, idx: int, plan: StagePlan, k: int, todo: list[str], model: str,
                  extra: dict[str, Any]) -> dict[str, Any]:
         """One annotation round of ``plan.stage`` on ``todo`` with SAM ``model``."""
-        from dataengine.pipeline.annotate.stage import AnnotateConfig, run_round
+        from dataengine.pipeline.annotate.stage import run_round
 
-        cfg = self.cfg
         started = self.log.find("annotate-start", idx)
-        acfg = AnnotateConfig(**{**cfg.annotate, **extra, "stage": plan.stage, "model": model,
-                                 "keys": todo, "round": started["round"] if started else None,
-                                 "disc_radius": cfg.annotate.get("disc_radius", cfg.disc_radius),
-                                 "paint_first": cfg.annotate.get("paint_first", cfg.paint_first)})
+        acfg = self.annotate_config(plan.stage, {**extra, "model": model, "keys": todo,
+                                                 "round": started["round"] if started else None})
         if started:
             number = started["round"]
         else:  # the round is claimed (round.json records the images it works on), then noted

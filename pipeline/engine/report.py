@@ -38,8 +38,9 @@ def report_rows(root: str, cfg: EngineConfig) -> list[dict[str, Any]]:
         amg = ev.get("amg") or {}
         trained = log.find("train", idx) or {}
         gated = log.find("gate", idx) or {}
-        tuned = log.find("thresholds", idx) or {}
-        tuned = tuned.get(rec["stage"]) or {} if tuned.get("annotate") else {}
+        thresholds = log.find("thresholds", idx) or {}
+        # the pair the round used: none when the configured thresholds stayed
+        used = thresholds.get(rec["stage"], {}) if thresholds.get("annotate") else {}
         rows.append({
             "round": rec["round"], "round_index": idx, "stage": rec["stage"],
             "model_version": rec["model_version"], "images": m.get("images"),
@@ -57,8 +58,8 @@ def report_rows(root: str, cfg: EngineConfig) -> list[dict[str, Any]]:
             "trained_version": trained.get("version"), "promoted": gated.get("promoted"),
             "prefill_per_image": m.get("prefilled_per_image"),
             "prefill_precision50": m.get("prefill_precision50"),
-            "pred_iou_thresh": tuned.get("pred_iou_thresh"),
-            "stability_score_thresh": tuned.get("stability_score_thresh"),
+            "pred_iou_thresh": used.get("pred_iou_thresh"),
+            "stability_score_thresh": used.get("stability_score_thresh"),
         })
     return rows
 

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,18 +108,20 @@ def _keep(mask: np.ndarray, min_area_256: int) -> bool:
 
 
 def load_objects(corpus: Corpus, split: str = "holdout", *, min_area_256: int = 1024,
-                 skip_crowd: bool = True, max_images: int = 0,
-                 max_objects_per_image: int = 0) -> list[EvalImage]:
-    """Round-0 ground truth of the images of ``split``, in key order within shard order."""
+                 skip_crowd: bool = True, max_images: int = 0, max_objects_per_image: int = 0,
+                 keys: Iterable[str] | None = None) -> list[EvalImage]:
+    """Round-0 ground truth of the images of ``split`` (only ``keys`` when given), in key
+    order within shard order."""
     if not rounds.is_complete(corpus, 0):
         raise ValueError(f"{corpus.root} has no complete round 0 (imported ground truth); "
                          f"give a COCO JSON with gt=...")
     split_map = splits.load_map(corpus)
+    only = None if keys is None else set(keys)
     table = rounds.read_round_manifest(corpus, 0)
     wanted: dict[str, set[str]] = {}
     for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist(),
                           strict=True):
-        if split_map.get(key) == split:
+        if split_map.get(key) == split and (only is None or key in only):
             wanted.setdefault(shard, set()).add(key)
     out: list[EvalImage] = []
     for shard in sorted(wanted):

@@ -27,8 +27,8 @@ What a run does:
    :func:`dataengine.pipeline.sam.loss.train_step` (AdamW, linear warm-up, cosine decay, optional
    frozen encoder);
 4. publishes ``ROOT/models/sam/vNNNN/``: ``model.safetensors`` + ``config.json``
-   (:func:`models.sam.save_sam`), ``training.json`` (rounds, mask counts, data plan summary,
-   config, parent), ``metrics.json`` (training figures), then ``version.json`` last.
+   (:func:`dataengine.models.sam.save_sam`), ``training.json`` (rounds, mask counts, data plan
+   summary, config, parent), ``metrics.json`` (training figures), then ``version.json`` last.
 """
 
 from __future__ import annotations
