@@ -2,12 +2,13 @@
 
 One command::
 
-    python benchmarks/bench_active.py [--init MODEL] [--profile full|quick|smoke]
-                                      [--data ../shared/data] [--out /tmp/bench-active]
+    python benchmarks/bench_active.py [--init shipped|MODEL] [--profile full|medium|quick|smoke]
+                                      [--seed 0] [--data ../shared/data] [--out /tmp/bench-active]
 
 Shards ``coco128-seg`` + coco-mini ``train2017`` (training split) and coco-mini ``val2017`` (held
-out), publishes and evaluates the starting model once (``--init``: a saved SAM folder such as
-``ROOT/models/sam/vNNNN`` or a checkpoint file; default random weights of the tiny SAM), then
+out), publishes and evaluates the starting model once (``--init``: ``shipped``, the starting
+checkpoint under ``models/weights/`` with bench_engine's recipe for it; a saved SAM folder such
+as ``ROOT/models/sam/vNNNN`` or a checkpoint file; default random weights of the tiny SAM), then
 copies that corpus once per selection way (``order``, ``random``, ``uncertainty+diversity``) and
 runs the same engine protocol on each copy: ``rounds`` assisted-manual rounds of
 ``images_per_round`` images, each followed by retraining, held-out evaluation and the gate. The
@@ -87,14 +88,27 @@ SMOKE["engine"].update({"images_per_round": 4, "retrain_steps": 4})
 SMOKE["engine"]["annotate"]["annotator"]["max_objects_per_image"] = 2
 SMOKE["engine"]["train"].update({"steps": 4, "warmup_steps": 1, "checkpoint_every": 4})
 SMOKE["engine"]["eval"].update({"max_images": 4, "tune_objects": 8, "max_clicks": 5})
-PROFILES = {"full": PROTOCOL, "quick": QUICK, "smoke": SMOKE}
+# Between the two, for a run of about an hour from the shipped model: 3 rounds of 12 images, a
+# 24-image / 2-object held-out subset.
+MEDIUM = json.loads(json.dumps(QUICK))
+MEDIUM["engine"].update({"images_per_round": 12})
+MEDIUM["engine"]["annotate"]["annotator"]["max_objects_per_image"] = 5
+MEDIUM["engine"]["eval"].update({"max_images": 24, "tune_objects": 30})
+PROFILES = {"full": PROTOCOL, "medium": MEDIUM, "quick": QUICK, "smoke": SMOKE}
 
 
-def apply_init(protocol: dict, init: str) -> None:
-    """Start from a saved SAM folder (its config and training recipe) or a checkpoint file."""
+def apply_init(protocol: dict, init: str, profile: str) -> None:
+    """Start from the shipped checkpoint, a saved SAM folder (its config and training recipe) or
+    a checkpoint file."""
     if not init:
         return
     eng = protocol["engine"]
+    if init == "shipped":
+        steps = eng["train"]["steps"], eng["retrain_steps"]
+        bench_engine.start_from_shipped(protocol, "full" if profile == "full" else "quick")
+        if profile == "smoke":
+            eng["train"]["steps"], eng["retrain_steps"] = steps
+        return
     cfg_file = Path(init) / "config.json"
     if cfg_file.exists():
         saved = json.loads(cfg_file.read_text())
@@ -174,11 +188,14 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--out", default="/tmp/bench-active")
     ap.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    ap.add_argument("--init", default="", help="starting SAM: a saved model folder or a "
-                    "checkpoint file (default: random weights of the tiny SAM)")
+    ap.add_argument("--init", default="", help="starting SAM: 'shipped', a saved model folder "
+                    "or a checkpoint file (default: random weights of the tiny SAM)")
+    ap.add_argument("--seed", type=int, default=0, help="the engine's seed (random selection, "
+                    "training); the same for every way")
     args = ap.parse_args()
     protocol = json.loads(json.dumps(PROFILES[args.profile]))
-    apply_init(protocol, args.init)
+    apply_init(protocol, args.init, args.profile)
+    protocol["engine"]["seed"] = args.seed
     import torch
 
     torch.set_num_threads(1)
@@ -194,7 +211,17 @@ def main() -> None:
     base = base_corpus(out, Path(args.data), protocol)
     results = {way: run_way(out, base, protocol, way) for way in WAYS}
     print(f"total {time.time() - t0:.0f} s")
+    start = starting_eval(base)
+    if start:
+        print(f"starting model (every way's v0001) on the held-out objects: mIoU@1 "
+              f"{start['miou1']:.3f}, NoC@75 {start['noc75']:.2f} ({start.get('objects')} objects)")
     report(results)
+
+
+def starting_eval(base: str) -> dict | None:
+    """The held-out evaluation of the starting model (recorded once in the base corpus)."""
+    found = sorted((Path(base) / "models" / "sam" / "v0001").glob("eval-*.json"))
+    return json.loads(found[0].read_text()) if found else None
 
 
 def report(results: dict[str, list[dict]]) -> None:

@@ -70,16 +70,17 @@ def test_dashboard_filter_sample_reject(corpus_root, tmp_path):
     assert log.mask_decision(mask_id)["who"] == "local"
 
 
-@pytest.mark.parametrize("decoder", ["server", "browser"])
+@pytest.mark.parametrize("decoder", ["server", "browser", "auto"])
 def test_annotate_click_negative_accept_submit(tmp_path, shared_data, decoder):
     """The annotate page: click inside an object, see the mask, add a negative click, accept,
-    submit; the mask is in the round's shard with the clicks recorded. With ``browser`` the
-    clicks are decoded in Chromium (onnxruntime-web) and the server recomputes the same mask on
-    accept."""
+    submit; the mask is in the round's shard with the clicks recorded. ``server``: the server
+    offers no browser decoder. ``browser``: the clicks are decoded in Chromium (onnxruntime-web,
+    forced with ?decoder=browser) and the server recomputes the same mask on accept. ``auto``:
+    the page times probe clicks on both decoders and uses the faster."""
     require_chromium()
     from dataengine.pipeline.server.routes.pages import browser_decoder_available
 
-    if decoder == "browser" and not browser_decoder_available():
+    if decoder != "server" and not browser_decoder_available():
         pytest.skip("onnxruntime-web is not installed (make web-deps)")
     from dataengine.models.sam import build_sam
     from dataengine.pipeline.core import storage
@@ -103,7 +104,7 @@ def test_annotate_click_negative_accept_submit(tmp_path, shared_data, decoder):
     nx, ny = obj["bbox_x"] + 3, obj["bbox_y"] + 3
     app = create_app(corpus.root, ServerConfig(cache_dir=str(tmp_path / "cache"),
                                                refresh_seconds=0, precompute="local",
-                                               browser_decoder=decoder == "browser"))
+                                               browser_decoder=decoder != "server"))
     from fastapi.testclient import TestClient
 
     from dataengine.pipeline.server.people import open_round
@@ -113,10 +114,19 @@ def test_annotate_click_negative_accept_submit(tmp_path, shared_data, decoder):
     assert api.get("/api/annotate/rounds").status_code == 200
     W, H = index[0]["width"], index[0]["height"]
     with serve(app) as base, chromium_page() as page:
-        page.goto(f"{base}/#/annotate")
+        page.goto(f"{base}/{'?decoder=browser' if decoder == 'browser' else ''}#/annotate")
         page.click(f"#start-{n}")
         page.wait_for_selector("#acv")
-        assert page.get_attribute("#acv", "data-decoder") == decoder
+        used = page.get_attribute("#acv", "data-decoder")
+        if decoder == "auto":
+            choice = page.evaluate("window.__decoderChoice")
+            assert used == choice["path"] in ("browser", "server"), choice
+            assert len(choice["browser_ms"]) == len(choice["server_ms"]) == 4
+            assert all(v > 0 for v in choice["browser_ms"] + choice["server_ms"])
+            fast = min(("browser", "server"), key=lambda k: sorted(choice[k + "_ms"][1:])[1])
+            assert used == fast, choice
+        else:
+            assert used == decoder
         box = page.locator("#acv").bounding_box()
         to_page = lambda x, y: (box["x"] + x * box["width"] / W,  # noqa: E731
                                 box["y"] + y * box["height"] / H)

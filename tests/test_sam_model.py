@@ -147,3 +147,27 @@ def test_server_onnx_decoder_matches_torch_predictor(tmp_path):
                                  multimask=False)
     np.testing.assert_allclose(sc2, s2[0], atol=1e-4)
     assert ((lg2 > 0) == (m2[0] > 0)).mean() > 0.998
+
+
+@pytest.mark.parametrize("n_points, with_box", [(1, False), (6, False), (2, True)])
+def test_few_token_transformer_is_sams_transformer(n_points, with_box):
+    """The reordered transformer of the exported decoder computes SAM's own mask decoder:
+    masks and IoU predictions of ``MaskDecoder.predict_masks`` for points, a box and a mask
+    prompt."""
+    from dataengine.models.sam import predict_masks_per_pixel
+
+    model = build_sam("tiny-test", seed=4).eval()
+    pe, dec = model.prompt_encoder, model.mask_decoder
+    g = torch.Generator().manual_seed(n_points)
+    emb = torch.randn(1, pe.embed_dim, *pe.image_embedding_size, generator=g)
+    pts = torch.rand(1, n_points, 2, generator=g) * model.image_encoder.img_size
+    labels = torch.randint(0, 2, (1, n_points), generator=g)
+    box = torch.tensor([[10.0, 20.0, 50.0, 60.0]]) if with_box else None
+    mask = torch.randn(1, 1, *pe.mask_input_size, generator=g)
+    with torch.no_grad():
+        sparse, dense = pe(points=(pts, labels), boxes=box, masks=mask)
+        ref_masks, ref_iou = dec.predict_masks(emb, pe.get_dense_pe(), sparse, dense)
+        masks, iou = predict_masks_per_pixel(dec, emb, pe.get_dense_pe(), sparse, dense,
+                                             few_tokens=True)
+    torch.testing.assert_close(masks, ref_masks, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-4)

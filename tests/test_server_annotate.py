@@ -303,3 +303,35 @@ def test_precompute_on_ray(corpus, ray_cluster):
     cache = EmbeddingCache(corpus, "v0001")
     for shard, keys in shard_keys.items():
         assert list(cache.load_shard(shard)) == keys
+
+
+def test_a_repeated_accept_is_answered_without_decoding(corpus, tmp_path):
+    """The same prompt accepted again by the same person (a retried or doubled click, with or
+    without an idempotency key) returns the first mask without a decoder call, on this server
+    and on another one reading the same root; a new choice, another person or a removed mask
+    is decoded afresh."""
+    api = make_client(corpus, tmp_path)
+    n = open_round(api, keys=train_keys(corpus)[:1])
+    lease = api.post(f"/api/annotate/{n}/lease", json={}).json()["lease"]
+    lid = lease["lease_id"]
+    stats = api.app.state.sam.stats
+    body = {"lease_id": lid, "key": lease["key"], "points": [P1, P2], "seconds": 2.0}
+    first = api.post(f"/api/annotate/{n}/accept", json=body).json()
+    calls = stats["decoder_calls"]
+    for extra in ({}, {"idempotency_key": "retry-0001"}, {"object": 7}):
+        again = api.post(f"/api/annotate/{n}/accept", json={**body, **extra})
+        assert again.json() == first, again.text
+    assert stats["decoder_calls"] == calls
+    # another server on the same root knows the prompt from the round's event log
+    other = make_client(corpus, tmp_path / "other")
+    assert other.post(f"/api/annotate/{n}/accept", json=body).json() == first
+    assert other.app.state.sam.stats["decoder_calls"] == 0
+    # a different choice is another accept: decoded, and (a new mask or the same) recorded
+    api.post(f"/api/annotate/{n}/accept", json={**body, "choice": 0})
+    assert stats["decoder_calls"] > calls
+    calls = stats["decoder_calls"]
+    # once removed, the same prompt is a new mask again
+    assert api.post(f"/api/annotate/{n}/remove",
+                    json={"lease_id": lid, "uid": first["uid"]}).status_code == 200
+    fresh = api.post(f"/api/annotate/{n}/accept", json=body).json()
+    assert fresh["uid"] != first["uid"] and stats["decoder_calls"] > calls

@@ -384,11 +384,28 @@ class PeopleRound:
                 "accepted": [{"uid": u, **a} for u, a in st.accepted.items()],
                 "prefilled": prefilled}
 
+    def repeated(self, lease_id: str, annotator: str, idempotency_key: str | None,
+                 prompt: str, key: str | None = None) -> tuple[str, dict[str, Any]] | None:
+        """The accept that an accept of ``prompt`` (:func:`prompt_digest`) would repeat, found
+        without decoding: the same ``idempotency_key``, or the same prompt by the same person
+        on the image. Its uid and annotation, or None."""
+        if idempotency_key is not None and not IDEMPOTENCY_RE.fullmatch(idempotency_key):
+            raise ValueError(f"idempotency_key {idempotency_key!r} must be 8-64 letters, "
+                             "digits, _ or -")
+        st = self.check(lease_id, annotator, key)
+        with st.lock:
+            for uid in (st.idempotency.get(idempotency_key or ""), st.prompts.get(prompt)):
+                ann = st.accepted.get(uid or "")
+                if ann is not None and ann.get("annotator") == annotator:
+                    return uid, ann
+        return None
+
     def accept(self, lease_id: str, annotator: str, annotation: dict[str, Any],
-               idempotency_key: str | None = None, key: str | None = None) -> str:
+               idempotency_key: str | None = None, key: str | None = None,
+               prompt: str | None = None) -> str:
         """Save one accepted mask at once; returns its uid. A repeated accept (the same
-        ``idempotency_key``, or the same mask by the same person on the image) returns the
-        first one's uid and writes nothing."""
+        ``idempotency_key``, the same ``prompt`` or the same mask by the same person on the
+        image) returns the first one's uid and writes nothing."""
         if idempotency_key is not None and not IDEMPOTENCY_RE.fullmatch(idempotency_key):
             raise ValueError(f"idempotency_key {idempotency_key!r} must be 8-64 letters, "
                              "digits, _ or -")
@@ -397,9 +414,8 @@ class PeopleRound:
 
         def decide(s: ImageState) -> Any:
             self._held(s, lease_id, annotator)
-            if idempotency_key and idempotency_key in s.idempotency:
-                uid = s.idempotency[idempotency_key]
-                if uid in s.accepted:
+            for uid in (s.idempotency.get(idempotency_key or ""), s.prompts.get(prompt or "")):
+                if uid in s.accepted and s.accepted[uid].get("annotator") == annotator:
                     return uid
             for uid, a in s.accepted.items():
                 if a.get("annotator") == annotator and a["segmentation"]["counts"] == counts:
@@ -409,6 +425,8 @@ class PeopleRound:
                   "expires": _now() + self.lease_seconds}
             if idempotency_key:
                 ev["idempotency_key"] = idempotency_key
+            if prompt:
+                ev["prompt"] = prompt
             return ev
 
         out = self.log.commit(st, decide)

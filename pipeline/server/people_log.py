@@ -62,6 +62,7 @@ class ImageState:
     lease: Lease | None = None
     seq: int = 0
     idempotency: dict[str, str] = field(default_factory=dict)  # key -> uid of its accept
+    prompts: dict[str, str] = field(default_factory=dict)  # prompt digest -> uid of its accept
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -88,6 +89,8 @@ def apply(st: ImageState, ev: dict[str, Any], lease_seconds: float) -> None:
         st.accepted[ev["uid"]] = ev["annotation"]
         if ev.get("idempotency_key"):
             st.idempotency[ev["idempotency_key"]] = ev["uid"]
+        if ev.get("prompt"):
+            st.prompts[ev["prompt"]] = ev["uid"]
         if st.lease and st.lease.lease_id == ev.get("lease_id"):
             st.lease.expires = max(st.lease.expires,
                                    float(ev.get("expires", ev["ts"] + lease_seconds)))

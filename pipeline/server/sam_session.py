@@ -10,6 +10,7 @@ background so a person rarely waits).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +30,22 @@ Embedding = tuple[Any, tuple[int, int], tuple[int, int]]  # features 1xCxSxS, in
 DECODERS = ("auto", "onnx", "torch")
 
 
+def decoder_threads(requested: int = 0) -> int:
+    """Threads of one decoder call: ``requested``, else half the cores (at most 4).
+
+    A vit_b click is ~50 ms of one core. The other half of the cores serves HTTP, the prefetch
+    thread and a second decoder call; a decoder thread that shares a core with them stalls
+    every parallel op it is part of (MEASURED on 2 cores: p95 per click 64 ms on one thread,
+    73 ms on two)."""
+    return requested if requested > 0 else max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def decoder_slots(requested: int = 0) -> int:
+    """Decoder calls at once: as many as the cores hold at :func:`decoder_threads` each, so
+    that one person's click runs beside another's instead of waiting for it."""
+    return max(1, (os.cpu_count() or 1) // decoder_threads(requested))
+
+
 class OnnxDecoder:
     """The prompt encoder + mask decoder of one SAM version as ONNX Runtime sessions (exported
     once by :func:`dataengine.models.sam.export_onnx_decoder`, Meta's export without its upsampling,
@@ -40,12 +57,10 @@ class OnnxDecoder:
     masks sent back are upsampled to the image (:func:`dataengine.models.sam.upscale_logits`)."""
 
     # part of the cache entry name: a changed export never reuses old files
-    GRAPH_VERSION = "lowres2"
+    GRAPH_VERSION = "lowres3"
 
     def __init__(self, model: Any, version: str, cache: PrivateCache | str,
                  threads: int = 0) -> None:
-        import os
-
         import onnxruntime as ort
 
         cache = PrivateCache(cache) if isinstance(cache, str) else cache
@@ -53,10 +68,8 @@ class OnnxDecoder:
         self.sessions = {}
         self.entries: dict[str, str] = {}
         so = ort.SessionOptions()
-        # a vit_b click is ~60 ms of one core (mostly the output upscaling convolutions):
-        # use up to 4 cores, but no spin-waiting threads, which would steal the core the HTTP
-        # server and the prefetch thread need between clicks (the p95 tail)
-        so.intra_op_num_threads = threads if threads > 0 else min(4, os.cpu_count() or 1)
+        # no spin-waiting threads: they would steal the cores HTTP and the prefetch thread need
+        so.intra_op_num_threads = decoder_threads(threads)
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # same weights -> same graphs, whatever the corpus
@@ -75,6 +88,8 @@ class OnnxDecoder:
         self.img_size = model.image_encoder.img_size
         self.transform = ResizeLongestSide(self.img_size)
         self.low_res = 4 * model.prompt_encoder.image_embedding_size[0]
+        self.embedding_shape = [1, model.prompt_encoder.embed_dim,
+                                *model.prompt_encoder.image_embedding_size]
         self.threshold = float(model.mask_threshold)
 
     def graph(self, kind: str) -> bytes:
@@ -174,7 +189,8 @@ class SamService:
         self._encode_lock = threading.Lock()
         self._pending: set[tuple[str, str]] = set()
         self._inflight: dict[tuple[str, str], threading.Event] = {}
-        self.stats = {"embeddings_from_cache": 0, "embeddings_encoded": 0, "encoder_ms": 0.0}
+        self.stats = {"embeddings_from_cache": 0, "embeddings_encoded": 0, "encoder_ms": 0.0,
+                      "decoder_calls": 0}
 
     def model(self, version: str) -> Any:
         """The SAM model of ``version`` (``ROOT/models/sam/<version>``), loaded once."""
@@ -363,6 +379,7 @@ class SamService:
 
         feats, input_size, original_size = self.embedding(version, key, image_fn, shard)
         model = self.model(version)
+        self.stats["decoder_calls"] += 1
         onnx = self._onnx_decoder(version, model)
         if onnx is not None:
             out = onnx.predict(feats, original_size, points, labels, box, mask_input, multimask,

@@ -65,7 +65,7 @@ def require(role: str):
     """A route dependency: the request's identity, which must include ``role``."""
     auth.role_rank(role)
 
-    def check(request: Request) -> auth.Identity:
+    async def check(request: Request) -> auth.Identity:  # async: no thread hop per request
         ident = request.scope.get("state", {}).get("identity")
         if ident is None:
             raise ApiError(401, "unauthorized: sign in first")

@@ -21,7 +21,7 @@ from dataengine.pipeline.server.jobs import JobRunner
 from dataengine.pipeline.server.private_cache import PrivateCache
 from dataengine.pipeline.server.prompts import PromptSessions
 from dataengine.pipeline.server.render import Renderer
-from dataengine.pipeline.server.sam_session import SamService
+from dataengine.pipeline.server.sam_session import SamService, decoder_slots
 from dataengine.pipeline.server.security import ApiError, FairSlots, RateLimiter
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class ServerState:
                    sessions=PromptSessions(cfg.prompt_cache_mb << 20),
                    predicts=RateLimiter(cfg.predicts_per_second, 2 * cfg.predicts_per_second,
                                         max_inflight=1),
-                   decoder_slots=FairSlots(1))
+                   decoder_slots=FairSlots(decoder_slots(cfg.torch_threads)))
 
     @property
     def cache_dir(self) -> str:

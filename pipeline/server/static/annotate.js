@@ -1,6 +1,8 @@
 // dataengine annotate page: SAM-assisted click-to-mask. Plain JS.
-// Clicks are decoded in the browser (decoder.js, onnxruntime-web) when the server offers it,
-// else by the server (POST predict). Accepts send the prompts; the server recomputes the mask.
+// Clicks are decoded in the browser (decoder.js, onnxruntime-web) or by the server (POST
+// predict), whichever answers sooner here: timed once per model version on probe clicks before
+// the person clicks (?decoder=browser|server forces one). Accepts send the prompts; the server
+// recomputes the mask.
 // Left click = positive point, right click or shift+click = negative point, drag = box.
 // Keys: a/Enter accept (next object) · z undo · c/Esc clear · 1-3 pick a mask choice ·
 //       s submit image · k skip image · r remove last accepted mask ·
@@ -9,6 +11,44 @@
 
 const A = {timer: null, state: null};
 window.__clickLatencies = [];  // ms from the click event to the painted mask (benchmarks read it)
+
+// model version -> {path, browser_ms, server_ms}: the decoder the page uses for that version
+const PATHS = new Map();
+
+const median = (v) => { const s = [...v].sort((a, b) => a - b); return s[s.length >> 1]; };
+
+// Time first clicks on both decoders (probe points across the image's middle row, each a new
+// prompt on object 0, warm-up calls dropped) and keep the faster. A browser decoder that is
+// not faster than the round trip to the server's native runtime is not worth this machine's
+// cores; a distant or busy server is not worth the wait.
+async function choosePath(round, L, dec) {
+  const forced = new URLSearchParams(location.search).get("decoder");
+  if (forced === "browser" || forced === "server") return {path: forced, forced: true};
+  if (PATHS.has(L.model_version)) return PATHS.get(L.model_version);
+  const W = L.image.width, H = L.image.height, n = 4;
+  const t = {browser: [], server: []};
+  for (let i = 0; i < n; i++) {
+    const pts = [{x: Math.round(W * (i + 1) / (n + 2)), y: H >> 1, label: 1}];
+    let t0 = performance.now();
+    const preds = await dec.decode("probe", pts, null);
+    dec.mask(preds.reduce((b, p) => (p.score > b.score ? p : b)).low);
+    dec.objects.delete("probe");
+    t.browser.push(performance.now() - t0);
+    t0 = performance.now();
+    const r = await api(`/api/annotate/${round}/predict`, {body: {lease_id: L.lease.lease_id, key: L.image.key, object: 0, points: pts}});
+    rleDecodeBox(r.masks[r.best].rle, r.height, r.width);
+    t.server.push(performance.now() - t0);
+  }
+  const b = median(t.browser.slice(1)), s = median(t.server.slice(1));
+  const choice = {path: b <= s ? "browser" : "server", browser_ms: t.browser, server_ms: t.server};
+  PATHS.set(L.model_version, choice);
+  return choice;
+}
+
+function probeNote(c) {
+  if (!c || !c.browser_ms) return c && c.forced ? " (forced)" : "";
+  return ` (probe clicks: browser ${median(c.browser_ms.slice(1)).toFixed(0)} ms, server ${median(c.server_ms.slice(1)).toFixed(0)} ms)`;
+}
 
 function idempotencyKey() {
   const b = new Uint8Array(16);
@@ -77,11 +117,15 @@ async function annotateRound(round) {
   await img.decode();
   const W = im.width, H = im.height;
   let dec = null;
-  if (L.decoder_url && window.BrowserDecoder) {
+  window.__decoderChoice = null;
+  const forced = new URLSearchParams(location.search).get("decoder");
+  if (L.decoder_url && window.BrowserDecoder && forced !== "server") {
     try {
       dec = await BrowserDecoder.load(round, L.model_version);
       await dec.setImage(round, L.lease.lease_id, im.key);
       window.__decoder = dec;
+      window.__decoderChoice = await choosePath(round, L, dec);
+      if (window.__decoderChoice.path === "server") dec = null;
     } catch (e) { dec = null; toast(`decoding on the server: ${e.message}`, true); }
   }
   const S = A.state = {
@@ -93,7 +137,7 @@ async function annotateRound(round) {
     tStart: performance.now(), busy: false, lastMs: null,
   };
   const col = (i) => colorOf("acc" + i);
-  main().innerHTML = `<h2>Round ${round} · ${esc(L.stage)} · ${esc(L.model_version)} <span class="muted">image ${esc(im.key)} (${W}×${H}) · ${L.progress.done}/${L.progress.queued} submitted · decoder in the ${dec ? "browser" : "server"}</span></h2>
+  main().innerHTML = `<h2>Round ${round} · ${esc(L.stage)} · ${esc(L.model_version)} <span class="muted">image ${esc(im.key)} (${W}×${H}) · ${L.progress.done}/${L.progress.queued} submitted · decoder in the ${dec ? "browser" : "server"}${probeNote(window.__decoderChoice)}</span></h2>
   <div class="annot">
     <div class="canvas-wrap"><canvas id="acv" width="${W}" height="${H}" data-decoder="${dec ? "browser" : "server"}"></canvas></div>
     <div class="panel">

@@ -92,7 +92,9 @@ class BrowserDecoder {
       if (!r.ok) throw new Error(`decoder graph ${kind}: ${r.status}`);
       sessions[kind] = await ort.InferenceSession.create(await r.arrayBuffer(), {executionProviders: ["wasm"], graphOptimizationLevel: "all"});
     }
-    return new BrowserDecoder(info, sessions);
+    const dec = new BrowserDecoder(info, sessions);
+    await dec.warmUp();
+    return dec;
   }
 
   constructor(info, sessions) {
@@ -115,6 +117,20 @@ class BrowserDecoder {
     for (let i = 0; i < half.length; i++) f32[i] = lut[half[i]];
     this.emb = new ort.Tensor("float32", f32, shape);
     this.objects = new Map();
+  }
+
+  // the first calls of a wasm session are several times slower than the rest (kernels are
+  // prepared on first use): make them before the person's first click
+  async warmUp() {
+    const [, C, S1, S2] = this.info.embedding_shape;
+    this.emb = new ort.Tensor("float32", new Float32Array(C * S1 * S2), [1, C, S1, S2]);
+    this.inW = this.W = this.inH = this.H = this.info.img_size;
+    for (let i = 0; i < 3; i++) {
+      await this.run([{x: 10, y: 10, label: 1}], null, null, true);
+      await this.run([{x: 10, y: 10, label: 1}], null, this.noMask.data, false);
+    }
+    this.timings = {run: [], mask: []};
+    this.emb = null;
   }
 
   // one decoder call: [{score, low}] (three with multimask, else one)
