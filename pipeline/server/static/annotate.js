@@ -16,13 +16,14 @@ window.__clickLatencies = [];  // ms from the click event to the painted mask (b
 const PATHS = new Map();
 
 const median = (v) => { const s = [...v].sort((a, b) => a - b); return s[s.length >> 1]; };
+const forcedDecoder = () => new URLSearchParams(location.search).get("decoder");  // browser | server
 
 // Time first clicks on both decoders (probe points across the image's middle row, each a new
 // prompt on object 0, warm-up calls dropped) and keep the faster. A browser decoder that is
 // not faster than the round trip to the server's native runtime is not worth this machine's
 // cores; a distant or busy server is not worth the wait.
 async function choosePath(round, L, dec) {
-  const forced = new URLSearchParams(location.search).get("decoder");
+  const forced = forcedDecoder();
   if (forced === "browser" || forced === "server") return {path: forced, forced: true};
   if (PATHS.has(L.model_version)) return PATHS.get(L.model_version);
   const W = L.image.width, H = L.image.height, n = 4;
@@ -118,8 +119,7 @@ async function annotateRound(round) {
   const W = im.width, H = im.height;
   let dec = null;
   window.__decoderChoice = null;
-  const forced = new URLSearchParams(location.search).get("decoder");
-  if (L.decoder_url && window.BrowserDecoder && forced !== "server") {
+  if (L.decoder_url && window.BrowserDecoder && forcedDecoder() !== "server") {
     try {
       dec = await BrowserDecoder.load(round, L.model_version);
       await dec.setImage(round, L.lease.lease_id, im.key);
