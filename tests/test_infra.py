@@ -18,7 +18,7 @@ def _pyproject_pins() -> dict[str, str]:
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
     pins = {}
     for dep in data["project"]["dependencies"]:
-        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^;\s]+)", dep.strip())
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^;\s]+)(\s*;.+)?", dep.strip())
         assert m, f"pyproject dependency {dep!r} is not pinned with =="
         pins[m.group(1).lower()] = m.group(3)
     pins["dataengine"] = data["project"]["version"]
