@@ -10,10 +10,10 @@ the weights), its image embedding written ahead of time into ``ROOT/embeddings/v
 opening a people round does; this encoder pass is timed), a people round on that image, and the
 dashboard server in its own process (``python -m dataengine dashboard``).
 
-In the browser (needs ``make web-deps`` and Debian's Chromium; skipped otherwise): Playwright
-drives headless Chromium on the annotate page, which times probe clicks on its two decoders
-(onnxruntime-web in the page, or a round trip to the server's) and keeps the faster
-(``--decoder browser|server`` forces one); each measured click is a real mouse click on the
+In the browser (needs Debian's Chromium, skipped otherwise; ``make web-deps`` for the in-page
+decoder): Playwright drives headless Chromium on the annotate page, which times probe clicks on
+its two decoders (onnxruntime-web in the page, or a round trip to the server's) and keeps the
+faster (``--decoder browser|server`` forces one); each measured click is a real mouse click on the
 canvas (1-5 clicks per object, positive and negative, the previous low-res mask fed back, 0.2 s
 apart as a person clicks), and the page records ``performance.now()`` after the frame that
 shows the new mask, minus the click event's timestamp. Over HTTP: each click is one
@@ -54,10 +54,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_clicks(base: str, key: str, clicks: int) -> tuple[int, int, int, list[float], float]:
+def server_clicks(base: str, key: str, clicks: int) -> tuple[int, list[float], float]:
     """Open a round on ``key``, then time ``clicks`` predicts over HTTP (1-5 clicks per object,
-    masks decoded as a client does). Returns the round, the image size, the latencies (ms) and
-    the first click's."""
+    masks decoded as a client does). Returns the round, the latencies (ms) and the first
+    click's."""
     from pycocotools import mask as mask_utils
 
     with httpx.Client(base_url=base, timeout=300) as c:
@@ -96,14 +96,14 @@ def server_clicks(base: str, key: str, clicks: int) -> tuple[int, int, int, list
                 time.sleep(0.2)  # predicts are rate-limited per person, as a person clicks
             obj += 1
         c.post(f"/api/annotate/{n}/release", json={"lease_id": lid, "key": key})
-    return n, w, h, lat[5:], first
+    return n, lat[5:], first
 
 
 def browser_clicks(base: str, n: int, clicks: int, decoder: str
                    ) -> tuple[list[float], str] | None:
     """Click latencies (ms) measured by the annotate page in headless Chromium and the decoder
-    it used (``decoder``: auto, browser or server), or None when Chromium, Playwright or
-    onnxruntime-web is missing."""
+    it used (``decoder``: auto, browser or server), or None when Chromium or Playwright is
+    missing (without onnxruntime-web the page decodes on the server)."""
     chromium = "/usr/bin/chromium"
     if not os.path.exists(chromium):
         return None
@@ -235,7 +235,7 @@ def measure(config: str, clicks: int, torch_threads: int, in_browser: bool, deco
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"server did not start: {proc.stdout.read()}")
             time.sleep(0.2)
-        n, w, h, lat, first_click_ms = server_clicks(base, key, clicks)
+        n, lat, first_click_ms = server_clicks(base, key, clicks)
         browser = browser_clicks(base, n, clicks, decoder) if in_browser else None
     except Exception:
         proc.terminate()

@@ -30,23 +30,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
+                                       TwoWayTransformer)
+
 from dataengine.models.checkpoint import as_state_dict, load_state
 from dataengine.models.device import pick_device
-from dataengine.models.sam2 import (
-    SAM2_CONFIGS,
-    Sam2Config,
-    build_sam2,
-    get_sam2_config,
-    is_sam2_config,
-    load_sam2_weights,
-)
-from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
+from dataengine.models.sam2 import (SAM2_CONFIGS, Sam2Config, build_sam2, get_sam2_config,
+                                    is_sam2_config, load_sam2_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -363,13 +353,13 @@ def predict_masks_per_pixel(decoder: Any, image_embeddings: torch.Tensor,
     tokens = torch.cat((output_tokens, sparse), dim=1)
     if few_tokens:  # one prompt set per image: no copies of the embedding
         src = image_embeddings + dense
-        b, c, h, w = src.shape
-        hs, src = few_token_transformer(decoder.transformer, src, image_pe, tokens)
+        transformer = partial(few_token_transformer, decoder.transformer)
     else:
         src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0) + dense
-        pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
-        b, c, h, w = src.shape
-        hs, src = decoder.transformer(src, pos_src, tokens)     # src: B x hw x c
+        image_pe = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
+        transformer = decoder.transformer
+    b, c, h, w = src.shape
+    hs, src = transformer(src, image_pe, tokens)                 # src: B x hw x c
     n = decoder.num_mask_tokens
     conv1, norm, act1, conv2, act2 = decoder.output_upscaling
     c1, c2 = conv1.out_channels, conv2.out_channels
@@ -442,11 +432,10 @@ def few_token_transformer(transformer: Any, image_embedding: torch.Tensor,
     the prompts), the same function computed in another order: every product with the image's
     N = 64x64 positions is N x C x (heads*T) instead of N x C x C/2, which for T up to a
     dozen roughly halves the decoder's work (the click path's cost)."""
-    b, c, h, w = image_embedding.shape
     keys = image_embedding.flatten(2).permute(0, 2, 1)
     key_pe = image_pe.flatten(2).permute(0, 2, 1)
     queries = point_embedding
-    for i, layer in enumerate(transformer.layers):
+    for layer in transformer.layers:
         if layer.skip_first_layer_pe:
             queries = layer.self_attn(q=queries, k=queries, v=queries)
         else:

@@ -181,6 +181,21 @@ class PeopleIndex:
             self._kind[number] = True
 
 
+def _check_idempotency_key(key: str | None) -> None:
+    if key is not None and not IDEMPOTENCY_RE.fullmatch(key):
+        raise ValueError(f"idempotency_key {key!r} must be 8-64 letters, digits, _ or -")
+
+
+def _repeat_of(st: ImageState, annotator: str, idempotency_key: str | None,
+               prompt: str | None) -> str | None:
+    """The uid of ``annotator``'s accepted mask on the image that an accept with this
+    idempotency key or prompt digest repeats, or None."""
+    for uid in (st.idempotency.get(idempotency_key or ""), st.prompts.get(prompt or "")):
+        if uid in st.accepted and st.accepted[uid].get("annotator") == annotator:
+            return uid
+    return None
+
+
 class PeopleRound:
     """Queue, leases and saved work of one people round (thread-safe; shared with other
     servers through the event logs)."""
@@ -386,19 +401,14 @@ class PeopleRound:
 
     def repeated(self, lease_id: str, annotator: str, idempotency_key: str | None,
                  prompt: str, key: str | None = None) -> tuple[str, dict[str, Any]] | None:
-        """The accept that an accept of ``prompt`` (:func:`prompt_digest`) would repeat, found
-        without decoding: the same ``idempotency_key``, or the same prompt by the same person
-        on the image. Its uid and annotation, or None."""
-        if idempotency_key is not None and not IDEMPOTENCY_RE.fullmatch(idempotency_key):
-            raise ValueError(f"idempotency_key {idempotency_key!r} must be 8-64 letters, "
-                             "digits, _ or -")
+        """The accept that an accept of ``prompt`` (a digest of the person's prompt) would
+        repeat, found without decoding: the same ``idempotency_key``, or the same prompt by the
+        same person on the image. Its uid and annotation, or None."""
+        _check_idempotency_key(idempotency_key)
         st = self.check(lease_id, annotator, key)
         with st.lock:
-            for uid in (st.idempotency.get(idempotency_key or ""), st.prompts.get(prompt)):
-                ann = st.accepted.get(uid or "")
-                if ann is not None and ann.get("annotator") == annotator:
-                    return uid, ann
-        return None
+            uid = _repeat_of(st, annotator, idempotency_key, prompt)
+            return None if uid is None else (uid, st.accepted[uid])
 
     def accept(self, lease_id: str, annotator: str, annotation: dict[str, Any],
                idempotency_key: str | None = None, key: str | None = None,
@@ -406,17 +416,15 @@ class PeopleRound:
         """Save one accepted mask at once; returns its uid. A repeated accept (the same
         ``idempotency_key``, the same ``prompt`` or the same mask by the same person on the
         image) returns the first one's uid and writes nothing."""
-        if idempotency_key is not None and not IDEMPOTENCY_RE.fullmatch(idempotency_key):
-            raise ValueError(f"idempotency_key {idempotency_key!r} must be 8-64 letters, "
-                             "digits, _ or -")
+        _check_idempotency_key(idempotency_key)
         st = self.check(lease_id, annotator, key)
         counts = annotation["segmentation"]["counts"]
 
         def decide(s: ImageState) -> Any:
             self._held(s, lease_id, annotator)
-            for uid in (s.idempotency.get(idempotency_key or ""), s.prompts.get(prompt or "")):
-                if uid in s.accepted and s.accepted[uid].get("annotator") == annotator:
-                    return uid
+            uid = _repeat_of(s, annotator, idempotency_key, prompt)
+            if uid is not None:
+                return uid
             for uid, a in s.accepted.items():
                 if a.get("annotator") == annotator and a["segmentation"]["counts"] == counts:
                     return uid

@@ -12,8 +12,9 @@
     GET  /api/annotate/decoder/{version}/{multi|single}   ONNX graph (from the private cache)
 
 Every id and coordinate is validated; leases must be live and the caller's; an object id is
-below ``max_objects_per_lease``; predicts are rate-limited per identity and decoded one at a
-time off the event loop, the least busy identity first.
+below ``max_objects_per_lease``; predicts are rate-limited per identity and decoded off the
+event loop, a few at once, the least busy identity first; a repeated accept is answered
+without decoding.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -144,35 +145,33 @@ def prompt_digest(who: str, points: np.ndarray, labels: np.ndarray, box: np.ndar
     return hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:32]
 
 
-async def _decoded(st: ServerState, r: people.PeopleRound, img: people.ImageState,
-                   body: dict[str, Any], ident: auth.Identity, kind: str = "predict",
-                   known: Callable[..., Any] | None = None):
-    """Validate, then decode a prompt off the event loop: rate-limited per identity and kind
-    (predict, accept), a few decoder calls at once (``decoder_slots``), the least busy identity
-    first. Returns (masks, points, labels, box, object); or, when ``known(points, labels,
-    box)`` (called once admitted) returns an answer, that answer without decoding."""
-    obj, points, labels, box = _parsed(st, img, body)
+@asynccontextmanager
+async def _admitted(st: ServerState, ident: auth.Identity, kind: str):
+    """Admission of one prompt request: rate-limited per identity and kind (predict, accept),
+    one in flight (429 otherwise)."""
+    name = f"{ident.name}/{kind}"
+    st.predicts.acquire(name)
+    try:
+        yield
+    finally:
+        st.predicts.release(name)
 
+
+async def _decode(st: ServerState, r: people.PeopleRound, img: people.ImageState,
+                  lease_id: str, ident: auth.Identity, obj: int, points: np.ndarray,
+                  labels: np.ndarray, box: np.ndarray | None) -> list[dict[str, Any]]:
+    """The masks of a prompt, decoded off the event loop: a few decoder calls at once
+    (``decoder_slots``), the least busy identity first."""
     def predict(pts, labs, bx, mask_input, multimask, lowres_only):
         return st.sam.predict(r.model_version, img.key, st.image_fn(img.key, img.shard), pts,
                               labs, bx, mask_input, multimask, img.shard, lowres_only)
 
-    name = f"{ident.name}/{kind}"
-    st.predicts.acquire(name)
+    started = await st.decoder_slots.acquire(ident.name)
     try:
-        if known is not None:
-            answer = await anyio.to_thread.run_sync(known, points, labels, box)
-            if answer is not None:
-                return answer
-        started = await st.decoder_slots.acquire(ident.name)
-        try:
-            preds = await anyio.to_thread.run_sync(
-                decode, predict, st.sessions, body["lease_id"], obj, points, labels, box)
-        finally:
-            st.decoder_slots.release(ident.name, started)
+        return await anyio.to_thread.run_sync(
+            decode, predict, st.sessions, lease_id, obj, points, labels, box)
     finally:
-        st.predicts.release(name)
-    return preds, points, labels, box, obj
+        st.decoder_slots.release(ident.name, started)
 
 
 @router.post("/api/annotate/{number}/predict")
@@ -182,7 +181,9 @@ async def predict(number: str, request: Request, ident: auth.Identity = Me) -> d
     r = round_of(st, number)
     body = await json_body(request)
     img = leased(r, body, ident)
-    preds, *_ = await _decoded(st, r, img, body, ident)
+    obj, points, labels, box = _parsed(st, img, body)
+    async with _admitted(st, ident, "predict"):
+        preds = await _decode(st, r, img, body["lease_id"], ident, obj, points, labels, box)
     await anyio.to_thread.run_sync(
         lambda: _conflicts(r.touch, img, body["lease_id"], ident.name))
     best = int(np.argmax([p["score"] for p in preds]))
@@ -233,17 +234,16 @@ async def accept(number: str, request: Request, ident: auth.Identity = Me) -> di
         return {"uid": uid, "area": ann["area"], "bbox": ann["bbox"],
                 "rle": ann["segmentation"]["counts"], "clicks": len(ann["clicks"])}
 
-    def known(points, labels, box):  # a repeated accept: the first one's answer, no decoding
-        prompt = prompt_digest(ident.name, points, labels, box, body.get("choice"))
-        seen = _conflicts(r.repeated, body["lease_id"], ident.name, idem, prompt, img.key)
-        return None if seen is None else answer(*seen)
-
-    out = await _decoded(st, r, img, body, ident, "accept", known)
-    if isinstance(out, dict):
-        return out
-    preds, points, labels, box, obj = out
-    ann = _annotation(r, img, body, preds, points, labels, box, ident.name)
+    obj, points, labels, box = _parsed(st, img, body)
     prompt = prompt_digest(ident.name, points, labels, box, body.get("choice"))
+    async with _admitted(st, ident, "accept"):
+        # a repeated accept: the first one's answer, without decoding
+        seen = await anyio.to_thread.run_sync(
+            lambda: _conflicts(r.repeated, body["lease_id"], ident.name, idem, prompt, img.key))
+        if seen is not None:
+            return answer(*seen)
+        preds = await _decode(st, r, img, body["lease_id"], ident, obj, points, labels, box)
+    ann = _annotation(r, img, body, preds, points, labels, box, ident.name)
     uid = await anyio.to_thread.run_sync(
         lambda: _conflicts(r.accept, body["lease_id"], ident.name, ann, idem, img.key, prompt))
     st.sessions.drop(body["lease_id"], obj)

@@ -118,8 +118,8 @@ async function annotateRound(round) {
   await img.decode();
   const W = im.width, H = im.height;
   let dec = null;
-  window.__decoderChoice = null;
-  if (L.decoder_url && window.BrowserDecoder && forcedDecoder() !== "server") {
+  window.__decoderChoice = forcedDecoder() === "server" ? {path: "server", forced: true} : null;
+  if (L.decoder_url && window.BrowserDecoder && !window.__decoderChoice) {
     try {
       dec = await BrowserDecoder.load(round, L.model_version);
       await dec.setImage(round, L.lease.lease_id, im.key);
